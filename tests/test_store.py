@@ -1,0 +1,168 @@
+"""The Redis job store on a real (private) redis-server: atomic, forward-only moves."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import redis
+
+from worker.domain import EditRequest, JobState
+from worker.store import POLL_KEY, REMOVE, JobStore
+
+REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
+PID = "0123456789abcdef0123456789abcdef"
+OTHER_PID = "fedcba9876543210fedcba9876543210"
+
+
+def submitted_job(store: JobStore, job_id: str = "job1", batch_id: str = "") -> None:
+    assert store.create(job_id, REQ, batch_id=batch_id, now=100.0)
+    assert store.transition(job_id, JobState.SUBMITTING, now=101.0).applied
+    assert store.transition(
+        job_id,
+        JobState.SUBMITTED,
+        now=102.0,
+        fields={"prediction_id": PID, "submitted_at": 102.0},
+        expect_prediction_id=PID,
+        poll_at=200.0,
+    ).applied
+
+
+def complete(store: JobStore, job_id: str, pid: str = PID, by: str = "webhook"):  # type: ignore[no-untyped-def]
+    return store.transition(
+        job_id,
+        JobState.COMPLETED,
+        now=150.0,
+        fields={"prediction_id": pid, "outputs": json.dumps(["https://o/1.jpeg"]), "resolved_by": by},
+        expect_prediction_id=pid,
+        poll_at=REMOVE,
+    )
+
+
+def test_create_is_idempotent(store: JobStore) -> None:
+    """Creating an existing id changes nothing and reports False."""
+    assert store.create("job1", REQ, now=1.0)
+    store.transition("job1", JobState.SUBMITTING, now=2.0)
+    assert not store.create("job1", REQ, now=3.0)
+    job = store.get("job1")
+    assert job is not None and job.state is JobState.SUBMITTING and job.created_at == 1.0
+
+
+def test_terminal_move_appends_exactly_one_event(store: JobStore, redis_client: redis.Redis) -> None:
+    """completed writes the result, one event with the documented fields, a TTL, no poll entry."""
+    submitted_job(store, batch_id="b1")
+    assert redis_client.zscore(POLL_KEY, "job1") == 200.0
+    result = complete(store, "job1")
+    assert result.applied and result.state == "completed"
+    events = store.events()
+    assert len(events) == 1
+    fields = events[0][1]
+    assert fields["job_id"] == "job1" and fields["batch_id"] == "b1"
+    assert fields["state"] == "completed" and fields["prediction_id"] == PID
+    assert json.loads(fields["outputs"]) == ["https://o/1.jpeg"]
+    assert fields["resolved_by"] == "webhook" and fields["schema"] == "1"
+    for key in ("error", "reason", "created_at", "submitted_at", "finished_at", "attempts"):
+        assert key in fields
+    assert redis_client.zscore(POLL_KEY, "job1") is None
+    assert 0 < redis_client.ttl("kq:job:job1") <= 3600
+    assert store.batch_counts("b1")["completed"] == 1
+
+
+def test_duplicates_and_contradictions_after_terminal_change_nothing(store: JobStore) -> None:
+    """A second completed, a late failed, a cancel: all rejected; still one event."""
+    submitted_job(store)
+    assert complete(store, "job1").applied
+    before = store.get("job1")
+    assert complete(store, "job1", by="poll").outcome == "rejected"
+    late_failed = store.transition(
+        "job1", JobState.FAILED, now=160.0, fields={"error": "late"}, expect_prediction_id=PID
+    )
+    assert late_failed.outcome == "rejected"
+    assert store.transition("job1", JobState.CANCELLED, now=170.0).outcome == "rejected"
+    assert store.get("job1") == before
+    assert len(store.events()) == 1
+
+
+def test_result_for_another_prediction_is_a_mismatch(store: JobStore) -> None:
+    """A delivery naming a different prediction id than the job's changes nothing."""
+    submitted_job(store)
+    assert complete(store, "job1", pid=OTHER_PID).outcome == "mismatch"
+    job = store.get("job1")
+    assert job is not None and job.state is JobState.SUBMITTED
+    assert store.events() == []
+
+
+def test_adopting_a_prediction_owned_by_another_job_is_refused(store: JobStore) -> None:
+    """A job still `submitting` cannot take a prediction id that belongs to another job."""
+    submitted_job(store, "owner")
+    store.create("other", REQ, now=1.0)
+    store.transition("other", JobState.SUBMITTING, now=2.0)
+    assert complete(store, "other", pid=PID).outcome == "mismatch"
+    assert store.job_for_prediction(PID) == "owner"
+
+
+def test_version_guard(store: JobStore) -> None:
+    """A move conditioned on a stale version is a conflict."""
+    store.create("job1", REQ, now=1.0)
+    first = store.transition("job1", JobState.SUBMITTING, now=2.0, expect_version=1)
+    assert first.applied and first.version == 2
+    assert store.transition("job1", JobState.QUEUED, now=3.0, expect_version=1).outcome == "conflict"
+    assert store.transition("job1", JobState.QUEUED, now=3.0, expect_version=2).applied
+
+
+def test_missing_job(store: JobStore) -> None:
+    """A move on an unknown (or expired) job reports missing and creates nothing."""
+    assert complete(store, "ghost").outcome == "missing"
+    assert store.get("ghost") is None
+
+
+def test_racing_results_give_one_event(store: JobStore) -> None:
+    """Many threads delivering completed/failed at once: exactly one wins, one event."""
+    submitted_job(store)
+    barrier = threading.Barrier(16)
+    outcomes: list[str] = []
+
+    def deliver(i: int) -> None:
+        barrier.wait()
+        target = JobState.COMPLETED if i % 2 else JobState.FAILED
+        fields = {"outputs": json.dumps(["https://o/1.jpeg"])} if i % 2 else {"error": "x"}
+        res = store.transition(
+            "job1", target, now=150.0 + i, fields=fields, expect_prediction_id=PID
+        )
+        outcomes.append(res.outcome)
+
+    threads = [threading.Thread(target=deliver, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("applied") == 1
+    assert len(store.events()) == 1
+
+
+def test_claim_due_reschedules_with_backoff(store: JobStore, redis_client: redis.Redis) -> None:
+    """A sweep takes only due jobs and pushes each one's next poll back, doubling."""
+    submitted_job(store, "a")
+    store.create("b", REQ, now=1.0)
+    store.schedule_poll("b", 10_000.0)
+    assert store.claim_due(300.0, limit=10, min_interval=2, max_interval=60) == ["a"]
+    assert redis_client.zscore(POLL_KEY, "a") == 302.0
+    assert store.claim_due(301.0, limit=10, min_interval=2, max_interval=60) == []
+    assert store.claim_due(302.0, limit=10, min_interval=2, max_interval=60) == ["a"]
+    assert redis_client.zscore(POLL_KEY, "a") == 306.0
+
+
+def test_claim_due_drops_expired_records(store: JobStore, redis_client: redis.Redis) -> None:
+    """A scheduled id whose record is gone is removed, not resurrected."""
+    store.schedule_poll("gone", 1.0)
+    assert store.claim_due(5.0, limit=10, min_interval=2, max_interval=60) == []
+    assert redis_client.zcard(POLL_KEY) == 0
+    assert not redis_client.exists("kq:job:gone")
+
+
+def test_webhook_id_dedupe(store: JobStore) -> None:
+    """A webhook-id is new once; forgetting it lets a retry through."""
+    assert store.mark_webhook_seen("w1")
+    assert not store.mark_webhook_seen("w1")
+    store.forget_webhook("w1")
+    assert store.mark_webhook_seen("w1")

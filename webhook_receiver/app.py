@@ -1,0 +1,141 @@
+"""The receiver app: `POST /webhooks/wavespeed?job=<id>&t=<token>` and `GET /healthz`.
+
+Order of checks on a delivery, each refusing before the next looks at anything:
+size (413) -> v3 signature over the raw bytes and the ±300 s window (401) -> the
+per-job URL token (401) -> JSON shape (400) -> webhook-id dedupe (200 duplicate)
+-> the one atomic transition (200 applied / stale). Redis unreachable -> 503, so
+WaveSpeed retries. Nothing stored changes before every check has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import structlog
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from webhook_receiver.signing_secret import SecretSource
+from worker import runtime
+from worker.domain import Prediction, ResolvedBy
+from worker.errors import ProviderError, ValidationError
+from worker.service import Deps, apply_update
+from worker.settings import Settings
+from worker.signing import WEBHOOK_PATH, token_matches, verify_v3
+from worker.store import JobStore
+
+log = structlog.get_logger("kq.receiver")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: JobStore | None = None,
+    secret_source: SecretSource | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Flask:
+    """Build the receiver; settings default to the environment, adapters to real ones."""
+    settings = settings or Settings.from_env()
+    store = store or runtime.make_store(settings)
+    provider = runtime.make_provider(settings)
+    if secret_source is None:
+        secret_source = SecretSource(
+            settings.webhook_secret,
+            provider.webhook_secret if settings.wavespeed_api_key else None,
+        )
+    deps = Deps(store=store, provider=provider, settings=settings, clock=clock)
+    secrets = secret_source
+
+    app = Flask("webhook_receiver")
+    app.config["MAX_CONTENT_LENGTH"] = settings.webhook_max_bytes
+
+    def answer(status: int, result: str, **extra: Any) -> Response:
+        response = jsonify({"result": result, **extra})
+        response.status_code = status
+        return response
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(_: RequestEntityTooLarge) -> Response:
+        return answer(413, "too_large", limit_bytes=settings.webhook_max_bytes)
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(exc: redis.RedisError) -> Response:
+        log.error("receiver.redis_unavailable", error=type(exc).__name__)
+        return answer(503, "unavailable", error="job store unreachable; retry later")
+
+    @app.post(WEBHOOK_PATH)
+    def wavespeed_webhook() -> Response:
+        body = request.get_data(cache=False)
+        webhook_id = request.headers.get("webhook-id")
+        job_id = request.args.get("job", "")
+        bound = log.bind(job_id=job_id[:64] or None, webhook_id=(webhook_id or "")[:64] or None)
+        try:
+            secret = secrets.get()
+        except ProviderError as exc:
+            bound.error("receiver.no_secret", error=str(exc))
+            return answer(503, "unavailable", error="webhook secret not available yet")
+        check = verify_v3(
+            secret,
+            webhook_id=webhook_id,
+            timestamp=request.headers.get("webhook-timestamp"),
+            signature=request.headers.get("webhook-signature"),
+            body=body,
+            now=clock(),
+            tolerance_s=settings.webhook_tolerance_s,
+        )
+        if not check.ok:
+            bound.warning("receiver.bad_signature", problem=check.problem)
+            return answer(401, "unauthorized", error=check.problem)
+        if not token_matches(settings.secret_key, job_id, request.args.get("t")):
+            bound.warning("receiver.bad_token")
+            return answer(401, "unauthorized", error="missing or invalid job token in URL")
+        try:
+            payload = json.loads(body)
+            prediction = Prediction.from_json(payload)
+        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError
+            return answer(400, "bad_request", error=f"body is not JSON: {exc}")
+        except ValidationError as exc:
+            return answer(
+                400,
+                "bad_request",
+                error=str(exc),
+                fields=[{"field": e.field, "message": e.message} for e in exc.errors],
+            )
+        bound = bound.bind(prediction_id=prediction.id, status=prediction.status)
+        assert webhook_id is not None  # verify_v3 refused a delivery without one
+        if not store.mark_webhook_seen(webhook_id):
+            bound.info("receiver.duplicate")
+            return answer(200, "duplicate")
+        try:
+            result = apply_update(deps, job_id, prediction, ResolvedBy.WEBHOOK)
+        except BaseException:
+            # Let WaveSpeed's retry through: this delivery was not handled.
+            try:
+                store.forget_webhook(webhook_id)
+            except redis.RedisError:
+                pass
+            raise
+        if result is None:
+            return answer(200, "not_final")
+        if result.applied:
+            return answer(200, "applied", state=result.state)
+        if result.outcome == "missing":
+            bound.warning("receiver.unknown_job")
+            return answer(200, "unknown_job")
+        if result.outcome == "mismatch":
+            bound.warning("receiver.prediction_mismatch")
+        return answer(200, "stale", state=result.state)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        try:
+            store.ping()
+        except redis.RedisError as exc:
+            return answer(503, "unhealthy", redis=f"unreachable ({type(exc).__name__})")
+        return answer(200, "ok", redis="ok")
+
+    return app

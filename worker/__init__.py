@@ -1,0 +1,1 @@
+"""kontext-queue: the core and the Celery side of the WaveSpeed edit queue."""

@@ -1,0 +1,288 @@
+"""`kq`: the command line. Each subcommand reads the environment once and hands
+Settings down; long-running ones (worker, beat, receiver, sim, up) run in the foreground.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from worker.errors import ConfigError, KqError, ValidationError
+from worker.settings import STACK_ENV_FILE, Settings
+
+log = structlog.get_logger("kq.cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "sim":
+        from wavespeed_sim.cli import main as sim_main
+
+        return sim_main(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        print(f"kq: invalid input: {exc}", file=sys.stderr)
+        return 2
+    except (ConfigError, KqError) as exc:
+        print(f"kq: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kq", description="Bulk FLUX.1 Kontext [max] edits on WaveSpeed, via Celery and Redis."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("up", help="start the whole local stack in the foreground (Ctrl-C stops it)")
+    p.add_argument("--var-dir", type=Path, default=Path("var"))
+    p.add_argument("--concurrency", type=int, default=8, help="worker threads")
+    p.add_argument("--no-webhooks", action="store_true", help="poll-only mode")
+    p.add_argument("--sim-arg", action="append", default=[], help="extra `kq sim` argument")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("run", help="start the stack, process a JSONL file of edits, show results")
+    p.add_argument("file", nargs="?", type=Path, default=Path("examples/edits.jsonl"))
+    p.add_argument("--var-dir", type=Path, default=Path("var"))
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for all jobs")
+    p.add_argument("--concurrency", type=int, default=8, help="worker threads")
+    p.add_argument(
+        "--drop-webhooks",
+        type=float,
+        default=0.3,
+        help="simulator only: share of webhook deliveries dropped, to show the poll path",
+    )
+    p.add_argument("--json", action="store_true", help="print results as JSON lines")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("worker", help="run a Celery worker (submits jobs, runs polling sweeps)")
+    p.add_argument("--concurrency", type=int, default=8, help="threads (I/O-bound work)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("beat", help="run the scheduler that triggers the polling sweep")
+    p.set_defaults(func=cmd_beat)
+
+    p = sub.add_parser("receiver", help="serve the webhook receiver under gunicorn")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=8)
+    p.set_defaults(func=cmd_receiver)
+
+    sub.add_parser("sim", help="run the local WaveSpeed simulator (see `kq sim --help`)")
+
+    p = sub.add_parser("enqueue", help="enqueue one edit")
+    p.add_argument("--prompt", required=True, help="the edit instruction")
+    p.add_argument("--image", required=True, help="http(s) URL of the source image")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--aspect-ratio")
+    p.add_argument("--batch-id", default="")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("job", help="show one job")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_job)
+    return parser
+
+
+# --- long-running processes ----------------------------------------------------
+
+
+def _process_settings() -> Settings:
+    from worker import logs, runtime
+
+    settings = Settings.from_env()
+    logs.configure_logging(
+        settings.log_format,
+        settings.log_level,
+        secrets=(settings.wavespeed_api_key, settings.webhook_secret, settings.secret_key),
+    )
+    runtime.init(settings)
+    return settings
+
+
+def _announce_mode(settings: Settings) -> None:
+    if settings.webhooks_enabled:
+        log.info("mode.webhooks", receiver=settings.webhook_public_url)
+    else:
+        log.warning(
+            "mode.poll_only",
+            detail="KQ_WEBHOOK_PUBLIC_URL is not set: submitting without a webhook; "
+            "results arrive by polling",
+            poll_after_s=settings.poll_after_s,
+        )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from celery.signals import worker_ready, worker_shutdown
+
+    from worker import runtime
+    from worker.celery_app import POLL_QUEUE, SUBMIT_QUEUE, configure
+
+    settings = _process_settings()
+    settings.require_provider()
+    _announce_mode(settings)
+    app = configure(settings)
+    stop_events = []
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: object) -> None:
+        stop_events.append(runtime.start_heartbeat("worker", runtime.deps().store.redis))
+
+    @worker_shutdown.connect(weak=False)
+    def _shutdown(**_: object) -> None:
+        for event in stop_events:
+            event.set()
+
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            f"--concurrency={args.concurrency}",
+            "--loglevel=INFO",
+            f"--queues={POLL_QUEUE},{SUBMIT_QUEUE}",
+            f"--hostname=kq@{socket.gethostname()}-{os.getpid()}",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
+    return 0
+
+
+def cmd_beat(args: argparse.Namespace) -> int:
+    from celery.signals import beat_init
+
+    from worker import runtime
+    from worker.celery_app import configure
+
+    settings = _process_settings()
+    app = configure(settings)
+
+    @beat_init.connect(weak=False)
+    def _ready(**_: object) -> None:
+        runtime.start_heartbeat("beat", runtime.make_redis(settings))
+
+    app.Beat(loglevel="INFO", quiet=True).run()
+    return 0
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from webhook_receiver.server import serve
+
+    settings = _process_settings()
+    serve(settings, host=args.host, port=args.port, workers=args.workers, threads=args.threads)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from worker.stack import Stack, StackConfig
+
+    config = StackConfig(
+        var_dir=args.var_dir,
+        redis_url=os.environ.get("KQ_REDIS_URL") or None,
+        wavespeed_api_key=os.environ.get("WAVESPEED_API_KEY") or None,
+        wavespeed_base_url=os.environ.get("KQ_WAVESPEED_BASE_URL") or None,
+        sim_args=tuple(args.sim_arg),
+        webhooks=not args.no_webhooks,
+        worker_concurrency=args.concurrency,
+    )
+    with Stack(config) as stack:
+        env_file = _write_stack_env(args.var_dir, stack.env)
+        print(f"stack ready; `kq enqueue` and `kq job` in this folder use it ({env_file}).")
+        print("Ctrl-C stops everything.")
+        try:
+            stack.wait_forever()
+        finally:
+            env_file.unlink(missing_ok=True)
+    return 0
+
+
+def _write_stack_env(var_dir: Path, env: dict[str, str]) -> Path:
+    path = var_dir / STACK_ENV_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(("KQ_", "WAVESPEED_"))]
+    path.write_text("# written by `kq up`; removed when it stops\n" + "\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.demo import run_file
+
+    return run_file(
+        args.file,
+        var_dir=args.var_dir,
+        timeout_s=args.timeout,
+        concurrency=args.concurrency,
+        drop_webhooks=args.drop_webhooks,
+        as_json=args.json,
+    )
+
+
+# --- one-shot commands -----------------------------------------------------------
+
+
+def _producer(settings: Settings):  # type: ignore[no-untyped-def]
+    from worker import runtime
+    from worker.celery_app import configure
+    from worker.producer import Producer
+    from worker.tasks import enqueue_submits
+
+    configure(settings)
+    return Producer(store=runtime.make_store(settings), send=enqueue_submits)
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    from worker.domain import EditRequest
+
+    request = EditRequest(
+        prompt=args.prompt,
+        image=args.image,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        aspect_ratio=args.aspect_ratio,
+    )
+    settings = Settings.from_env()
+    job_id = _producer(settings).enqueue(request, batch_id=args.batch_id)
+    print(json.dumps({"job_id": job_id}) if args.json else job_id)
+    return 0
+
+
+def cmd_job(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from worker import runtime
+
+    settings = Settings.from_env()
+    job = runtime.make_store(settings).get(args.job_id)
+    if job is None:
+        print(f"kq: no job {args.job_id!r} (unknown, or expired)", file=sys.stderr)
+        return 1
+    data = asdict(job)
+    data["state"] = job.state.value
+    if args.json:
+        print(json.dumps(data, default=str))
+    else:
+        width = max(len(k) for k in data)
+        for key, value in data.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""`kq run FILE`: start the local stack, process a JSONL file of edits, show the results.
+
+The file is validated completely before anything starts, so a bad line costs
+nothing. Against the simulator, some webhook deliveries are dropped on purpose so
+that both result paths (webhook and poll) show in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from worker.domain import EditRequest, Job, summary_line
+from worker.errors import FieldError, ValidationError
+from worker.settings import Settings
+
+# Simulator settings for the demo: quick, seeded, with a few failures and lost webhooks.
+DEMO_SIM_ARGS = (
+    "--seed", "7",
+    "--queue-delay", "0.3",
+    "--inference-time", "1.5",
+    "--fail-rate", "0.1",
+    "--fail-codes", "1200,5000",
+)  # fmt: skip
+# Against the simulator a silent job is polled after 3 s (production default: 120 s).
+DEMO_ENV = {"KQ_POLL_AFTER_S": "3", "KQ_SWEEP_INTERVAL_S": "1"}
+MAX_ERRORS_SHOWN = 20
+
+
+def read_requests(path: Path) -> list[EditRequest]:
+    """Parse and validate a JSONL file; raises ValidationError listing line and field."""
+    if not path.exists():
+        raise ValidationError.single("FILE", f"{path} does not exist")
+    requests: list[EditRequest] = []
+    errors: list[FieldError] = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            try:
+                requests.append(EditRequest.from_dict(json.loads(text)))
+            except json.JSONDecodeError as exc:
+                errors.append(FieldError(f"line {number}", f"not valid JSON ({exc.msg})"))
+            except ValidationError as exc:
+                errors.extend(
+                    FieldError(f"line {number}: {e.field}", e.message) for e in exc.errors
+                )
+    if errors:
+        raise ValidationError(errors)
+    if not requests:
+        raise ValidationError.single("FILE", f"{path} holds no edit requests")
+    return requests
+
+
+def run_file(
+    path: Path,
+    *,
+    var_dir: Path,
+    timeout_s: float,
+    concurrency: int,
+    drop_webhooks: float,
+    as_json: bool = False,
+) -> int:
+    from worker import runtime
+    from worker.celery_app import configure
+    from worker.producer import Producer
+    from worker.stack import Stack, StackConfig
+    from worker.tasks import enqueue_submits
+
+    console = Console(stderr=as_json)
+    try:
+        requests = read_requests(path)
+    except ValidationError as exc:
+        console.print(f"[red]{path}: nothing was enqueued; fix these lines first:[/red]")
+        for error in exc.errors[:MAX_ERRORS_SHOWN]:
+            console.print(f"  {error}")
+        if len(exc.errors) > MAX_ERRORS_SHOWN:
+            console.print(f"  ... and {len(exc.errors) - MAX_ERRORS_SHOWN} more")
+        return 2
+
+    api_key = os.environ.get("WAVESPEED_API_KEY") or None
+    config = StackConfig(
+        var_dir=var_dir,
+        redis_url=os.environ.get("KQ_REDIS_URL") or None,
+        wavespeed_api_key=api_key,
+        wavespeed_base_url=os.environ.get("KQ_WAVESPEED_BASE_URL") or None,
+        sim_args=() if api_key else (*DEMO_SIM_ARGS, "--drop-webhook-rate", str(drop_webhooks)),
+        worker_concurrency=concurrency,
+        extra_env={} if api_key else DEMO_ENV,
+        # The demo runs on one machine: WaveSpeed itself cannot reach a local receiver.
+        webhooks=not api_key or bool(os.environ.get("KQ_WEBHOOK_PUBLIC_URL")),
+    )
+    console.print(f"[bold]kq run[/bold]: {len(requests)} edits from {path}")
+    with Stack(config, announce=lambda line: console.print(f"  {line}")) as stack:
+        settings = Settings.from_env({**os.environ, **stack.env})
+        configure(settings)
+        producer = Producer(store=runtime.make_store(settings), send=enqueue_submits)
+        started = time.monotonic()
+        job_ids = producer.enqueue_many(requests, batch_id=f"run-{int(time.time())}")
+        jobs = _wait_with_progress(console, producer, job_ids, timeout_s)
+        elapsed = time.monotonic() - started
+        console.print(f"  logs of every process: {var_dir / 'logs'}")
+    counts = tally(jobs)
+    if as_json:
+        for job_id, job in zip(job_ids, jobs, strict=True):
+            print(json.dumps(_job_row(job_id, job)))
+    else:
+        console.print(result_table(job_ids, jobs))
+        console.print(f"finished in {elapsed:.1f} s")
+    print(summary_line(counts))
+    return 0 if counts.get("pending", 0) == 0 else 1
+
+
+def _wait_with_progress(
+    console: Console, producer: object, job_ids: Sequence[str], timeout_s: float
+) -> list[Job | None]:
+    from worker.producer import Producer
+
+    assert isinstance(producer, Producer)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task("edits", total=len(job_ids), detail="")
+
+        def show(jobs: list[Job | None]) -> None:
+            c = tally(jobs)
+            done = c["completed"] + c["failed"] + c["cancelled"]
+            detail = (
+                f"{c['completed']} completed, {c['failed']} failed, "
+                f"{c['in_flight']} at provider, {c['queued']} queued"
+            )
+            progress.update(task, completed=done, detail=detail)
+
+        return producer.wait(job_ids, timeout_s=timeout_s, on_progress=show)
+
+
+def tally(jobs: Sequence[Job | None]) -> Counter[str]:
+    """Counts by state and by result path (for the progress line and the summary)."""
+    counts: Counter[str] = Counter(
+        completed=0, failed=0, cancelled=0, webhook=0, poll=0, pending=0, in_flight=0, queued=0
+    )
+    for job in jobs:
+        if job is None or not job.terminal:
+            counts["pending"] += 1
+            if job is not None and job.state.value in ("submitting", "submitted"):
+                counts["in_flight"] += 1
+            else:
+                counts["queued"] += 1
+            continue
+        counts[job.state.value] += 1
+        if job.resolved_by in ("webhook", "poll"):
+            counts[job.resolved_by] += 1
+    return counts
+
+
+def _job_row(job_id: str, job: Job | None) -> dict[str, object]:
+    if job is None:
+        return {"job_id": job_id, "state": "missing"}
+    return {
+        "job_id": job_id,
+        "state": job.state.value,
+        "outputs": list(job.outputs),
+        "reason": job.reason,
+        "error": job.error,
+        "resolved_by": job.resolved_by,
+        "seconds": job.seconds,
+        "prediction_id": job.prediction_id,
+    }
+
+
+def result_table(job_ids: Sequence[str], jobs: Sequence[Job | None]) -> Table:
+    table = Table(title="results", show_lines=False)
+    table.add_column("job", no_wrap=True)
+    table.add_column("state")
+    table.add_column("output / reason", overflow="fold")
+    table.add_column("resolved by")
+    table.add_column("seconds", justify="right")
+    colours = {"completed": "green", "failed": "red", "cancelled": "yellow"}
+    for job_id, job in zip(job_ids, jobs, strict=True):
+        if job is None:
+            table.add_row(job_id[:12], "missing", "", "", "")
+            continue
+        state = job.state.value
+        detail = job.outputs[0] if job.outputs else f"{job.reason}: {job.error}".strip(": ")
+        seconds = job.seconds
+        table.add_row(
+            job_id[:12],
+            f"[{colours.get(state, 'white')}]{state}[/]",
+            detail,
+            job.resolved_by or "-",
+            "-" if seconds is None else f"{seconds:.1f}",
+        )
+    return table

@@ -1,0 +1,74 @@
+-- One atomic, forward-only move of a job (see worker/store.py for the arguments).
+-- KEYS[1] job hash, KEYS[2] events stream, KEYS[3] poll schedule (zset)
+-- ARGV[1] target state          ARGV[2] comma list of states it may come from
+-- ARGV[3] expected version or '' ARGV[4] prediction id the job must have (or none) or ''
+-- ARGV[5] now                    ARGV[6] record TTL once terminal (s)
+-- ARGV[7] events MAXLEN (~)      ARGV[8] terminal: '1' or '0'
+-- ARGV[9] poll: '' keep, 'rm' remove, else the score to schedule at
+-- ARGV[10..] field, value pairs to write with the move
+local job = KEYS[1]
+local state = redis.call('HGET', job, 'state')
+if not state then return {'missing', '', '0'} end
+local version = tonumber(redis.call('HGET', job, 'version') or '0')
+
+local allowed = false
+for s in string.gmatch(ARGV[2], '[^,]+') do
+  if s == state then allowed = true end
+end
+if not allowed then return {'rejected', state, tostring(version)} end
+if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= version then
+  return {'conflict', state, tostring(version)}
+end
+local job_id = redis.call('HGET', job, 'id')
+if ARGV[4] ~= '' then
+  local pid = redis.call('HGET', job, 'prediction_id')
+  if pid and pid ~= '' and pid ~= ARGV[4] then return {'mismatch', state, tostring(version)} end
+  if not pid or pid == '' then
+    -- Adopting an id (a webhook for an ambiguous submit): it must not belong to another job.
+    local owner = redis.call('GET', 'kq:pred:' .. ARGV[4])
+    if owner and owner ~= job_id then return {'mismatch', state, tostring(version)} end
+  end
+end
+
+version = version + 1
+redis.call('HSET', job, 'state', ARGV[1], 'version', version, 'updated_at', ARGV[5])
+for i = 10, #ARGV, 2 do
+  redis.call('HSET', job, ARGV[i], ARGV[i + 1])
+end
+
+local ttl = tonumber(ARGV[6])
+local pid = redis.call('HGET', job, 'prediction_id')
+if pid and pid ~= '' then
+  redis.call('SET', 'kq:pred:' .. pid, job_id, 'EX', ttl)
+end
+
+if ARGV[9] == 'rm' then
+  redis.call('ZREM', KEYS[3], job_id)
+elseif ARGV[9] ~= '' then
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[9]), job_id)
+end
+
+if ARGV[8] == '1' then
+  local f = redis.call('HMGET', job, 'batch_id', 'prediction_id', 'outputs', 'error', 'reason',
+    'task_code', 'resolved_by', 'created_at', 'submitted_at', 'finished_at', 'attempts')
+  local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*',
+    'schema', '1', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
+    'prediction_id', f[2] or '', 'outputs', f[3] or '[]', 'error', f[4] or '',
+    'reason', f[5] or '', 'task_code', f[6] or '', 'resolved_by', f[7] or '',
+    'created_at', f[8] or '', 'submitted_at', f[9] or '', 'finished_at', f[10] or '',
+    'attempts', f[11] or '0', 'version', tostring(version))
+  redis.call('HSET', job, 'event_id', event_id)
+  redis.call('EXPIRE', job, ttl)
+  redis.call('ZREM', KEYS[3], job_id)
+  redis.call('HINCRBY', 'kq:stats', 'state:' .. ARGV[1], 1)
+  if f[7] and f[7] ~= '' then
+    redis.call('HINCRBY', 'kq:stats', 'resolved_by:' .. f[7], 1)
+  end
+  if f[1] and f[1] ~= '' then
+    local batch = 'kq:batch:' .. f[1]
+    redis.call('HINCRBY', batch, ARGV[1], 1)
+    redis.call('HINCRBY', batch, 'terminal', 1)
+    if f[7] and f[7] ~= '' then redis.call('HINCRBY', batch, 'by_' .. f[7], 1) end
+  end
+end
+return {'applied', ARGV[1], tostring(version)}

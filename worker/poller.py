@@ -1,0 +1,199 @@
+"""The polling fallback: resolve jobs whose webhook never came, and settle ambiguous submits.
+
+A sweep takes only the jobs that are due (`JobStore.claim_due`, which also pushes
+each one's next poll back), so its cost follows the due jobs, not all jobs. Every
+result goes through `service.apply_update`, the same path the webhook takes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from worker.domain import Job, JobState, Prediction, Reason, ResolvedBy
+from worker.errors import PermanentError, ProviderError, ValidationError
+from worker.service import Deps, apply_update, fail_job, record_submitted
+from worker.store import REMOVE
+
+log = structlog.get_logger("kq.poller")
+
+# Polls of one sweep run side by side on the client's connection pool.
+POLL_THREADS = 16
+# How far around our submit time a task found in the list may have been created.
+RECONCILE_BEFORE_S = 5.0
+RECONCILE_AFTER_S = 60.0
+RECONCILE_MAX_PAGES = 10
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did, by outcome (for logs, tests and `kq status`)."""
+
+    claimed: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+
+def sweep(deps: Deps, pool: ThreadPoolExecutor | None = None) -> SweepReport:
+    """Poll every due job once; safe to run from two beats at the same time."""
+    settings = deps.settings
+    due = deps.store.claim_due(
+        deps.clock(),
+        limit=settings.sweep_batch,
+        min_interval=settings.poll_min_interval_s,
+        max_interval=settings.poll_max_interval_s,
+    )
+    report = SweepReport(claimed=len(due))
+    if not due:
+        return report
+    jobs = [j for j in deps.store.get_many(due) if j is not None]
+    if pool is None:
+        outcomes = [poll_job(deps, job) for job in jobs]
+    else:
+        outcomes = list(pool.map(lambda job: poll_job(deps, job), jobs))
+    report.outcomes.update(outcomes)
+    log.info("poll.sweep", claimed=len(due), **dict(report.outcomes))
+    return report
+
+
+def poll_job(deps: Deps, job: Job) -> str:
+    """Look at one due job; returns a short outcome label."""
+    bound = log.bind(job_id=job.id, prediction_id=job.prediction_id or None)
+    try:
+        if job.terminal:
+            deps.store.unschedule_poll(job.id)
+            return "already_terminal"
+        if job.state is JobState.SUBMITTED:
+            return _poll_submitted(deps, job)
+        if job.state is JobState.SUBMITTING and job.ambiguous:
+            return reconcile_ambiguous(deps, job)
+        return "not_pollable"
+    except ProviderError as exc:
+        bound.warning("poll.provider_error", error=str(exc))
+        return "provider_error"
+
+
+def _poll_submitted(deps: Deps, job: Job) -> str:
+    now = deps.clock()
+    try:
+        prediction = deps.provider.get_result(job.prediction_id)
+    except PermanentError as exc:
+        # 404: the provider no longer knows the task (expired or deleted).
+        if exc.status_code == 404 and _past_deadline(deps, job, now):
+            fail_job(
+                deps, job.id, Reason.DEADLINE, f"not found at provider: {exc}", ResolvedBy.POLL
+            )
+            return "deadline"
+        raise
+    result = apply_update(deps, job.id, prediction, ResolvedBy.POLL)
+    if result is not None:
+        return f"resolved_{result.outcome}"
+    if _past_deadline(deps, job, now):
+        res = fail_job(
+            deps,
+            job.id,
+            Reason.DEADLINE,
+            f"no result within {deps.settings.job_deadline_s:.0f} s "
+            f"(provider status {prediction.status})",
+            ResolvedBy.POLL,
+        )
+        if res.applied:
+            _best_effort_delete(deps, job.prediction_id)
+        return "deadline"
+    return "pending"
+
+
+def _past_deadline(deps: Deps, job: Job, now: float) -> bool:
+    started = job.submitted_at or job.submitting_at or job.created_at
+    return now - started > deps.settings.job_deadline_s
+
+
+def _best_effort_delete(deps: Deps, prediction_id: str) -> None:
+    try:
+        deps.provider.delete([prediction_id])
+    except ProviderError as exc:
+        log.info("poll.delete_failed", prediction_id=prediction_id, error=str(exc))
+
+
+def reconcile_ambiguous(deps: Deps, job: Job) -> str:
+    """Find out whether an ambiguous submit created a task, without paying twice.
+
+    Looks in the provider's list for tasks created around our submit that belong to
+    no job. Exactly one match: adopt it. None for `ambiguous_grace_s`: no task was
+    created, so the job is queued again. Several: wait (a webhook carrying our job id
+    settles it), and fail with `submit_ambiguous` at the deadline.
+    """
+    now = deps.clock()
+    candidates = _unowned_candidates(deps, job)
+    if len(candidates) == 1:
+        prediction = candidates[0]
+        recorded = record_submitted(deps, job.id, prediction.id)
+        if prediction.final:
+            apply_update(deps, job.id, prediction, ResolvedBy.POLL)
+        log.warning("reconcile.adopted", job_id=job.id, prediction_id=prediction.id)
+        return f"adopted_{recorded.outcome}"
+    if _past_deadline(deps, job, now):
+        fail_job(
+            deps,
+            job.id,
+            Reason.SUBMIT_AMBIGUOUS,
+            f"submit answer lost and {len(candidates)} unclaimed tasks matched; "
+            "not resubmitted to avoid paying twice",
+            ResolvedBy.POLL,
+        )
+        return "ambiguous_failed"
+    if not candidates and now - job.submitting_at > deps.settings.ambiguous_grace_s:
+        requeued = deps.store.transition(
+            job.id,
+            JobState.QUEUED,
+            now=now,
+            fields={"ambiguous": "0"},
+            expect_version=job.version,
+            poll_at=REMOVE,
+        )
+        if requeued.applied:
+            deps.enqueue_submit(job.id)
+            log.warning("reconcile.requeued", job_id=job.id)
+            return "requeued"
+    return "ambiguous_waiting"
+
+
+def _unowned_candidates(deps: Deps, job: Job) -> list[Prediction]:
+    after = _iso(job.submitting_at - RECONCILE_BEFORE_S)
+    before = _iso(job.submitting_at + RECONCILE_AFTER_S)
+    found: list[Prediction] = []
+    for page in range(1, RECONCILE_MAX_PAGES + 1):
+        items = deps.provider.list_predictions(
+            created_after=after, created_before=before, page=page, page_size=100
+        )
+        for item in items:
+            if not _matches_request(item, job):
+                continue
+            try:
+                prediction = Prediction.from_json(item)
+            except ValidationError:
+                continue
+            owner = deps.store.job_for_prediction(prediction.id)
+            if owner is None or owner == job.id:
+                found.append(prediction)
+        if len(items) < 100:
+            break
+    return found
+
+
+def _matches_request(item: Any, job: Job) -> bool:
+    """Use the task's echoed input when the provider includes it; otherwise accept."""
+    echoed = item.get("input") if hasattr(item, "get") else None
+    if not isinstance(echoed, dict):
+        return True
+    return echoed.get("prompt") == job.request.get("prompt") and echoed.get("image") == (
+        job.request.get("image")
+    )
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -1,0 +1,113 @@
+"""Per-process wiring: build the adapters once from Settings and hand them out.
+
+Entry points (`kq worker`, `kq beat`, `kq receiver`, producers) call `init` once;
+Celery task bodies call `deps()`. Nothing here is imported by the domain.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import redis
+
+from worker.errors import ConfigError
+from worker.service import Deps
+from worker.settings import Settings
+from worker.store import JobStore
+from worker.wavespeed import WaveSpeedClient
+
+HEARTBEAT_TTL_S = 15
+HEARTBEAT_EVERY_S = 5.0
+
+
+def make_redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        health_check_interval=30,
+        socket_connect_timeout=5,
+        socket_timeout=10,
+        retry_on_timeout=True,
+    )
+
+
+def make_store(settings: Settings, client: redis.Redis | None = None) -> JobStore:
+    return JobStore(
+        client or make_redis(settings),
+        result_ttl_s=settings.result_ttl_s,
+        events_maxlen=settings.events_maxlen,
+    )
+
+
+def make_provider(settings: Settings) -> WaveSpeedClient:
+    return WaveSpeedClient(
+        settings.wavespeed_base_url, settings.wavespeed_api_key, timeout_s=settings.http_timeout_s
+    )
+
+
+@dataclass
+class _State:
+    settings: Settings | None = None
+    deps: Deps | None = None
+
+
+_state = _State()
+_lock = threading.Lock()
+
+
+def init(settings: Settings) -> None:
+    """Remember this process's settings; adapters are built on first use."""
+    with _lock:
+        _state.settings = settings
+        _state.deps = None
+
+
+def settings() -> Settings:
+    if _state.settings is None:
+        init(Settings.from_env())
+    assert _state.settings is not None
+    return _state.settings
+
+
+def deps() -> Deps:
+    """The process-wide adapters (thread-safe clients), built once."""
+    if _state.deps is None:
+        with _lock:
+            if _state.deps is None:
+                current = settings()
+                current.require_provider()
+                from worker.tasks import enqueue_submit  # the Celery side, wired in here
+
+                _state.deps = Deps(
+                    store=make_store(current),
+                    provider=make_provider(current),
+                    settings=current,
+                    enqueue_submit=enqueue_submit,
+                )
+    return _state.deps
+
+
+def start_heartbeat(kind: str, client: redis.Redis) -> threading.Event:
+    """Keep `kq:heartbeat:{kind}:{pid}` alive while this process runs; set the event to stop."""
+    key = f"kq:heartbeat:{kind}:{os.getpid()}"
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.is_set():
+            try:
+                client.set(key, "1", ex=HEARTBEAT_TTL_S)
+            except redis.RedisError:
+                pass  # Redis is away; the key expiring is exactly the signal we want.
+            stop.wait(HEARTBEAT_EVERY_S)
+        try:
+            client.delete(key)
+        except redis.RedisError:
+            pass
+
+    threading.Thread(target=beat, name=f"kq-heartbeat-{kind}", daemon=True).start()
+    return stop
+
+
+__all__ = ["ConfigError", "deps", "init", "make_redis", "make_store", "settings", "start_heartbeat"]

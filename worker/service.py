@@ -1,0 +1,213 @@
+"""The use cases every entry point goes through: submit a job, apply a provider result.
+
+Adapters (store, provider client, clock) are handed in as `Deps`; this module never
+builds a connection. Each state change is one `JobStore.transition` call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import structlog
+
+from worker.domain import EditRequest, JobState, Prediction, Reason, ResolvedBy, outcome_of
+from worker.errors import AmbiguousError, PermanentError, TransientError
+from worker.settings import Settings
+from worker.signing import webhook_url
+from worker.store import REMOVE, JobStore, TransitionResult
+from worker.wavespeed import WaveSpeedClient
+
+log = structlog.get_logger("kq.service")
+
+# After an ambiguous submit, look for the task in the provider's list this soon
+# (a webhook carrying our job id may settle it before then).
+AMBIGUOUS_FIRST_CHECK_S = 10.0
+
+
+@dataclass
+class Deps:
+    """The adapters a use case needs, built by the entry point that calls it."""
+
+    store: JobStore
+    provider: WaveSpeedClient
+    settings: Settings
+    clock: Callable[[], float] = field(default=time.time)
+    # Puts a job id back on the submit queue (the Celery side hands this in).
+    enqueue_submit: Callable[[str], None] = field(default=lambda job_id: None)
+
+
+class SubmitOutcome(StrEnum):
+    SUBMITTED = "submitted"
+    RETRY = "retry"
+    FAILED = "failed"
+    AMBIGUOUS = "ambiguous"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    outcome: SubmitOutcome
+    detail: str = ""
+
+
+def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> SubmitResult:
+    """Submit one queued job to WaveSpeed, at most once per paid task.
+
+    Safe under redelivery: a job that has a prediction id, is terminal, or was left
+    in `submitting` by a crashed worker is never POSTed again from here (the last
+    case is handed to reconciliation as an ambiguous submit).
+    """
+    store, settings = deps.store, deps.settings
+    bound = log.bind(job_id=job_id)
+    job = store.get(job_id)
+    if job is None:
+        bound.warning("submit.unknown_job")
+        return SubmitResult(SubmitOutcome.SKIPPED, "no such job")
+    bound = bound.bind(batch_id=job.batch_id or None)
+    if job.terminal or job.prediction_id or job.state is JobState.SUBMITTED:
+        bound.info("submit.skipped", state=job.state.value)
+        return SubmitResult(SubmitOutcome.SKIPPED, f"job is {job.state.value}")
+    if job.state is JobState.SUBMITTING:
+        # A previous attempt died between its POST and recording the answer.
+        _mark_ambiguous(deps, job_id, "redelivered while submitting")
+        bound.warning("submit.redelivered_in_flight")
+        return SubmitResult(SubmitOutcome.AMBIGUOUS, "previous attempt may have created a task")
+
+    now = deps.clock()
+    claim = store.transition(
+        job_id,
+        JobState.SUBMITTING,
+        now=now,
+        fields={"attempts": job.attempts + 1, "submitting_at": now},
+        expect_version=job.version,
+    )
+    if not claim.applied:
+        bound.info("submit.lost_race", outcome=claim.outcome, state=claim.state)
+        return SubmitResult(SubmitOutcome.SKIPPED, f"job moved to {claim.state}")
+
+    request = EditRequest.from_dict(job.request)
+    hook = (
+        webhook_url(settings.webhook_public_url, settings.secret_key, job_id)
+        if settings.webhooks_enabled
+        else None
+    )
+    try:
+        prediction = deps.provider.submit(request, webhook_url=hook)
+    except AmbiguousError as exc:
+        _mark_ambiguous(deps, job_id, str(exc))
+        bound.warning("submit.ambiguous", error=str(exc))
+        return SubmitResult(SubmitOutcome.AMBIGUOUS, str(exc))
+    except TransientError as exc:
+        if final_attempt:
+            _fail(deps, job_id, Reason.SUBMIT_RETRIES_EXHAUSTED, str(exc))
+            bound.error("submit.retries_exhausted", error=str(exc))
+            return SubmitResult(SubmitOutcome.FAILED, str(exc))
+        store.transition(job_id, JobState.QUEUED, now=deps.clock(), expect_version=claim.version)
+        bound.info("submit.transient_error", error=str(exc), status=exc.status_code)
+        return SubmitResult(SubmitOutcome.RETRY, str(exc))
+    except PermanentError as exc:
+        _fail(deps, job_id, Reason.SUBMIT_REJECTED, str(exc))
+        bound.error("submit.rejected", error=str(exc), status=exc.status_code)
+        return SubmitResult(SubmitOutcome.FAILED, str(exc))
+
+    bound = bound.bind(prediction_id=prediction.id)
+    recorded = record_submitted(deps, job_id, prediction.id)
+    bound.info("submit.ok", recorded=recorded.outcome)
+    if prediction.final:
+        apply_update(deps, job_id, prediction, ResolvedBy.WORKER)
+    return SubmitResult(SubmitOutcome.SUBMITTED, prediction.id)
+
+
+def record_submitted(deps: Deps, job_id: str, prediction_id: str) -> TransitionResult:
+    """submitting -> submitted with the provider's id; polled later if no webhook comes."""
+    now = deps.clock()
+    return deps.store.transition(
+        job_id,
+        JobState.SUBMITTED,
+        now=now,
+        fields={"prediction_id": prediction_id, "submitted_at": now, "ambiguous": "0"},
+        expect_prediction_id=prediction_id,
+        poll_at=now + deps.settings.poll_after_s,
+    )
+
+
+def apply_update(
+    deps: Deps, job_id: str, prediction: Prediction, resolved_by: ResolvedBy
+) -> TransitionResult | None:
+    """Apply a provider result to a job; None while the prediction is not final.
+
+    Duplicates, late and contradictory results come back as `rejected` (the job is
+    already terminal) and change nothing; a result for another prediction id comes
+    back as `mismatch`.
+    """
+    outcome = outcome_of(prediction)
+    if outcome is None:
+        return None
+    now = deps.clock()
+    result = deps.store.transition(
+        job_id,
+        outcome.state,
+        now=now,
+        fields={
+            "prediction_id": prediction.id,
+            "finished_at": now,
+            "resolved_by": resolved_by.value,
+            "outputs": json.dumps(list(outcome.outputs)),
+            "error": outcome.error,
+            "reason": outcome.reason,
+            "task_code": "" if prediction.task_code is None else prediction.task_code,
+            "ambiguous": "0",
+        },
+        expect_prediction_id=prediction.id,
+        poll_at=REMOVE,
+    )
+    log.info(
+        "job.update",
+        job_id=job_id,
+        prediction_id=prediction.id,
+        status=prediction.status,
+        resolved_by=resolved_by.value,
+        outcome=result.outcome,
+        state=result.state,
+    )
+    return result
+
+
+def fail_job(
+    deps: Deps, job_id: str, reason: Reason, error: str, resolved_by: ResolvedBy
+) -> TransitionResult:
+    """Move a non-terminal job to failed with a reason code."""
+    return _fail(deps, job_id, reason, error, resolved_by)
+
+
+def _fail(
+    deps: Deps,
+    job_id: str,
+    reason: Reason,
+    error: str,
+    resolved_by: ResolvedBy = ResolvedBy.WORKER,
+) -> TransitionResult:
+    now = deps.clock()
+    return deps.store.transition(
+        job_id,
+        JobState.FAILED,
+        now=now,
+        fields={
+            "finished_at": now,
+            "reason": reason.value,
+            "error": error,
+            "resolved_by": resolved_by.value,
+        },
+        poll_at=REMOVE,
+    )
+
+
+def _mark_ambiguous(deps: Deps, job_id: str, error: str) -> None:
+    """Leave the job in `submitting`, flagged, and schedule it for reconciliation."""
+    deps.store.set_fields(job_id, {"ambiguous": "1", "error": error})
+    delay = min(AMBIGUOUS_FIRST_CHECK_S, deps.settings.poll_after_s)
+    deps.store.schedule_poll(job_id, deps.clock() + delay)

@@ -1,0 +1,194 @@
+"""One frozen Settings, built from the environment in one place (`from_env`).
+
+Entry points call `Settings.from_env()` once and hand the result down; nothing
+else reads os.environ. Tests build Settings directly or through `from_env(env)`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from worker.errors import ConfigError
+
+DEFAULT_BASE_URL = "https://api.wavespeed.ai"
+# Webhooks usually land seconds after a task ends; a job silent for this long is polled.
+DEFAULT_POLL_AFTER_S = 120.0
+# The provider asks for at most one poll every 2 s per task; we back off from there.
+DEFAULT_POLL_MIN_INTERVAL_S = 2.0
+DEFAULT_POLL_MAX_INTERVAL_S = 60.0
+# Measured from the submit: queue time at the provider counts, time in our queue does not.
+DEFAULT_JOB_DEADLINE_S = 3600.0
+# How often beat sweeps for due jobs; each sweep only touches jobs that are due.
+DEFAULT_SWEEP_INTERVAL_S = 2.0
+DEFAULT_SWEEP_BATCH = 500
+# Terminal job records stay readable this long (provider keeps results 7 days too).
+DEFAULT_RESULT_TTL_S = 7 * 24 * 3600
+DEFAULT_EVENTS_MAXLEN = 1_000_000
+DEFAULT_SUBMIT_MAX_RETRIES = 10
+DEFAULT_HTTP_TIMEOUT_S = 30.0
+DEFAULT_WEBHOOK_MAX_BYTES = 1024 * 1024
+DEFAULT_WEBHOOK_TOLERANCE_S = 300
+# An ambiguous submit (answer lost) is reconciled through the list call; if no task
+# shows up there for this long, none was created and resubmitting cannot pay twice.
+DEFAULT_AMBIGUOUS_GRACE_S = 120.0
+STACK_ENV_FILE = "stack.env"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a process needs to know, read once at its entry point."""
+
+    redis_url: str
+    wavespeed_api_key: str = ""
+    wavespeed_base_url: str = DEFAULT_BASE_URL
+    webhook_public_url: str = ""
+    webhook_secret: str = ""
+    secret_key: str = ""
+    poll_after_s: float = DEFAULT_POLL_AFTER_S
+    poll_min_interval_s: float = DEFAULT_POLL_MIN_INTERVAL_S
+    poll_max_interval_s: float = DEFAULT_POLL_MAX_INTERVAL_S
+    job_deadline_s: float = DEFAULT_JOB_DEADLINE_S
+    sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S
+    sweep_batch: int = DEFAULT_SWEEP_BATCH
+    result_ttl_s: int = DEFAULT_RESULT_TTL_S
+    events_maxlen: int = DEFAULT_EVENTS_MAXLEN
+    submit_max_retries: int = DEFAULT_SUBMIT_MAX_RETRIES
+    http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
+    webhook_max_bytes: int = DEFAULT_WEBHOOK_MAX_BYTES
+    webhook_tolerance_s: int = DEFAULT_WEBHOOK_TOLERANCE_S
+    ambiguous_grace_s: float = DEFAULT_AMBIGUOUS_GRACE_S
+    log_format: str = "console"
+    log_level: str = "INFO"
+    var_dir: Path = Path("var")
+
+    @property
+    def webhooks_enabled(self) -> bool:
+        return bool(self.webhook_public_url)
+
+    def with_overrides(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read KQ_* and WAVESPEED_API_KEY; fall back to ./var/stack.env left by `kq up`."""
+        source = dict(os.environ if env is None else env)
+        var_dir = Path(source.get("KQ_VAR_DIR", "var"))
+        if not source.get("KQ_REDIS_URL"):
+            # `kq up` writes where its private stack lives, so `kq job` etc. find it.
+            for key, value in _read_env_file(var_dir / STACK_ENV_FILE).items():
+                source.setdefault(key, value)
+        redis_url = source.get("KQ_REDIS_URL", "")
+        if not redis_url:
+            raise ConfigError(
+                "KQ_REDIS_URL is not set (and no running `kq up` stack was found in "
+                f"{var_dir}/{STACK_ENV_FILE}); set it, e.g. redis://127.0.0.1:6379/0"
+            )
+        public = source.get("KQ_WEBHOOK_PUBLIC_URL", "").rstrip("/")
+        if public and not public.startswith(("http://", "https://")):
+            raise ConfigError("KQ_WEBHOOK_PUBLIC_URL: expected an http(s) URL")
+        base_url = (source.get("KQ_WAVESPEED_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        secret_key = source.get("KQ_SECRET_KEY", "")
+        if not secret_key:
+            if public and base_url == DEFAULT_BASE_URL:
+                # Every worker and receiver must share one key, so a generated one is
+                # only safe on a single machine talking to the simulator.
+                raise ConfigError(
+                    "KQ_SECRET_KEY is required with the real API and a public webhook URL; "
+                    "set the same random value (e.g. `openssl rand -hex 32`) on every process"
+                )
+            secret_key = _local_secret_key(var_dir)
+        log_format = source.get("KQ_LOG_FORMAT", "console")
+        if log_format not in ("console", "json"):
+            raise ConfigError(f"KQ_LOG_FORMAT: expected console or json, got {log_format!r}")
+        return cls(
+            redis_url=redis_url,
+            wavespeed_api_key=source.get("WAVESPEED_API_KEY", ""),
+            wavespeed_base_url=base_url,
+            webhook_public_url=public,
+            webhook_secret=source.get("KQ_WEBHOOK_SECRET", ""),
+            secret_key=secret_key,
+            poll_after_s=_num(source, "KQ_POLL_AFTER_S", DEFAULT_POLL_AFTER_S, minimum=0),
+            poll_min_interval_s=_num(
+                source, "KQ_POLL_MIN_INTERVAL_S", DEFAULT_POLL_MIN_INTERVAL_S, minimum=2.0
+            ),
+            poll_max_interval_s=_num(
+                source, "KQ_POLL_MAX_INTERVAL_S", DEFAULT_POLL_MAX_INTERVAL_S, minimum=2.0
+            ),
+            job_deadline_s=_num(source, "KQ_JOB_DEADLINE_S", DEFAULT_JOB_DEADLINE_S, minimum=1),
+            sweep_interval_s=_num(
+                source, "KQ_SWEEP_INTERVAL_S", DEFAULT_SWEEP_INTERVAL_S, minimum=0.1
+            ),
+            sweep_batch=int(_num(source, "KQ_SWEEP_BATCH", DEFAULT_SWEEP_BATCH, minimum=1)),
+            result_ttl_s=int(_num(source, "KQ_RESULT_TTL_S", DEFAULT_RESULT_TTL_S, minimum=60)),
+            events_maxlen=int(
+                _num(source, "KQ_EVENTS_MAXLEN", DEFAULT_EVENTS_MAXLEN, minimum=1000)
+            ),
+            submit_max_retries=int(
+                _num(source, "KQ_SUBMIT_MAX_RETRIES", DEFAULT_SUBMIT_MAX_RETRIES, minimum=0)
+            ),
+            http_timeout_s=_num(source, "KQ_HTTP_TIMEOUT_S", DEFAULT_HTTP_TIMEOUT_S, minimum=1),
+            ambiguous_grace_s=_num(
+                source, "KQ_AMBIGUOUS_GRACE_S", DEFAULT_AMBIGUOUS_GRACE_S, minimum=0
+            ),
+            log_format=log_format,
+            log_level=source.get("KQ_LOG_LEVEL", "INFO").upper(),
+            var_dir=var_dir,
+        )
+
+    def require_provider(self) -> None:
+        """Processes that call WaveSpeed need a key; say so plainly when it is missing."""
+        if not self.wavespeed_api_key:
+            raise ConfigError(
+                "WAVESPEED_API_KEY is not set: export your key, or use `kq up` / `kq run`, "
+                "which start the local simulator when it is unset"
+            )
+        if not self.secret_key:
+            raise ConfigError("KQ_SECRET_KEY is not set (it signs the per-job webhook token)")
+
+
+def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
+    if not value >= minimum:  # also refuses NaN
+        raise ConfigError(f"{name}: expected a number >= {minimum}, got {raw!r}")
+    return value
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs if not k.startswith("#")}
+
+
+def _local_secret_key(var_dir: Path) -> str:
+    """A per-checkout key under ./var for local use; production sets KQ_SECRET_KEY."""
+    path = var_dir / "secret_key"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return ""
+    try:
+        var_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key)
+        return key
+    except FileExistsError:
+        return path.read_text().strip()
+    except OSError:
+        return ""

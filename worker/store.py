@@ -1,0 +1,274 @@
+"""The Redis job store: job records, the one atomic transition, the poll schedule.
+
+Keys (all under `kq:`; a single Redis, not a cluster — the Lua scripts build some
+key names themselves):
+
+    kq:job:{id}        hash: the job (see `Job`), expires `result_ttl_s` after it ends
+    kq:poll            zset: job id -> when to poll it next (submitted or ambiguous jobs)
+    kq:pred:{pid}      string: prediction id -> job id
+    kq:events          stream: exactly one entry per job that became terminal
+    kq:whid:{id}       string: a webhook-id already handled (dedupe)
+    kq:batch:{id}      hash: per-batch counters
+    kq:stats           hash: global counters (terminal states, resolved_by)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import redis
+
+from worker.domain import ALLOWED_FROM, EditRequest, Job, JobState
+
+PREFIX: Final = "kq:"
+EVENTS_KEY: Final = "kq:events"
+POLL_KEY: Final = "kq:poll"
+STATS_KEY: Final = "kq:stats"
+# A WaveSpeed delivery is retried for minutes, not days; a day of memory is plenty.
+WEBHOOK_ID_TTL_S: Final = 24 * 3600
+REMOVE: Final = "rm"
+
+FieldValue = str | int | float
+
+# Write a new job only if its key is free: a retried enqueue never resets a job.
+_CREATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+
+def job_key(job_id: str) -> str:
+    return f"{PREFIX}job:{job_id}"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{PREFIX}batch:{batch_id}"
+
+
+def _script(name: str) -> str:
+    return resources.files("worker").joinpath("lua", name).read_text()
+
+
+@dataclass(frozen=True)
+class TransitionResult:
+    """What the store did with a requested move.
+
+    outcome: applied | rejected (the table forbids it from the current state, e.g. the
+    job is already terminal) | conflict (version moved on) | mismatch (another
+    prediction id) | missing (no such job).
+    """
+
+    outcome: str
+    state: str
+    version: int
+
+    @property
+    def applied(self) -> bool:
+        return self.outcome == "applied"
+
+
+class JobStore:
+    """Job records in Redis; every state change goes through `transition`."""
+
+    def __init__(self, client: redis.Redis, *, result_ttl_s: int, events_maxlen: int) -> None:
+        self.redis = client
+        self.result_ttl_s = result_ttl_s
+        self.events_maxlen = events_maxlen
+        self._transition = client.register_script(_script("transition.lua"))
+        self._claim_due = client.register_script(_script("claim_due.lua"))
+        self._create = client.register_script(_CREATE_LUA)
+
+    def ping(self) -> bool:
+        return bool(self.redis.ping())
+
+    def create(self, job_id: str, request: EditRequest, *, batch_id: str = "", now: float) -> bool:
+        """Write a new queued job; False when the id already exists (nothing changes)."""
+        fields = _new_job_fields(job_id, request, batch_id, now)
+        args: list[FieldValue] = []
+        for name, value in fields.items():
+            args.extend((name, value))
+        created = bool(self._create(keys=[job_key(job_id)], args=args))
+        if created and batch_id:
+            self.redis.hincrby(batch_key(batch_id), "total", 1)
+        return created
+
+    def create_many(
+        self, jobs: Iterable[tuple[str, EditRequest]], *, batch_id: str = "", now: float
+    ) -> int:
+        """Write many new queued jobs in one round trip; returns how many were written."""
+        pipe = self.redis.pipeline(transaction=False)
+        count = 0
+        for job_id, request in jobs:
+            pipe.hset(job_key(job_id), mapping=_mapping(_new_job_fields(job_id, request, batch_id, now)))
+            count += 1
+        if batch_id and count:
+            pipe.hincrby(batch_key(batch_id), "total", count)
+        pipe.execute()
+        return count
+
+    def get(self, job_id: str) -> Job | None:
+        raw: dict[str, str] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
+        if not raw or "state" not in raw:
+            return None
+        return decode_job(raw)
+
+    def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hgetall(job_key(job_id))
+        return [decode_job(raw) if raw and "state" in raw else None for raw in pipe.execute()]
+
+    def transition(
+        self,
+        job_id: str,
+        target: JobState,
+        *,
+        now: float,
+        fields: Mapping[str, FieldValue] | None = None,
+        expect_version: int | None = None,
+        expect_prediction_id: str = "",
+        poll_at: float | str | None = None,
+    ) -> TransitionResult:
+        """Move a job to `target` if the transition table allows it from where it is now.
+
+        Atomic: the state check, the writes, the poll schedule and (for a terminal
+        target) the event append happen in one Lua call, so racing callers (webhook,
+        poller, retries, duplicates) can never produce two results or a step back.
+        `poll_at` is a time to (re)schedule the job's next poll, REMOVE, or None.
+        """
+        allowed = ",".join(sorted(s.value for s in ALLOWED_FROM[target]))
+        args: list[FieldValue] = [
+            target.value,
+            allowed,
+            "" if expect_version is None else expect_version,
+            expect_prediction_id,
+            now,
+            self.result_ttl_s,
+            self.events_maxlen,
+            "1" if target.terminal else "0",
+            "" if poll_at is None else poll_at,
+        ]
+        for name, value in (fields or {}).items():
+            args.extend((name, value))
+        outcome, state, version = self._transition(
+            keys=[job_key(job_id), EVENTS_KEY, POLL_KEY], args=args
+        )
+        return TransitionResult(str(outcome), str(state), int(version))
+
+    def set_fields(self, job_id: str, fields: Mapping[str, FieldValue]) -> None:
+        """Write bookkeeping fields that are not a state change (e.g. the last poll)."""
+        if self.redis.exists(job_key(job_id)):
+            self.redis.hset(job_key(job_id), mapping=_mapping(fields))
+
+    def schedule_poll(self, job_id: str, at: float) -> None:
+        self.redis.zadd(POLL_KEY, {job_id: at})
+
+    def unschedule_poll(self, job_id: str) -> None:
+        self.redis.zrem(POLL_KEY, job_id)
+
+    def claim_due(
+        self, now: float, *, limit: int, min_interval: float, max_interval: float
+    ) -> list[str]:
+        """Due job ids, each rescheduled with back-off so no other sweep takes it now."""
+        due = self._claim_due(keys=[POLL_KEY], args=[now, limit, min_interval, max_interval])
+        return [str(x) for x in due]
+
+    def poll_backlog(self, now: float) -> tuple[int, int]:
+        """(jobs due now, jobs scheduled in all)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcount(POLL_KEY, "-inf", now)
+        pipe.zcard(POLL_KEY)
+        due, total = pipe.execute()
+        return int(due), int(total)
+
+    def mark_webhook_seen(self, webhook_id: str) -> bool:
+        """True the first time a webhook-id is seen; False for a redelivery."""
+        return bool(self.redis.set(f"{PREFIX}whid:{webhook_id}", "1", nx=True, ex=WEBHOOK_ID_TTL_S))
+
+    def forget_webhook(self, webhook_id: str) -> None:
+        """Undo `mark_webhook_seen` when handling failed, so the retry is not dropped."""
+        self.redis.delete(f"{PREFIX}whid:{webhook_id}")
+
+    def job_for_prediction(self, prediction_id: str) -> str | None:
+        value = self.redis.get(f"{PREFIX}pred:{prediction_id}")
+        return None if value is None else str(value)
+
+    def stats(self) -> dict[str, int]:
+        raw: dict[str, str] = self.redis.hgetall(STATS_KEY)  # type: ignore[assignment]
+        return {k: int(v) for k, v in raw.items()}
+
+    def batch_counts(self, batch_id: str) -> dict[str, int]:
+        raw: dict[str, str] = self.redis.hgetall(batch_key(batch_id))  # type: ignore[assignment]
+        return {k: int(v) for k, v in raw.items()}
+
+    def events(
+        self, start: str = "-", count: int | None = None
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Read the event stream from `start` (inclusive), oldest first."""
+        entries: Any = self.redis.xrange(EVENTS_KEY, min=start, count=count)
+        return [(str(i), dict(f)) for i, f in entries]
+
+
+def _mapping(fields: Mapping[str, FieldValue]) -> Any:
+    """redis-py's stubs want a wider key type than str; the values are what we say."""
+    return dict(fields)
+
+
+def _new_job_fields(
+    job_id: str, request: EditRequest, batch_id: str, now: float
+) -> dict[str, FieldValue]:
+    return {
+        "id": job_id,
+        "state": JobState.QUEUED.value,
+        "version": 1,
+        "request": json.dumps(request.to_payload(), separators=(",", ":")),
+        "batch_id": batch_id,
+        "attempts": 0,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def decode_job(raw: Mapping[str, str]) -> Job:
+    """Turn a stored hash into a Job; tolerant of fields added later."""
+
+    def num(name: str) -> float:
+        try:
+            return float(raw.get(name) or 0)
+        except ValueError:
+            return 0.0
+
+    try:
+        outputs = tuple(json.loads(raw.get("outputs") or "[]"))
+    except ValueError:
+        outputs = ()
+    try:
+        request: Any = json.loads(raw.get("request") or "{}")
+    except ValueError:
+        request = {}
+    code = raw.get("task_code") or ""
+    return Job(
+        id=raw.get("id", ""),
+        state=JobState(raw["state"]),
+        version=int(num("version")),
+        request=request if isinstance(request, dict) else {},
+        batch_id=raw.get("batch_id", ""),
+        prediction_id=raw.get("prediction_id", ""),
+        attempts=int(num("attempts")),
+        ambiguous=raw.get("ambiguous") == "1",
+        created_at=num("created_at"),
+        submitting_at=num("submitting_at"),
+        submitted_at=num("submitted_at"),
+        finished_at=num("finished_at"),
+        outputs=outputs,
+        error=raw.get("error", ""),
+        reason=raw.get("reason", ""),
+        task_code=int(code) if code.lstrip("-").isdigit() else None,
+        resolved_by=raw.get("resolved_by", ""),
+        poll_count=int(num("poll_count")),
+    )

@@ -1,0 +1,65 @@
+"""Celery tasks: thin wrappers that decode, bind log context and call the service."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import structlog
+from celery import Task
+
+from worker import poller, runtime
+from worker.celery_app import SUBMIT_QUEUE, app
+from worker.service import SubmitOutcome, submit_job
+
+log = structlog.get_logger("kq.tasks")
+
+RETRY_BASE_S = 1.0
+RETRY_CAP_S = 60.0
+
+_poll_pool: ThreadPoolExecutor | None = None
+
+
+def retry_countdown(retries: int) -> float:
+    """Exponential back-off with jitter: ~1, 2, 4 ... capped at a minute."""
+    ceiling = min(RETRY_CAP_S, RETRY_BASE_S * (2**retries))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+@app.task(name="kq.submit", bind=True, acks_late=True, max_retries=None)
+def submit(self: Task[Any, Any], job_id: str) -> str:
+    """Submit one job; transient errors come back here as a Celery retry."""
+    if not isinstance(job_id, str) or not job_id:
+        log.error("submit.bad_message", job_id=repr(job_id))
+        return "bad_message"
+    deps = runtime.deps()
+    retries = int(self.request.retries or 0)
+    with structlog.contextvars.bound_contextvars(job_id=job_id, task_retries=retries):
+        final = retries >= deps.settings.submit_max_retries
+        result = submit_job(deps, job_id, final_attempt=final)
+        if result.outcome is SubmitOutcome.RETRY:
+            raise self.retry(countdown=retry_countdown(retries), max_retries=None)
+        return result.outcome.value
+
+
+@app.task(name="kq.poll_due", acks_late=True, ignore_result=True)
+def poll_due() -> dict[str, int]:
+    """One polling sweep over the jobs that are due (scheduled by `kq beat`)."""
+    global _poll_pool
+    if _poll_pool is None:
+        _poll_pool = ThreadPoolExecutor(poller.POLL_THREADS, thread_name_prefix="kq-poll")
+    report = poller.sweep(runtime.deps(), _poll_pool)
+    return {"claimed": report.claimed, **report.outcomes}
+
+
+def enqueue_submit(job_id: str) -> None:
+    """Put one job id on the submit queue."""
+    submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE)
+
+
+def enqueue_submits(job_ids: list[str]) -> None:
+    """Put many job ids on the submit queue over one broker connection."""
+    with app.producer_or_acquire() as producer:
+        for job_id in job_ids:
+            submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE, producer=producer)
