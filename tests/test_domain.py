@@ -139,7 +139,9 @@ def test_outcomes_of_provider_statuses() -> None:
     assert done is not None and done.state is JobState.COMPLETED
     assert done.outputs == ("https://example.invalid/o.jpeg",)
     failed = outcome_of(
-        Prediction.from_json({**PRED, "status": "failed", "outputs": [], "error": "bad", "code": 1402})
+        Prediction.from_json(
+            {**PRED, "status": "failed", "outputs": [], "error": "bad", "code": 1402}
+        )
     )
     assert failed is not None and failed.state is JobState.FAILED
     assert failed.reason == "provider_failed" and "1402" in failed.error

@@ -33,7 +33,11 @@ def complete(store: JobStore, job_id: str, pid: str = PID, by: str = "webhook"):
         job_id,
         JobState.COMPLETED,
         now=150.0,
-        fields={"prediction_id": pid, "outputs": json.dumps(["https://o/1.jpeg"]), "resolved_by": by},
+        fields={
+            "prediction_id": pid,
+            "outputs": json.dumps(["https://o/1.jpeg"]),
+            "resolved_by": by,
+        },
         expect_prediction_id=pid,
         poll_at=REMOVE,
     )
@@ -48,7 +52,9 @@ def test_create_is_idempotent(store: JobStore) -> None:
     assert job is not None and job.state is JobState.SUBMITTING and job.created_at == 1.0
 
 
-def test_terminal_move_appends_exactly_one_event(store: JobStore, redis_client: redis.Redis) -> None:
+def test_terminal_move_appends_exactly_one_event(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
     """completed writes the result, one event with the documented fields, a TTL, no poll entry."""
     submitted_job(store, batch_id="b1")
     assert redis_client.zscore(POLL_KEY, "job1") == 200.0
@@ -106,7 +112,9 @@ def test_version_guard(store: JobStore) -> None:
     store.create("job1", REQ, now=1.0)
     first = store.transition("job1", JobState.SUBMITTING, now=2.0, expect_version=1)
     assert first.applied and first.version == 2
-    assert store.transition("job1", JobState.QUEUED, now=3.0, expect_version=1).outcome == "conflict"
+    assert (
+        store.transition("job1", JobState.QUEUED, now=3.0, expect_version=1).outcome == "conflict"
+    )
     assert store.transition("job1", JobState.QUEUED, now=3.0, expect_version=2).applied
 
 

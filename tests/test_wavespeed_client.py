@@ -96,7 +96,10 @@ def test_http_statuses_map_to_families(status: int, error: type[ProviderError]) 
         return httpx.Response(status, json={"code": status, "message": f"nope {status}"})
 
     with client_for(handler) as client:
-        for call in (lambda: client.submit(REQUEST, webhook_url=None), lambda: client.get_result(PID)):
+        for call in (
+            lambda: client.submit(REQUEST, webhook_url=None),
+            lambda: client.get_result(PID),
+        ):
             with pytest.raises(error) as exc:
                 call()
             assert type(exc.value) is error or issubclass(type(exc.value), error)

@@ -38,6 +38,10 @@ app.conf.update(
 
 def configure(settings: Settings) -> Celery:
     """Point the app at this deployment's Redis and schedule the polling sweep."""
+    if app.conf.broker_url and app.conf.broker_url != settings.redis_url:
+        # A process re-pointed at another Redis (tests, harnesses) must drop the
+        # connections it pooled for the old one.
+        _drop_broker_connections()
     app.conf.update(
         broker_url=settings.redis_url,
         beat_schedule={
@@ -50,3 +54,15 @@ def configure(settings: Settings) -> Celery:
         },
     )
     return app
+
+
+def _drop_broker_connections() -> None:
+    # Celery caches a connection pool on the app and a producer pool on app.amqp;
+    # neither notices a new broker_url by itself.
+    pool = app._pool
+    if pool is not None:
+        pool.force_close_all()
+        app._pool = None
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None

@@ -104,7 +104,9 @@ class JobStore:
         pipe = self.redis.pipeline(transaction=False)
         count = 0
         for job_id, request in jobs:
-            pipe.hset(job_key(job_id), mapping=_mapping(_new_job_fields(job_id, request, batch_id, now)))
+            pipe.hset(
+                job_key(job_id), mapping=_mapping(_new_job_fields(job_id, request, batch_id, now))
+            )
             count += 1
         if batch_id and count:
             pipe.hincrby(batch_key(batch_id), "total", count)

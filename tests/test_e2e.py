@@ -1,0 +1,210 @@
+"""End to end on real parts: private redis-server, the simulator, the receiver under
+gunicorn, a Celery worker and beat, all as separate processes started by `Stack`.
+
+One stack serves the module; each test patches the simulator's fault knobs and
+resets them afterwards. Every wait is on a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+from worker import runtime
+from worker.celery_app import configure
+from worker.domain import Job, JobState
+from worker.producer import Producer
+from worker.settings import Settings
+from worker.stack import Stack, StackConfig
+from worker.store import JobStore
+from worker.tasks import enqueue_submit, enqueue_submits
+
+pytestmark = pytest.mark.integration
+
+SIM_ARGS = (
+    "--seed", "11",
+    "--inference-time", "0.2",
+    "--queue-delay", "0",
+    "--webhook-retry-base", "0.2",
+    "--webhook-timeout", "2",
+)  # fmt: skip
+STACK_ENV = {
+    "KQ_POLL_AFTER_S": "1.5",
+    "KQ_SWEEP_INTERVAL_S": "0.5",
+    "KQ_SUBMIT_MAX_RETRIES": "8",
+    "KQ_LOG_FORMAT": "json",
+}
+IMAGE = "https://example.com/source.jpg"
+
+
+class Harness:
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.settings = Settings.from_env({**os.environ, **stack.env})
+        configure(self.settings)
+        self.store: JobStore = runtime.make_store(self.settings)
+        self.producer = Producer(store=self.store, send=enqueue_submits)
+        assert stack.sim_url is not None
+        self.sim = httpx.Client(base_url=stack.sim_url, timeout=10)
+
+    def sim_config(self, **knobs: Any) -> None:
+        self.sim.post("/_sim/config", json=knobs).raise_for_status()
+
+    def sim_tasks(self) -> list[dict[str, Any]]:
+        data = self.sim.get("/_sim/tasks").json()
+        return list(data["tasks"] if isinstance(data, dict) else data)
+
+    def sim_requests(self) -> list[dict[str, Any]]:
+        data = self.sim.get("/_sim/requests").json()
+        return list(data["requests"] if isinstance(data, dict) else data)
+
+    def tasks_for(self, job_id: str) -> list[dict[str, Any]]:
+        return [t for t in self.sim_tasks() if f"job={job_id}" in (t.get("webhook") or "")]
+
+    def enqueue(self, prompt: str = "make it blue", **extra: Any) -> str:
+        return self.producer.enqueue({"prompt": prompt, "image": IMAGE, **extra})
+
+    def wait_terminal(self, job_id: str, timeout_s: float = 30) -> Job:
+        def done() -> Job | None:
+            job = self.store.get(job_id)
+            return job if job is not None and job.terminal else None
+
+        job: Job = wait_for(done, timeout_s=timeout_s, interval_s=0.1)
+        return job
+
+    def events_for(self, job_id: str) -> list[dict[str, str]]:
+        return [f for _, f in self.store.events() if f["job_id"] == job_id]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    var_dir: Path = tmp_path_factory.mktemp("stack")
+    config = StackConfig(
+        var_dir=var_dir,
+        sim_args=SIM_ARGS,
+        worker_concurrency=4,
+        extra_env=STACK_ENV,
+    )
+    with Stack(config, announce=lambda line: None) as stack:
+        yield Harness(stack)
+
+
+@pytest.fixture
+def h(harness: Harness) -> Iterator[Harness]:
+    yield harness
+    harness.sim.post("/_sim/config", json=QUIET_KNOBS)
+
+
+QUIET_KNOBS = {
+    "drop_webhook_rate": 0.0,
+    "duplicate_webhook_rate": 0.0,
+    "late_failed_rate": 0.0,
+    "fail_rate": 0.0,
+    "submit_429_rate": 0.0,
+    "submit_5xx_rate": 0.0,
+    "burst_429_s": 0.0,
+    "burst_5xx_s": 0.0,
+}
+
+
+def test_happy_path_through_webhook(h: Harness) -> None:
+    """A job is submitted, completed by the signed webhook, with one event and the sim's outputs."""
+    job_id = h.enqueue(seed=3, aspect_ratio="16:9")
+    job = h.wait_terminal(job_id)
+    assert job.state is JobState.COMPLETED
+    assert job.resolved_by == "webhook"
+    (task,) = h.tasks_for(job_id)
+    assert task["id"] == job.prediction_id
+    assert list(job.outputs) == task["outputs"]
+    assert httpx.get(job.outputs[0]).headers["content-type"].startswith("image/jpeg")
+    (event,) = h.events_for(job_id)
+    assert event["state"] == "completed" and json.loads(event["outputs"]) == task["outputs"]
+
+
+def test_lost_webhook_is_resolved_by_the_poller(h: Harness) -> None:
+    """With every delivery dropped, the polling fallback completes the job."""
+    h.sim_config(drop_webhook_rate=1.0)
+    job_id = h.enqueue()
+    job = h.wait_terminal(job_id)
+    assert job.state is JobState.COMPLETED and job.resolved_by == "poll"
+    assert len(h.events_for(job_id)) == 1
+    polls = [r for r in h.sim_requests() if job.prediction_id in r.get("path", "")]
+    times = sorted(r["time"] for r in polls)
+    assert all(b - a >= 1.9 for a, b in itertools.pairwise(times)), times
+
+
+def test_duplicate_deliveries_give_one_event(h: Harness) -> None:
+    """The same delivery twice (and the poller racing it) yields exactly one event."""
+    h.sim_config(duplicate_webhook_rate=1.0)
+    ids = [h.enqueue(prompt=f"dup {i}") for i in range(5)]
+    for job_id in ids:
+        assert h.wait_terminal(job_id).state is JobState.COMPLETED
+    wait_for(lambda: all(len(h.tasks_for(j)) == 1 for j in ids))
+    for job_id in ids:
+        assert len(h.events_for(job_id)) == 1
+
+
+def test_failed_after_completed_changes_nothing(h: Harness) -> None:
+    """A contradictory late `failed` delivery after `completed` is ignored."""
+    h.sim_config(late_failed_rate=1.0)
+    job_id = h.enqueue()
+    job = h.wait_terminal(job_id)
+    assert job.state is JobState.COMPLETED
+
+    def late_failed_delivered() -> bool:
+        (task,) = h.tasks_for(job_id)
+        return int(task.get("deliveries_acknowledged", 0)) >= 2
+
+    wait_for(late_failed_delivered, timeout_s=15)
+    after = h.store.get(job_id)
+    assert after is not None and after.state is JobState.COMPLETED
+    assert after.version == job.version
+    assert len(h.events_for(job_id)) == 1
+
+
+def test_provider_task_failure_is_recorded_with_code(h: Harness) -> None:
+    """A task that fails at the provider ends `failed` with its task code and reason."""
+    h.sim_config(fail_rate=1.0, fail_codes=[1402])
+    job_id = h.enqueue()
+    job = h.wait_terminal(job_id)
+    assert job.state is JobState.FAILED
+    assert job.reason == "provider_failed" and job.task_code == 1402
+
+
+def test_429_and_5xx_on_submit_are_retried(h: Harness) -> None:
+    """Bursts of 429 and 503 on submit are retried with backoff; one task, job completes."""
+    h.sim_config(burst_429_s=1.5)
+    first = h.enqueue(prompt="after 429s")
+    job = h.wait_terminal(first, timeout_s=40)
+    assert job.state is JobState.COMPLETED and job.attempts >= 2
+    h.sim_config(burst_5xx_s=1.5)
+    second = h.enqueue(prompt="after 5xx")
+    job2 = h.wait_terminal(second, timeout_s=40)
+    assert job2.state is JobState.COMPLETED and job2.attempts >= 2
+    assert len(h.tasks_for(first)) == 1 and len(h.tasks_for(second)) == 1
+
+
+def test_redelivered_submit_task_does_not_submit_twice(h: Harness) -> None:
+    """The same submit message three times (a redelivery) creates exactly one task."""
+    job_id = h.enqueue()
+    enqueue_submit(job_id)
+    enqueue_submit(job_id)
+    job = h.wait_terminal(job_id)
+    assert job.state is JobState.COMPLETED
+    enqueue_submit(job_id)  # long after: the job is terminal
+    wait_for(lambda: len(h.tasks_for(job_id)) >= 1)
+    submits = [
+        r
+        for r in h.sim_requests()
+        if r.get("kind") == "submit" and job_id in json.dumps(r.get("query", ""))
+    ]
+    assert len(h.tasks_for(job_id)) == 1
+    assert len(submits) == 1
