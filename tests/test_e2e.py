@@ -108,6 +108,7 @@ QUIET_KNOBS = {
     "duplicate_webhook_rate": 0.0,
     "late_failed_rate": 0.0,
     "fail_rate": 0.0,
+    "submit_400_rate": 0.0,
     "submit_429_rate": 0.0,
     "submit_5xx_rate": 0.0,
     "burst_429_s": 0.0,
@@ -190,6 +191,18 @@ def test_429_and_5xx_on_submit_are_retried(h: Harness) -> None:
     job2 = h.wait_terminal(second, timeout_s=40)
     assert job2.state is JobState.COMPLETED and job2.attempts >= 2
     assert len(h.tasks_for(first)) == 1 and len(h.tasks_for(second)) == 1
+
+
+def test_400_on_submit_fails_the_job_with_the_providers_message(h: Harness) -> None:
+    """A 400 is not retried: the job fails `submit_rejected` with the provider's words."""
+    h.sim_config(submit_400_rate=1.0)
+    job_id = h.enqueue()
+    job = h.wait_terminal(job_id)
+    assert job.state is JobState.FAILED and job.reason == "submit_rejected"
+    assert "HTTP 400" in job.error and "source image was rejected" in job.error
+    assert job.attempts == 1 and h.tasks_for(job_id) == []
+    (event,) = h.events_for(job_id)
+    assert event["reason"] == "submit_rejected"
 
 
 def test_redelivered_submit_task_does_not_submit_twice(h: Harness) -> None:

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -33,6 +37,7 @@ DEMO_SIM_ARGS = (
 # Against the simulator a silent job is polled after 3 s (production default: 120 s).
 DEMO_ENV = {"KQ_POLL_AFTER_S": "3", "KQ_SWEEP_INTERVAL_S": "1"}
 MAX_ERRORS_SHOWN = 20
+MAX_DOWNLOADS = 1000
 
 
 def read_requests(path: Path) -> list[EditRequest]:
@@ -76,7 +81,8 @@ def run_file(
     from worker.stack import Stack, StackConfig
     from worker.tasks import enqueue_submits
 
-    console = Console(stderr=as_json)
+    # Logs and CI captures are not terminals; give the table room there.
+    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
     try:
         requests = read_requests(path)
     except ValidationError as exc:
@@ -108,13 +114,17 @@ def run_file(
         job_ids = producer.enqueue_many(requests, batch_id=f"run-{int(time.time())}")
         jobs = _wait_with_progress(console, producer, job_ids, timeout_s)
         elapsed = time.monotonic() - started
+        # Simulator outputs vanish with the simulator, and real ones after 7 days.
+        saved = download_outputs(jobs, var_dir / "outputs")
+        if saved:
+            console.print(f"  {len(saved)} output images saved in {var_dir / 'outputs'}")
         console.print(f"  logs of every process: {var_dir / 'logs'}")
     counts = tally(jobs)
     if as_json:
         for job_id, job in zip(job_ids, jobs, strict=True):
             print(json.dumps(_job_row(job_id, job)))
     else:
-        console.print(result_table(job_ids, jobs))
+        console.print(result_table(job_ids, jobs, saved))
         console.print(f"finished in {elapsed:.1f} s")
     print(summary_line(counts))
     return 0 if counts.get("pending", 0) == 0 else 1
@@ -184,23 +194,56 @@ def _job_row(job_id: str, job: Job | None) -> dict[str, object]:
     }
 
 
-def result_table(job_ids: Sequence[str], jobs: Sequence[Job | None]) -> Table:
+def download_outputs(jobs: Sequence[Job | None], folder: Path) -> dict[str, Path]:
+    """Fetch each completed job's first output into `folder`; job id -> file (best effort)."""
+    wanted = [j for j in jobs if j is not None and j.outputs][:MAX_DOWNLOADS]
+    if not wanted:
+        return {}
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def fetch(client: httpx.Client, job: Job) -> tuple[str, Path] | None:
+        suffix = Path(urlsplit(job.outputs[0]).path).suffix or ".jpeg"
+        target = folder / f"{job.id[:8]}{suffix}"
+        try:
+            response = client.get(job.outputs[0])
+            response.raise_for_status()
+        except httpx.HTTPError:
+            return None
+        target.write_bytes(response.content)
+        return job.id, target
+
+    with httpx.Client(timeout=30, follow_redirects=True) as client, ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: fetch(client, job), wanted))
+    return dict(r for r in results if r is not None)
+
+
+def result_table(
+    job_ids: Sequence[str], jobs: Sequence[Job | None], saved: Mapping[str, Path] | None = None
+) -> Table:
+    saved = saved or {}
     table = Table(title="results", show_lines=False)
     table.add_column("job", no_wrap=True)
-    table.add_column("state")
-    table.add_column("output / reason", overflow="fold")
-    table.add_column("resolved by")
-    table.add_column("seconds", justify="right")
+    table.add_column("edit", overflow="ellipsis", no_wrap=True, max_width=26)
+    table.add_column("state", no_wrap=True)
+    table.add_column("output / reason", overflow="fold", min_width=24)
+    table.add_column("by", no_wrap=True)
+    table.add_column("s", justify="right", no_wrap=True)
     colours = {"completed": "green", "failed": "red", "cancelled": "yellow"}
     for job_id, job in zip(job_ids, jobs, strict=True):
         if job is None:
-            table.add_row(job_id[:12], "missing", "", "", "")
+            table.add_row(job_id[:8], "", "missing", "", "", "")
             continue
         state = job.state.value
-        detail = job.outputs[0] if job.outputs else f"{job.reason}: {job.error}".strip(": ")
+        if job.id in saved:
+            detail = str(saved[job.id])
+        elif job.outputs:
+            detail = job.outputs[0]
+        else:
+            detail = f"{job.reason}: {job.error}".strip(": ")
         seconds = job.seconds
         table.add_row(
-            job_id[:12],
+            job_id[:8],
+            str(job.request.get("prompt", "")),
             f"[{colours.get(state, 'white')}]{state}[/]",
             detail,
             job.resolved_by or "-",

@@ -25,7 +25,7 @@ log = structlog.get_logger("kq.poller")
 # Polls of one sweep run side by side on the client's connection pool.
 POLL_THREADS = 16
 # How far around our submit time a task found in the list may have been created.
-RECONCILE_BEFORE_S = 5.0
+RECONCILE_BEFORE_S = 30.0  # tolerates clock skew between us and the provider
 RECONCILE_AFTER_S = 60.0
 RECONCILE_MAX_PAGES = 10
 
@@ -136,16 +136,6 @@ def reconcile_ambiguous(deps: Deps, job: Job) -> str:
             apply_update(deps, job.id, prediction, ResolvedBy.POLL)
         log.warning("reconcile.adopted", job_id=job.id, prediction_id=prediction.id)
         return f"adopted_{recorded.outcome}"
-    if _past_deadline(deps, job, now):
-        fail_job(
-            deps,
-            job.id,
-            Reason.SUBMIT_AMBIGUOUS,
-            f"submit answer lost and {len(candidates)} unclaimed tasks matched; "
-            "not resubmitted to avoid paying twice",
-            ResolvedBy.POLL,
-        )
-        return "ambiguous_failed"
     if not candidates and now - job.submitting_at > deps.settings.ambiguous_grace_s:
         requeued = deps.store.transition(
             job.id,
@@ -159,6 +149,16 @@ def reconcile_ambiguous(deps: Deps, job: Job) -> str:
             deps.enqueue_submit(job.id)
             log.warning("reconcile.requeued", job_id=job.id)
             return "requeued"
+    if _past_deadline(deps, job, now):
+        fail_job(
+            deps,
+            job.id,
+            Reason.SUBMIT_AMBIGUOUS,
+            f"submit answer lost and {len(candidates)} unclaimed tasks matched; "
+            "not resubmitted to avoid paying twice",
+            ResolvedBy.POLL,
+        )
+        return "ambiguous_failed"
     return "ambiguous_waiting"
 
 

@@ -1,0 +1,11 @@
+# One image for every kontext-queue process; compose.yaml picks the command.
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY worker ./worker
+COPY webhook_receiver ./webhook_receiver
+COPY wavespeed_sim ./wavespeed_sim
+RUN pip install . && useradd --create-home kq
+USER kq
+ENTRYPOINT ["kq"]
