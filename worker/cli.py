@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_job)
+
+    from worker import cli_ops
+
+    cli_ops.register(sub)
     return parser
 
 

@@ -78,7 +78,7 @@ def run_file(
     from worker import runtime
     from worker.celery_app import configure
     from worker.producer import Producer
-    from worker.stack import Stack, StackConfig
+    from worker.stack import Stack, StackConfig, signals_as_keyboard_interrupt
     from worker.tasks import enqueue_submits
 
     # Logs and CI captures are not terminals; give the table room there.
@@ -106,7 +106,9 @@ def run_file(
         webhooks=not api_key or bool(os.environ.get("KQ_WEBHOOK_PUBLIC_URL")),
     )
     console.print(f"[bold]kq run[/bold]: {len(requests)} edits from {path}")
-    with Stack(config, announce=lambda line: console.print(f"  {line}")) as stack:
+    stack = Stack(config, announce=lambda line: console.print(f"  {line}"))
+    # Ctrl-C or SIGTERM mid-run still stops every process the stack started.
+    with signals_as_keyboard_interrupt(), stack:
         settings = Settings.from_env({**os.environ, **stack.env})
         configure(settings)
         producer = Producer(store=runtime.make_store(settings), send=enqueue_submits)

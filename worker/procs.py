@@ -44,7 +44,8 @@ _POLL_MAX_S = 0.25
 # After SIGKILL the kernel reaps promptly; waiting longer means a process stuck in the kernel.
 _KILL_WAIT_S = 5.0
 # Signals that mean "stop now" to a foreground `kq up`, besides SIGINT (Ctrl-C).
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# SIGINT too: a stack started in the background inherits SIGINT as ignored.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StackError(KqError):
@@ -252,7 +253,7 @@ class Proc:
 
 @contextlib.contextmanager
 def signals_as_keyboard_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise KeyboardInterrupt (main thread only).
+    """Within the block, SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt (main thread only).
 
     By default they end Python without running `finally` blocks or atexit, and children
     in their own sessions would be orphaned; with this, `with Stack(...)` still stops them.
