@@ -174,3 +174,16 @@ def test_webhook_id_dedupe(store: JobStore) -> None:
     assert not store.mark_webhook_seen("w1")
     store.forget_webhook("w1")
     assert store.mark_webhook_seen("w1")
+
+
+def test_live_state_gauges(store: JobStore) -> None:
+    """kq:stats keeps how many jobs are in each non-terminal state right now."""
+    store.create("a", REQ, now=1.0)
+    store.create_many([("b", REQ), ("c", REQ)], now=1.0)
+    submitted_job(store, "d")
+    stats = store.stats()
+    assert stats["now:queued"] == 3 and stats["now:submitted"] == 1
+    complete(store, "d")
+    stats = store.stats()
+    assert stats["now:submitted"] == 0 and stats["state:completed"] == 1
+    assert stats["now:submitting"] == 0

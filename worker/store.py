@@ -9,7 +9,8 @@ key names themselves):
     kq:events          stream: exactly one entry per job that became terminal
     kq:whid:{id}       string: a webhook-id already handled (dedupe)
     kq:batch:{id}      hash: per-batch counters
-    kq:stats           hash: global counters (terminal states, resolved_by)
+    kq:stats           hash: counters: state:<s> (terminal totals), resolved_by:<how>,
+                       now:<s> (jobs currently queued / submitting / submitted)
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ FieldValue = str | int | float
 _CREATE_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HINCRBY', KEYS[2], 'now:queued', 1)
 return 1
 """
 
@@ -92,7 +94,7 @@ class JobStore:
         args: list[FieldValue] = []
         for name, value in fields.items():
             args.extend((name, value))
-        created = bool(self._create(keys=[job_key(job_id)], args=args))
+        created = bool(self._create(keys=[job_key(job_id), STATS_KEY], args=args))
         if created and batch_id:
             self.redis.hincrby(batch_key(batch_id), "total", 1)
         return created
@@ -110,6 +112,8 @@ class JobStore:
             count += 1
         if batch_id and count:
             pipe.hincrby(batch_key(batch_id), "total", count)
+        if count:
+            pipe.hincrby(STATS_KEY, "now:queued", count)
         pipe.execute()
         return count
 

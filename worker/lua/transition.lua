@@ -32,6 +32,9 @@ end
 
 version = version + 1
 redis.call('HSET', job, 'state', ARGV[1], 'version', version, 'updated_at', ARGV[5])
+-- Live gauges of jobs per non-terminal state (terminal totals are counted below).
+redis.call('HINCRBY', 'kq:stats', 'now:' .. state, -1)
+if ARGV[8] ~= '1' then redis.call('HINCRBY', 'kq:stats', 'now:' .. ARGV[1], 1) end
 for i = 10, #ARGV, 2 do
   redis.call('HSET', job, ARGV[i], ARGV[i + 1])
 end
