@@ -36,9 +36,10 @@ def test_poll_only_stack_resolves_by_polling(tmp_path: Path) -> None:
         assert not settings.webhooks_enabled
         configure(settings)
         store = runtime.make_store(settings)
-        ids = Producer(store=store, send=enqueue_submits).enqueue_many(
+        receipt = Producer(store=store, send=enqueue_submits).enqueue_batch(
             [{"prompt": f"edit {i}", "image": "https://example.com/i.jpg"} for i in range(3)]
         )
+        ids = store.batch_members(receipt.batch_id)
 
         def all_done() -> bool:
             return all(j is not None and j.terminal for j in store.get_many(ids))

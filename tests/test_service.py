@@ -16,7 +16,7 @@ from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
 from worker.domain import EditRequest, JobState
 from worker.poller import sweep
-from worker.service import Deps, SubmitOutcome, submit_job
+from worker.service import Deps, SubmitOutcome, submit_job, submit_watchdog_s
 from worker.settings import Settings
 from worker.store import POLL_KEY, JobStore
 from worker.wavespeed import WaveSpeedClient
@@ -60,7 +60,7 @@ def deps(sim: SimServer, store: JobStore, settings: Settings) -> Iterator[Deps]:
     yield Deps(
         store=store,
         provider=client,
-        settings=replace(settings, wavespeed_base_url=sim.url, job_deadline_s=60),
+        settings=replace(settings, wavespeed_base_url=sim.url, job_deadline_s=600),
         clock=Clock(),
         enqueue_submit=requeued.append,
     )
@@ -189,7 +189,7 @@ def test_ambiguous_submit_is_reconciled_without_paying_twice(
     assert job is not None and job.state is JobState.SUBMITTING and job.ambiguous
     control.post("/_sim/config", json={"ambiguous_submit_rate": 0.0}).raise_for_status()
     # A redelivered submit task now must not POST again either.
-    assert submit_job(deps, job_id).outcome is SubmitOutcome.AMBIGUOUS
+    assert submit_job(deps, job_id).outcome is SubmitOutcome.SKIPPED
     deps.clock.advance(15)
     sweep(deps)
     (task,) = sim_tasks(control)
@@ -207,12 +207,16 @@ def test_ambiguous_submit_that_created_nothing_is_requeued_after_grace(
     job_id = queued_job(store)
     now = deps.clock()
     store.transition(job_id, JobState.SUBMITTING, now=now, fields={"submitting_at": now})
-    assert submit_job(deps, job_id).outcome is SubmitOutcome.AMBIGUOUS  # the redelivery
+    # A duplicate message while the first attempt may still be posting: hands off.
+    assert submit_job(deps, job_id).outcome is SubmitOutcome.SKIPPED
+    # The redelivery after the crash: past the watchdog, the submit is ambiguous.
+    deps.clock.advance(submit_watchdog_s(deps.settings) + 1)
+    assert submit_job(deps, job_id).outcome is SubmitOutcome.AMBIGUOUS
     deps.clock.advance(15)
     sweep(deps)
     job = store.get(job_id)
     assert job is not None and job.state is JobState.SUBMITTING  # still within the grace
-    deps.clock.advance(deps.settings.ambiguous_grace_s)
+    deps.clock.advance(deps.settings.ambiguous_grace_s - submit_watchdog_s(deps.settings))
     sweep(deps)
     job = store.get(job_id)
     assert job is not None and job.state is JobState.QUEUED and not job.ambiguous

@@ -113,7 +113,8 @@ def run_file(
         configure(settings)
         producer = Producer(store=runtime.make_store(settings), send=enqueue_submits)
         started = time.monotonic()
-        job_ids = producer.enqueue_many(requests, batch_id=f"run-{int(time.time())}")
+        receipt = producer.enqueue_batch(requests, batch_id=f"run-{int(time.time())}")
+        job_ids = producer.store.batch_members(receipt.batch_id)
         jobs = _wait_with_progress(console, producer, job_ids, timeout_s)
         elapsed = time.monotonic() - started
         # Simulator outputs vanish with the simulator, and real ones after 7 days.

@@ -6,6 +6,7 @@ tested without a server, and the adapters build on it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -28,8 +29,18 @@ MAX_URL_CHARS = 4_096
 MAX_KEY_CHARS = 200
 MODEL = "wavespeed-ai/flux-kontext-max"
 PRICE_PER_IMAGE_USD = 0.08
+PRICE_PER_IMAGE_MICROS = 80_000  # budgets are kept in integer micro-dollars
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def job_id_for_key(idempotency_key: str) -> str:
+    """The job id an idempotency key always maps to, so every producer agrees on it."""
+    return hashlib.sha256(b"kq-idempotency:" + idempotency_key.encode()).hexdigest()[:32]
+
+
+def is_job_id(value: str) -> bool:
+    return bool(_ID_RE.match(value))
 _KEY_RE = re.compile(r"^[A-Za-z0-9._:/@+=-]+$")
 REQUEST_FIELDS = ("prompt", "image", "seed", "guidance_scale", "aspect_ratio")
 ENVELOPE_FIELDS = ("batch_id", "idempotency_key")
@@ -222,6 +233,8 @@ class Reason(StrEnum):
     SUBMIT_REJECTED = "submit_rejected"
     SUBMIT_AMBIGUOUS = "submit_ambiguous"
     SUBMIT_RETRIES_EXHAUSTED = "submit_retries_exhausted"
+    INVALID_REQUEST = "invalid_request"
+    BUDGET = "budget"
     CANCELLED_BY_USER = "cancelled_by_user"
 
 
@@ -231,6 +244,7 @@ class ResolvedBy(StrEnum):
     WEBHOOK = "webhook"
     POLL = "poll"
     WORKER = "worker"
+    USER = "user"
 
 
 # Provider statuses: created -> processing -> completed | failed, plus the newer
@@ -351,6 +365,7 @@ class Job:
     request: Mapping[str, Any]
     batch_id: str = ""
     prediction_id: str = ""
+    idempotency_key: str = ""
     attempts: int = 0
     ambiguous: bool = False
     created_at: float = 0.0

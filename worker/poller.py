@@ -17,7 +17,14 @@ import structlog
 
 from worker.domain import Job, JobState, Prediction, Reason, ResolvedBy
 from worker.errors import PermanentError, ProviderError, ValidationError
-from worker.service import Deps, apply_update, fail_job, record_submitted
+from worker.service import (
+    Deps,
+    apply_update,
+    best_effort_delete,
+    fail_job,
+    record_submitted,
+    submit_watchdog_s,
+)
 from worker.store import REMOVE
 
 log = structlog.get_logger("kq.poller")
@@ -69,7 +76,13 @@ def poll_job(deps: Deps, job: Job) -> str:
             return "already_terminal"
         if job.state is JobState.SUBMITTED:
             return _poll_submitted(deps, job)
-        if job.state is JobState.SUBMITTING and job.ambiguous:
+        if job.state is JobState.SUBMITTING:
+            if not job.ambiguous:
+                if deps.clock() - job.submitting_at < submit_watchdog_s(deps.settings):
+                    return "submit_in_progress"
+                # The watchdog fired: the worker that claimed this submit is gone.
+                deps.store.set_fields(job.id, {"ambiguous": "1"})
+                bound.warning("poll.stuck_submit")
             return reconcile_ambiguous(deps, job)
         return "not_pollable"
     except ProviderError as exc:
@@ -102,7 +115,7 @@ def _poll_submitted(deps: Deps, job: Job) -> str:
             ResolvedBy.POLL,
         )
         if res.applied:
-            _best_effort_delete(deps, job.prediction_id)
+            best_effort_delete(deps, job.prediction_id)
         return "deadline"
     return "pending"
 
@@ -110,13 +123,6 @@ def _poll_submitted(deps: Deps, job: Job) -> str:
 def _past_deadline(deps: Deps, job: Job, now: float) -> bool:
     started = job.submitted_at or job.submitting_at or job.created_at
     return now - started > deps.settings.job_deadline_s
-
-
-def _best_effort_delete(deps: Deps, prediction_id: str) -> None:
-    try:
-        deps.provider.delete([prediction_id])
-    except ProviderError as exc:
-        log.info("poll.delete_failed", prediction_id=prediction_id, error=str(exc))
 
 
 def reconcile_ambiguous(deps: Deps, job: Job) -> str:

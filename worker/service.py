@@ -14,8 +14,22 @@ from enum import StrEnum
 
 import structlog
 
-from worker.domain import EditRequest, JobState, Prediction, Reason, ResolvedBy, outcome_of
-from worker.errors import AmbiguousError, PermanentError, TransientError
+from worker.domain import (
+    PRICE_PER_IMAGE_MICROS,
+    EditRequest,
+    JobState,
+    Prediction,
+    Reason,
+    ResolvedBy,
+    outcome_of,
+)
+from worker.errors import (
+    AmbiguousError,
+    PermanentError,
+    ProviderError,
+    TransientError,
+    ValidationError,
+)
 from worker.settings import Settings
 from worker.signing import webhook_url
 from worker.store import REMOVE, JobStore, TransitionResult
@@ -26,6 +40,8 @@ log = structlog.get_logger("kq.service")
 # After an ambiguous submit, look for the task in the provider's list this soon
 # (a webhook carrying our job id may settle it before then).
 AMBIGUOUS_FIRST_CHECK_S = 10.0
+# Added to the HTTP timeout: a submit older than that has no live worker behind it.
+SUBMIT_WATCHDOG_MARGIN_S = 30.0
 
 
 @dataclass
@@ -71,25 +87,42 @@ def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> Submi
     if job.terminal or job.prediction_id or job.state is JobState.SUBMITTED:
         bound.info("submit.skipped", state=job.state.value)
         return SubmitResult(SubmitOutcome.SKIPPED, f"job is {job.state.value}")
+    now = deps.clock()
     if job.state is JobState.SUBMITTING:
+        if now - job.submitting_at < submit_watchdog_s(settings):
+            # Another attempt (a duplicate message) is posting right now.
+            bound.info("submit.in_flight_elsewhere")
+            return SubmitResult(SubmitOutcome.SKIPPED, "another attempt is in flight")
         # A previous attempt died between its POST and recording the answer.
         _mark_ambiguous(deps, job_id, "redelivered while submitting")
         bound.warning("submit.redelivered_in_flight")
         return SubmitResult(SubmitOutcome.AMBIGUOUS, "previous attempt may have created a task")
 
-    now = deps.clock()
+    try:
+        request = EditRequest.from_dict(job.request)
+    except ValidationError as exc:
+        # Only a record written around the producer's checks gets here.
+        _fail(deps, job_id, Reason.INVALID_REQUEST, str(exc))
+        bound.error("submit.invalid_request", error=str(exc))
+        return SubmitResult(SubmitOutcome.FAILED, str(exc))
+    if not store.reserve_budget(job_id, job.batch_id, PRICE_PER_IMAGE_MICROS):
+        _fail(deps, job_id, Reason.BUDGET, "the batch budget would be exceeded by this image")
+        bound.warning("submit.over_budget")
+        return SubmitResult(SubmitOutcome.FAILED, "over budget")
+
     claim = store.transition(
         job_id,
         JobState.SUBMITTING,
         now=now,
         fields={"attempts": job.attempts + 1, "submitting_at": now},
         expect_version=job.version,
+        # A watchdog: if this worker dies mid-submit, the poller looks at the job then.
+        poll_at=now + submit_watchdog_s(settings),
     )
     if not claim.applied:
         bound.info("submit.lost_race", outcome=claim.outcome, state=claim.state)
         return SubmitResult(SubmitOutcome.SKIPPED, f"job moved to {claim.state}")
 
-    request = EditRequest.from_dict(job.request)
     hook = (
         webhook_url(settings.webhook_public_url, settings.secret_key, job_id)
         if settings.webhooks_enabled
@@ -106,7 +139,13 @@ def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> Submi
             _fail(deps, job_id, Reason.SUBMIT_RETRIES_EXHAUSTED, str(exc))
             bound.error("submit.retries_exhausted", error=str(exc))
             return SubmitResult(SubmitOutcome.FAILED, str(exc))
-        store.transition(job_id, JobState.QUEUED, now=deps.clock(), expect_version=claim.version)
+        store.transition(
+            job_id,
+            JobState.QUEUED,
+            now=deps.clock(),
+            expect_version=claim.version,
+            poll_at=REMOVE,
+        )
         bound.info("submit.transient_error", error=str(exc), status=exc.status_code)
         return SubmitResult(SubmitOutcome.RETRY, str(exc))
     except PermanentError as exc:
@@ -117,6 +156,9 @@ def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> Submi
     bound = bound.bind(prediction_id=prediction.id)
     recorded = record_submitted(deps, job_id, prediction.id)
     bound.info("submit.ok", recorded=recorded.outcome)
+    if recorded.outcome == "rejected" and recorded.state == JobState.CANCELLED.value:
+        # Cancelled while our POST was in flight: the task exists, so drop it.
+        best_effort_delete(deps, prediction.id)
     if prediction.final:
         apply_update(deps, job_id, prediction, ResolvedBy.WORKER)
     return SubmitResult(SubmitOutcome.SUBMITTED, prediction.id)
@@ -204,6 +246,43 @@ def _fail(
         },
         poll_at=REMOVE,
     )
+
+
+def submit_watchdog_s(settings: Settings) -> float:
+    """How long a submit may take before the job is treated as an ambiguous submit."""
+    return settings.http_timeout_s + SUBMIT_WATCHDOG_MARGIN_S
+
+
+def cancel_job(deps: Deps, job_id: str) -> TransitionResult:
+    """Cancel a job that is not terminal; a submitted one is also deleted at the provider.
+
+    A queued job is then never submitted (the submit sees a terminal job); a late
+    webhook for a cancelled job is answered `stale` and changes nothing.
+    """
+    now = deps.clock()
+    job = deps.store.get(job_id)
+    result = deps.store.transition(
+        job_id,
+        JobState.CANCELLED,
+        now=now,
+        fields={
+            "finished_at": now,
+            "reason": Reason.CANCELLED_BY_USER.value,
+            "resolved_by": ResolvedBy.USER.value,
+        },
+        poll_at=REMOVE,
+    )
+    if result.applied and job is not None and job.prediction_id:
+        best_effort_delete(deps, job.prediction_id)
+    log.info("job.cancel", job_id=job_id, outcome=result.outcome, state=result.state)
+    return result
+
+
+def best_effort_delete(deps: Deps, prediction_id: str) -> None:
+    try:
+        deps.provider.delete([prediction_id])
+    except ProviderError as exc:
+        log.info("provider.delete_failed", prediction_id=prediction_id, error=str(exc))
 
 
 def _mark_ambiguous(deps: Deps, job_id: str, error: str) -> None:

@@ -8,7 +8,10 @@ key names themselves):
     kq:pred:{pid}      string: prediction id -> job id
     kq:events          stream: exactly one entry per job that became terminal
     kq:whid:{id}       string: a webhook-id already handled (dedupe)
-    kq:batch:{id}      hash: per-batch counters
+    kq:batch:{id}      hash: per-batch counters (total, now:<state>, <terminal state>,
+                       paid, reserved_micros) and settings (budget_micros, created_at)
+    kq:batchjobs:{id}  list: a batch's job ids in enqueue order
+    kq:dlq             zset: failed job id -> when it failed (the dead-letter list)
     kq:stats           hash: counters: state:<s> (terminal totals), resolved_by:<how>,
                        now:<s> (jobs currently queued / submitting / submitted)
 """
@@ -16,7 +19,7 @@ key names themselves):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -29,19 +32,13 @@ PREFIX: Final = "kq:"
 EVENTS_KEY: Final = "kq:events"
 POLL_KEY: Final = "kq:poll"
 STATS_KEY: Final = "kq:stats"
+DLQ_KEY: Final = "kq:dlq"
+NEW: Final = "new"
 # A WaveSpeed delivery is retried for minutes, not days; a day of memory is plenty.
 WEBHOOK_ID_TTL_S: Final = 24 * 3600
 REMOVE: Final = "rm"
 
 FieldValue = str | int | float
-
-# Write a new job only if its key is free: a retried enqueue never resets a job.
-_CREATE_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-redis.call('HINCRBY', KEYS[2], 'now:queued', 1)
-return 1
-"""
 
 
 def job_key(job_id: str) -> str:
@@ -50,6 +47,10 @@ def job_key(job_id: str) -> str:
 
 def batch_key(batch_id: str) -> str:
     return f"{PREFIX}batch:{batch_id}"
+
+
+def batch_members_key(batch_id: str) -> str:
+    return f"{PREFIX}batchjobs:{batch_id}"
 
 
 def _script(name: str) -> str:
@@ -83,39 +84,82 @@ class JobStore:
         self.events_maxlen = events_maxlen
         self._transition = client.register_script(_script("transition.lua"))
         self._claim_due = client.register_script(_script("claim_due.lua"))
-        self._create = client.register_script(_CREATE_LUA)
+        self._create_jobs = client.register_script(_script("create_jobs.lua"))
+        self._reserve_budget = client.register_script(_script("reserve_budget.lua"))
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
 
-    def create(self, job_id: str, request: EditRequest, *, batch_id: str = "", now: float) -> bool:
+    def create(
+        self,
+        job_id: str,
+        request: EditRequest,
+        *,
+        batch_id: str = "",
+        now: float,
+        idempotency_key: str = "",
+    ) -> bool:
         """Write a new queued job; False when the id already exists (nothing changes)."""
-        fields = _new_job_fields(job_id, request, batch_id, now)
-        args: list[FieldValue] = []
-        for name, value in fields.items():
-            args.extend((name, value))
-        created = bool(self._create(keys=[job_key(job_id), STATS_KEY], args=args))
-        if created and batch_id:
-            self.redis.hincrby(batch_key(batch_id), "total", 1)
-        return created
+        answers = self.create_many([(job_id, request, idempotency_key)], batch_id=batch_id, now=now)
+        return answers[0] == NEW
 
     def create_many(
-        self, jobs: Iterable[tuple[str, EditRequest]], *, batch_id: str = "", now: float
-    ) -> int:
-        """Write many new queued jobs in one round trip; returns how many were written."""
+        self,
+        jobs: Sequence[tuple[str, EditRequest, str]],
+        *,
+        batch_id: str = "",
+        now: float,
+    ) -> list[str]:
+        """Write (job id, request, idempotency key) triples in one round trip.
+
+        Atomic per call: each job is written only if its id is free. Answers, per job,
+        NEW or the state of the job that already had that id.
+        """
+        if not jobs:
+            return []
+        args: list[FieldValue] = [batch_id, now]
+        for job_id, request, key in jobs:
+            args.extend((job_id, json.dumps(request.to_payload(), separators=(",", ":")), key))
+        keys = [STATS_KEY, batch_key(batch_id), batch_members_key(batch_id)]
+        return [str(a) for a in self._create_jobs(keys=keys, args=args)]
+
+    def batch_members(self, batch_id: str, start: int = 0, end: int = -1) -> list[str]:
+        """Job ids of a batch in enqueue order (a slice of them with start/end)."""
+        members: Any = self.redis.lrange(batch_members_key(batch_id), start, end)
+        return [str(x) for x in members]
+
+    def set_batch_fields(self, batch_id: str, fields: Mapping[str, FieldValue]) -> None:
+        self.redis.hset(batch_key(batch_id), mapping=_mapping(fields))
+
+    def reserve_budget(self, job_id: str, batch_id: str, price_micros: int) -> bool:
+        """Reserve one image's price against the job's batch budget (idempotent per job)."""
+        if not batch_id:
+            return True
+        ok = self._reserve_budget(keys=[job_key(job_id), batch_key(batch_id)], args=[price_micros])
+        return bool(ok)
+
+    def dlq(self, start: int = 0, count: int = 100) -> list[str]:
+        """Failed job ids, most recent first; ids whose records expired are pruned."""
+        raw: Any = self.redis.zrevrange(DLQ_KEY, start, start + count - 1)
+        ids = [str(x) for x in raw]
+        if not ids:
+            return []
         pipe = self.redis.pipeline(transaction=False)
-        count = 0
-        for job_id, request in jobs:
-            pipe.hset(
-                job_key(job_id), mapping=_mapping(_new_job_fields(job_id, request, batch_id, now))
-            )
-            count += 1
-        if batch_id and count:
-            pipe.hincrby(batch_key(batch_id), "total", count)
-        if count:
-            pipe.hincrby(STATS_KEY, "now:queued", count)
-        pipe.execute()
-        return count
+        for job_id in ids:
+            pipe.exists(job_key(job_id))
+        alive = pipe.execute()
+        gone = [job_id for job_id, ok in zip(ids, alive, strict=True) if not ok]
+        if gone:
+            self.redis.zrem(DLQ_KEY, *gone)
+        return [job_id for job_id, ok in zip(ids, alive, strict=True) if ok]
+
+    def dlq_size(self) -> int:
+        size: Any = self.redis.zcard(DLQ_KEY)
+        return int(size)
+
+    def remove_from_dlq(self, job_ids: Sequence[str]) -> None:
+        if job_ids:
+            self.redis.zrem(DLQ_KEY, *job_ids)
 
     def get(self, job_id: str) -> Job | None:
         raw: dict[str, str] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
@@ -208,9 +252,10 @@ class JobStore:
         raw: dict[str, str] = self.redis.hgetall(STATS_KEY)  # type: ignore[assignment]
         return {k: int(v) for k, v in raw.items()}
 
-    def batch_counts(self, batch_id: str) -> dict[str, int]:
+    def batch_counts(self, batch_id: str) -> dict[str, float]:
+        """A batch's counters and settings (numbers; created_at is a Unix time)."""
         raw: dict[str, str] = self.redis.hgetall(batch_key(batch_id))  # type: ignore[assignment]
-        return {k: int(v) for k, v in raw.items()}
+        return {k: float(v) for k, v in raw.items()}
 
     def events(
         self, start: str = "-", count: int | None = None
@@ -223,21 +268,6 @@ class JobStore:
 def _mapping(fields: Mapping[str, FieldValue]) -> Any:
     """redis-py's stubs want a wider key type than str; the values are what we say."""
     return dict(fields)
-
-
-def _new_job_fields(
-    job_id: str, request: EditRequest, batch_id: str, now: float
-) -> dict[str, FieldValue]:
-    return {
-        "id": job_id,
-        "state": JobState.QUEUED.value,
-        "version": 1,
-        "request": json.dumps(request.to_payload(), separators=(",", ":")),
-        "batch_id": batch_id,
-        "attempts": 0,
-        "created_at": now,
-        "updated_at": now,
-    }
 
 
 def decode_job(raw: Mapping[str, str]) -> Job:
@@ -265,6 +295,7 @@ def decode_job(raw: Mapping[str, str]) -> Job:
         request=request if isinstance(request, dict) else {},
         batch_id=raw.get("batch_id", ""),
         prediction_id=raw.get("prediction_id", ""),
+        idempotency_key=raw.get("idempotency_key", ""),
         attempts=int(num("attempts")),
         ambiguous=raw.get("ambiguous") == "1",
         created_at=num("created_at"),

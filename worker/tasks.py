@@ -18,7 +18,12 @@ log = structlog.get_logger("kq.tasks")
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
 
+# Jobs per `kq.submit_chunk` message, and the threads one chunk submits with.
+CHUNK_SIZE = 50
+CHUNK_THREADS = 16
+
 _poll_pool: ThreadPoolExecutor | None = None
+_chunk_pool: ThreadPoolExecutor | None = None
 
 
 def retry_countdown(retries: int) -> float:
@@ -53,13 +58,47 @@ def poll_due() -> dict[str, int]:
     return {"claimed": report.claimed, **report.outcomes}
 
 
+@app.task(name="kq.submit_chunk", acks_late=True)
+def submit_chunk(job_ids: list[str]) -> dict[str, int]:
+    """Submit a chunk of jobs side by side over the client's pooled connections.
+
+    One message per chunk keeps the per-job cost below a Celery task's. A job that
+    meets a transient error leaves the chunk and retries alone as `kq.submit`.
+    """
+    if not isinstance(job_ids, list) or not all(isinstance(j, str) and j for j in job_ids):
+        log.error(
+            "submit_chunk.bad_message", size=len(job_ids) if isinstance(job_ids, list) else -1
+        )
+        return {"bad_message": 1}
+    deps = runtime.deps()
+    outcomes = list(_submit_pool().map(lambda job_id: submit_job(deps, job_id), job_ids))
+    counts: dict[str, int] = {}
+    for job_id, result in zip(job_ids, outcomes, strict=True):
+        counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1
+        if result.outcome is SubmitOutcome.RETRY:
+            submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE, countdown=retry_countdown(0))
+    return counts
+
+
+def _submit_pool() -> ThreadPoolExecutor:
+    global _chunk_pool
+    if _chunk_pool is None:
+        _chunk_pool = ThreadPoolExecutor(CHUNK_THREADS, thread_name_prefix="kq-submit")
+    return _chunk_pool
+
+
 def enqueue_submit(job_id: str) -> None:
     """Put one job id on the submit queue."""
     submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE)
 
 
 def enqueue_submits(job_ids: list[str]) -> None:
-    """Put many job ids on the submit queue over one broker connection."""
+    """Put many job ids on the submit queue: one message per CHUNK_SIZE ids."""
+    if len(job_ids) == 1:
+        enqueue_submit(job_ids[0])
+        return
     with app.producer_or_acquire() as producer:
-        for job_id in job_ids:
-            submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE, producer=producer)
+        for start in range(0, len(job_ids), CHUNK_SIZE):
+            submit_chunk.apply_async(
+                args=[job_ids[start : start + CHUNK_SIZE]], queue=SUBMIT_QUEUE, producer=producer
+            )

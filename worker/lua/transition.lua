@@ -30,19 +30,32 @@ if ARGV[4] ~= '' then
   end
 end
 
+local old_pid = redis.call('HGET', job, 'prediction_id') or ''
+local batch_id = redis.call('HGET', job, 'batch_id') or ''
+local batch = 'kq:batch:' .. batch_id
 version = version + 1
 redis.call('HSET', job, 'state', ARGV[1], 'version', version, 'updated_at', ARGV[5])
--- Live gauges of jobs per non-terminal state (terminal totals are counted below).
-redis.call('HINCRBY', 'kq:stats', 'now:' .. state, -1)
-if ARGV[8] ~= '1' then redis.call('HINCRBY', 'kq:stats', 'now:' .. ARGV[1], 1) end
 for i = 10, #ARGV, 2 do
   redis.call('HSET', job, ARGV[i], ARGV[i + 1])
 end
 
+-- Live gauges of jobs per non-terminal state (terminal totals are counted below).
+redis.call('HINCRBY', 'kq:stats', 'now:' .. state, -1)
+if ARGV[8] ~= '1' then redis.call('HINCRBY', 'kq:stats', 'now:' .. ARGV[1], 1) end
+if batch_id ~= '' then
+  redis.call('HINCRBY', batch, 'now:' .. state, -1)
+  if ARGV[8] ~= '1' then redis.call('HINCRBY', batch, 'now:' .. ARGV[1], 1) end
+end
+
 local ttl = tonumber(ARGV[6])
-local pid = redis.call('HGET', job, 'prediction_id')
-if pid and pid ~= '' then
+local pid = redis.call('HGET', job, 'prediction_id') or ''
+if pid ~= '' then
   redis.call('SET', 'kq:pred:' .. pid, job_id, 'EX', ttl)
+  if old_pid == '' then
+    -- A task now exists at the provider for this job: that is what gets billed.
+    redis.call('HINCRBY', 'kq:stats', 'paid', 1)
+    if batch_id ~= '' then redis.call('HINCRBY', batch, 'paid', 1) end
+  end
 end
 
 if ARGV[9] == 'rm' then
@@ -67,8 +80,10 @@ if ARGV[8] == '1' then
   if f[7] and f[7] ~= '' then
     redis.call('HINCRBY', 'kq:stats', 'resolved_by:' .. f[7], 1)
   end
-  if f[1] and f[1] ~= '' then
-    local batch = 'kq:batch:' .. f[1]
+  if ARGV[1] == 'failed' then
+    redis.call('ZADD', 'kq:dlq', tonumber(ARGV[5]), job_id)
+  end
+  if batch_id ~= '' then
     redis.call('HINCRBY', batch, ARGV[1], 1)
     redis.call('HINCRBY', batch, 'terminal', 1)
     if f[7] and f[7] ~= '' then redis.call('HINCRBY', batch, 'by_' .. f[7], 1) end

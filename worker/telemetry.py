@@ -1,0 +1,198 @@
+"""Cheap operational counters in Redis, for `kq status`, `kq metrics` and the dashboard.
+
+The job store answers "where is each job"; this module answers "what happened lately"
+(submit retries, 429s, webhook outcomes, polls). Every `count` call is one pipelined
+round trip that bumps the same names in three hashes:
+
+    kq:tm:{minute}      per-minute bucket (minute = unix time // 60), expires after
+                        BUCKET_TTL_S: "in the last N minutes" sums these
+    kq:tm:day:{date}    per-UTC-day bucket, expires after DAY_TTL_S: "today"
+    kq:tm:total         monotonic totals since the Redis was new: Prometheus counters
+
+and, for a job that reached `submitted`, `kq:tm:batch:{id}` (field `submitted`, for the
+cost of a running batch).
+
+Counting is best effort and must never hurt the caller: a Redis error (or anything
+else) is swallowed, because losing a counter is better than failing a webhook or a
+submit. Names are a small fixed vocabulary (see NAMES) so metric labels stay bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import redis
+
+TM_PREFIX: Final = "kq:tm:"
+TOTAL_KEY: Final = "kq:tm:total"
+# Two hours of minute buckets: status windows are minutes, the dashboard chart one hour.
+BUCKET_TTL_S: Final = 2 * 3600
+# "Cost today" needs only today; a week keeps yesterday's numbers for a look back.
+DAY_TTL_S: Final = 8 * 24 * 3600
+BATCH_TTL_S: Final = 8 * 24 * 3600
+
+# The vocabulary. Callers may only count these (unknown names are dropped), so a typo
+# or a job id can never turn into an unbounded label.
+SUBMIT_OUTCOMES: Final = (
+    "submitted",  # a job reached `submitted`: one paid provider task
+    "retry",  # transient error; the task is retried with backoff
+    "rate_limited",  # the retry was an HTTP 429 (also counted as retry)
+    "ambiguous",  # the answer was lost; reconciliation decides
+    "rejected",  # 4xx: the job failed
+    "exhausted",  # retries used up: the job failed
+)
+WEBHOOK_OUTCOMES: Final = (
+    "applied",
+    "duplicate",
+    "stale",
+    "not_final",
+    "unknown_job",
+    "bad_signature",
+    "bad_token",
+    "malformed",
+    "too_large",
+    "unavailable",
+)
+POLL_OUTCOMES: Final = (
+    "pending",
+    "resolved_applied",
+    "resolved_rejected",
+    "resolved_conflict",
+    "resolved_mismatch",
+    "resolved_missing",
+    "already_terminal",
+    "not_pollable",
+    "deadline",
+    "provider_error",
+    "adopted_applied",
+    "adopted_rejected",
+    "adopted_conflict",
+    "adopted_mismatch",
+    "adopted_missing",
+    "requeued",
+    "ambiguous_waiting",
+    "ambiguous_failed",
+)
+NAMES: Final = frozenset(
+    [f"submit.{n}" for n in SUBMIT_OUTCOMES]
+    + [f"webhook.{n}" for n in WEBHOOK_OUTCOMES]
+    + [f"poll.{n}" for n in POLL_OUTCOMES]
+)
+
+
+def minute_key(minute: int) -> str:
+    return f"{TM_PREFIX}{minute}"
+
+
+def day_key(ts: float) -> str:
+    return f"{TM_PREFIX}day:{datetime.fromtimestamp(ts, UTC):%Y%m%d}"
+
+
+def batch_key(batch_id: str) -> str:
+    return f"{TM_PREFIX}batch:{batch_id}"
+
+
+def count(client: redis.Redis, name: str, n: int = 1, *, now: float | None = None) -> None:
+    """Add `n` to counter `name` (one of NAMES); never raises."""
+    count_many(client, {name: n}, now=now)
+
+
+def count_many(
+    client: redis.Redis, counts: Mapping[str, int], *, now: float | None = None
+) -> None:
+    """Add several counters in one round trip; unknown names and zeros are skipped."""
+    try:
+        items = [(k, int(v)) for k, v in counts.items() if k in NAMES and int(v)]
+        if not items:
+            return
+        ts = time.time() if now is None else now
+        minute, day = minute_key(int(ts // 60)), day_key(ts)
+        pipe = client.pipeline(transaction=False)
+        for name, value in items:
+            pipe.hincrby(minute, name, value)
+            pipe.hincrby(day, name, value)
+            pipe.hincrby(TOTAL_KEY, name, value)
+        pipe.expire(minute, BUCKET_TTL_S)
+        pipe.expire(day, DAY_TTL_S)
+        pipe.execute()
+    except Exception:  # noqa: S110 - telemetry must never fail the work it describes
+        pass
+
+
+def count_submitted(client: redis.Redis, batch_id: str = "", *, now: float | None = None) -> None:
+    """A job reached `submitted` (one paid task); also counted for its batch. Never raises."""
+    count(client, "submit.submitted", now=now)
+    if not batch_id:
+        return
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.hincrby(batch_key(batch_id), "submitted", 1)
+        pipe.expire(batch_key(batch_id), BATCH_TTL_S)
+        pipe.execute()
+    except Exception:  # noqa: S110 - see count_many
+        pass
+
+
+def recent(client: redis.Redis, minutes: int, *, now: float | None = None) -> Counter[str]:
+    """Sums over the last `minutes` minute buckets, the current (partial) one included."""
+    ts = time.time() if now is None else now
+    current = int(ts // 60)
+    pipe = client.pipeline(transaction=False)
+    for minute in range(current - max(0, minutes - 1), current + 1):
+        pipe.hgetall(minute_key(minute))
+    return _sum(pipe.execute())
+
+
+def per_minute(
+    client: redis.Redis, minutes: int, *, now: float | None = None
+) -> list[tuple[int, dict[str, int]]]:
+    """[(minute start as unix seconds, counters)] for the last `minutes` minutes, oldest first."""
+    ts = time.time() if now is None else now
+    current = int(ts // 60)
+    span = list(range(current - max(0, minutes - 1), current + 1))
+    pipe = client.pipeline(transaction=False)
+    for minute in span:
+        pipe.hgetall(minute_key(minute))
+    return [(m * 60, dict(_sum([raw]))) for m, raw in zip(span, pipe.execute(), strict=True)]
+
+
+def today(client: redis.Redis, *, now: float | None = None) -> Counter[str]:
+    """Counters for the current UTC day."""
+    return _sum([client.hgetall(day_key(time.time() if now is None else now))])
+
+
+def totals(client: redis.Redis) -> Counter[str]:
+    """Counters since this Redis was new (monotonic; for Prometheus)."""
+    return _sum([client.hgetall(TOTAL_KEY)])
+
+
+def batch_submitted(client: redis.Redis, batch_ids: Iterable[str]) -> dict[str, int]:
+    """batch id -> jobs of that batch that reached `submitted`."""
+    ids = list(batch_ids)
+    pipe = client.pipeline(transaction=False)
+    for batch_id in ids:
+        pipe.hget(batch_key(batch_id), "submitted")
+    return {b: _int(v) for b, v in zip(ids, pipe.execute(), strict=True)}
+
+
+def _sum(hashes: Iterable[Any]) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for raw in hashes:
+        for key, value in (raw or {}).items():
+            total[_str(key)] += _int(value)
+    return total
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
