@@ -41,6 +41,8 @@ def job_id_for_key(idempotency_key: str) -> str:
 
 def is_job_id(value: str) -> bool:
     return bool(_ID_RE.match(value))
+
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9._:/@+=-]+$")
 REQUEST_FIELDS = ("prompt", "image", "seed", "guidance_scale", "aspect_ratio")
 ENVELOPE_FIELDS = ("batch_id", "idempotency_key")
