@@ -5,7 +5,6 @@ Settings down; long-running ones (worker, beat, receiver, sim, up) run in the fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -83,20 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("sim", help="run the local WaveSpeed simulator (see `kq sim --help`)")
 
-    p = sub.add_parser("enqueue", help="enqueue one edit")
-    p.add_argument("--prompt", required=True, help="the edit instruction")
-    p.add_argument("--image", required=True, help="http(s) URL of the source image")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--aspect-ratio")
-    p.add_argument("--batch-id", default="")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_enqueue)
+    from worker import cli_producer
 
-    p = sub.add_parser("job", help="show one job")
-    p.add_argument("job_id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_job)
+    cli_producer.register(sub)
 
     from worker import cli_ops
 
@@ -204,6 +192,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         sim_args=tuple(args.sim_arg),
         webhooks=not args.no_webhooks,
         worker_concurrency=args.concurrency,
+        extra_env=_sim_friendly_env(),
     )
     with Stack(config) as stack:
         env_file = _write_stack_env(args.var_dir, stack.env)
@@ -214,6 +203,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         finally:
             env_file.unlink(missing_ok=True)
     return 0
+
+
+def _sim_friendly_env() -> dict[str, str]:
+    """Against the simulator, poll silent jobs after 10 s instead of production's 120 s."""
+    if os.environ.get("WAVESPEED_API_KEY") or os.environ.get("KQ_POLL_AFTER_S"):
+        return {}
+    return {"KQ_POLL_AFTER_S": "10"}
 
 
 def _write_stack_env(var_dir: Path, env: dict[str, str]) -> Path:
@@ -236,56 +232,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         drop_webhooks=args.drop_webhooks,
         as_json=args.json,
     )
-
-
-# --- one-shot commands -----------------------------------------------------------
-
-
-def _producer(settings: Settings):  # type: ignore[no-untyped-def]
-    from worker import runtime
-    from worker.celery_app import configure
-    from worker.producer import Producer
-    from worker.tasks import enqueue_submits
-
-    configure(settings)
-    return Producer(store=runtime.make_store(settings), send=enqueue_submits)
-
-
-def cmd_enqueue(args: argparse.Namespace) -> int:
-    from worker.domain import EditRequest
-
-    request = EditRequest(
-        prompt=args.prompt,
-        image=args.image,
-        seed=args.seed,
-        guidance_scale=args.guidance_scale,
-        aspect_ratio=args.aspect_ratio,
-    )
-    settings = Settings.from_env()
-    job_id = _producer(settings).enqueue(request, batch_id=args.batch_id)
-    print(json.dumps({"job_id": job_id}) if args.json else job_id)
-    return 0
-
-
-def cmd_job(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from worker import runtime
-
-    settings = Settings.from_env()
-    job = runtime.make_store(settings).get(args.job_id)
-    if job is None:
-        print(f"kq: no job {args.job_id!r} (unknown, or expired)", file=sys.stderr)
-        return 1
-    data = asdict(job)
-    data["state"] = job.state.value
-    if args.json:
-        print(json.dumps(data, default=str))
-    else:
-        width = max(len(k) for k in data)
-        for key, value in data.items():
-            print(f"{key:<{width}}  {value}")
-    return 0
 
 
 if __name__ == "__main__":

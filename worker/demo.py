@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,11 +19,11 @@ from urllib.parse import urlsplit
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from worker.domain import EditRequest, Job, summary_line
 from worker.errors import FieldError, ValidationError
 from worker.settings import Settings
+from worker.ui import make_console, result_table
 
 # Simulator settings for the demo: quick, seeded, with a few failures and lost webhooks.
 DEMO_SIM_ARGS = (
@@ -81,8 +80,7 @@ def run_file(
     from worker.stack import Stack, StackConfig, signals_as_keyboard_interrupt
     from worker.tasks import enqueue_submits
 
-    # Logs and CI captures are not terminals; give the table room there.
-    console = Console(stderr=as_json, width=None if sys.stdout.isatty() else 120)
+    console = make_console(stderr=as_json)
     try:
         requests = read_requests(path)
     except ValidationError as exc:
@@ -218,38 +216,3 @@ def download_outputs(jobs: Sequence[Job | None], folder: Path) -> dict[str, Path
     with httpx.Client(timeout=30, follow_redirects=True) as client, ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda job: fetch(client, job), wanted))
     return dict(r for r in results if r is not None)
-
-
-def result_table(
-    job_ids: Sequence[str], jobs: Sequence[Job | None], saved: Mapping[str, Path] | None = None
-) -> Table:
-    saved = saved or {}
-    table = Table(title="results", show_lines=False)
-    table.add_column("job", no_wrap=True)
-    table.add_column("edit", overflow="ellipsis", no_wrap=True, max_width=26)
-    table.add_column("state", no_wrap=True)
-    table.add_column("output / reason", overflow="fold", min_width=24)
-    table.add_column("by", no_wrap=True)
-    table.add_column("s", justify="right", no_wrap=True)
-    colours = {"completed": "green", "failed": "red", "cancelled": "yellow"}
-    for job_id, job in zip(job_ids, jobs, strict=True):
-        if job is None:
-            table.add_row(job_id[:8], "", "missing", "", "", "")
-            continue
-        state = job.state.value
-        if job.id in saved:
-            detail = str(saved[job.id])
-        elif job.outputs:
-            detail = job.outputs[0]
-        else:
-            detail = f"{job.reason}: {job.error}".strip(": ")
-        seconds = job.seconds
-        table.add_row(
-            job_id[:8],
-            str(job.request.get("prompt", "")),
-            f"[{colours.get(state, 'white')}]{state}[/]",
-            detail,
-            job.resolved_by or "-",
-            "-" if seconds is None else f"{seconds:.1f}",
-        )
-    return table

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from worker import telemetry
 from worker.domain import Job, JobState, Prediction, Reason, ResolvedBy
 from worker.errors import PermanentError, ProviderError, ValidationError
 from worker.service import (
@@ -63,6 +64,7 @@ def sweep(deps: Deps, pool: ThreadPoolExecutor | None = None) -> SweepReport:
     else:
         outcomes = list(pool.map(lambda job: poll_job(deps, job), jobs))
     report.outcomes.update(outcomes)
+    telemetry.count_many(deps.store.redis, {f"poll.{k}": v for k, v in report.outcomes.items()})
     log.info("poll.sweep", claimed=len(due), **dict(report.outcomes))
     return report
 

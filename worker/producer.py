@@ -102,6 +102,7 @@ class BatchProgress:
     budget_usd: float | None
     created_at: float
     now: float
+    last_finished_at: float = 0.0
 
     @property
     def terminal(self) -> int:
@@ -117,8 +118,9 @@ class BatchProgress:
 
     @property
     def rate_per_s(self) -> float:
-        """Jobs finished per second since the batch was created."""
-        elapsed = self.now - self.created_at
+        """Jobs finished per second since the batch was created (until its last one)."""
+        end = self.last_finished_at if self.done and self.last_finished_at else self.now
+        elapsed = end - self.created_at
         return self.terminal / elapsed if elapsed > 0 else 0.0
 
     @property
@@ -256,6 +258,7 @@ class Producer:
             paid=counts.get("paid", 0),
             budget_usd=None if budget is None else budget / 1_000_000,
             created_at=raw.get("created_at", 0.0),
+            last_finished_at=raw.get("last_finished_at", 0.0),
             now=self.clock(),
         )
 

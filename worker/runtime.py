@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis
 
 from worker.errors import ConfigError
+from worker.producer import Producer
 from worker.service import Deps
 from worker.settings import Settings
 from worker.store import JobStore
@@ -45,6 +46,19 @@ def make_provider(settings: Settings) -> WaveSpeedClient:
     return WaveSpeedClient(
         settings.wavespeed_base_url, settings.wavespeed_api_key, timeout_s=settings.http_timeout_s
     )
+
+
+def make_producer(settings: Settings | None = None) -> Producer:
+    """A Producer on these settings' Redis and Celery queue, with provider access for
+    cancel's best-effort deletes."""
+    from worker.celery_app import configure
+    from worker.tasks import enqueue_submits
+
+    settings = settings or Settings.from_env()
+    configure(settings)
+    store = make_store(settings)
+    deps = Deps(store=store, provider=make_provider(settings), settings=settings)
+    return Producer(store=store, send=enqueue_submits, deps=deps)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from enum import StrEnum
 
 import structlog
 
+from worker import telemetry
 from worker.domain import (
     PRICE_PER_IMAGE_MICROS,
     EditRequest,
@@ -133,11 +134,13 @@ def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> Submi
     except AmbiguousError as exc:
         _mark_ambiguous(deps, job_id, str(exc))
         bound.warning("submit.ambiguous", error=str(exc))
+        telemetry.count(store.redis, "submit.ambiguous")
         return SubmitResult(SubmitOutcome.AMBIGUOUS, str(exc))
     except TransientError as exc:
         if final_attempt:
             _fail(deps, job_id, Reason.SUBMIT_RETRIES_EXHAUSTED, str(exc))
             bound.error("submit.retries_exhausted", error=str(exc))
+            telemetry.count(store.redis, "submit.exhausted")
             return SubmitResult(SubmitOutcome.FAILED, str(exc))
         store.transition(
             job_id,
@@ -147,15 +150,20 @@ def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> Submi
             poll_at=REMOVE,
         )
         bound.info("submit.transient_error", error=str(exc), status=exc.status_code)
+        telemetry.count_many(
+            store.redis, {"submit.retry": 1, "submit.rate_limited": int(exc.status_code == 429)}
+        )
         return SubmitResult(SubmitOutcome.RETRY, str(exc))
     except PermanentError as exc:
         _fail(deps, job_id, Reason.SUBMIT_REJECTED, str(exc))
         bound.error("submit.rejected", error=str(exc), status=exc.status_code)
+        telemetry.count(store.redis, "submit.rejected")
         return SubmitResult(SubmitOutcome.FAILED, str(exc))
 
     bound = bound.bind(prediction_id=prediction.id)
     recorded = record_submitted(deps, job_id, prediction.id)
     bound.info("submit.ok", recorded=recorded.outcome)
+    telemetry.count(store.redis, "submit.submitted")
     if recorded.outcome == "rejected" and recorded.state == JobState.CANCELLED.value:
         # Cancelled while our POST was in flight: the task exists, so drop it.
         best_effort_delete(deps, prediction.id)

@@ -32,6 +32,8 @@ DEFAULT_SUBMIT_MAX_RETRIES = 10
 DEFAULT_HTTP_TIMEOUT_S = 30.0
 DEFAULT_WEBHOOK_MAX_BYTES = 1024 * 1024
 DEFAULT_WEBHOOK_TOLERANCE_S = 300
+# A webhook body is ~1 KB; a client still sending after this long is cut off (slow-loris).
+DEFAULT_WEBHOOK_BODY_TIMEOUT_S = 10.0
 # An ambiguous submit (answer lost) is reconciled through the list call; if no task
 # shows up there for this long, none was created and resubmitting cannot pay twice.
 DEFAULT_AMBIGUOUS_GRACE_S = 120.0
@@ -60,6 +62,7 @@ class Settings:
     http_timeout_s: float = DEFAULT_HTTP_TIMEOUT_S
     webhook_max_bytes: int = DEFAULT_WEBHOOK_MAX_BYTES
     webhook_tolerance_s: int = DEFAULT_WEBHOOK_TOLERANCE_S
+    webhook_body_timeout_s: float = DEFAULT_WEBHOOK_BODY_TIMEOUT_S
     ambiguous_grace_s: float = DEFAULT_AMBIGUOUS_GRACE_S
     log_format: str = "console"
     log_level: str = "INFO"
@@ -131,6 +134,9 @@ class Settings:
                 _num(source, "KQ_SUBMIT_MAX_RETRIES", DEFAULT_SUBMIT_MAX_RETRIES, minimum=0)
             ),
             http_timeout_s=_num(source, "KQ_HTTP_TIMEOUT_S", DEFAULT_HTTP_TIMEOUT_S, minimum=1),
+            webhook_body_timeout_s=_num(
+                source, "KQ_WEBHOOK_BODY_TIMEOUT_S", DEFAULT_WEBHOOK_BODY_TIMEOUT_S, minimum=0.1
+            ),
             ambiguous_grace_s=_num(
                 source, "KQ_AMBIGUOUS_GRACE_S", DEFAULT_AMBIGUOUS_GRACE_S, minimum=0
             ),

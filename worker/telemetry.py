@@ -9,9 +9,6 @@ round trip that bumps the same names in three hashes:
     kq:tm:day:{date}    per-UTC-day bucket, expires after DAY_TTL_S: "today"
     kq:tm:total         monotonic totals since the Redis was new: Prometheus counters
 
-and, for a job that reached `submitted`, `kq:tm:batch:{id}` (field `submitted`, for the
-cost of a running batch).
-
 Counting is best effort and must never hurt the caller: a Redis error (or anything
 else) is swallowed, because losing a counter is better than failing a webhook or a
 submit. Names are a small fixed vocabulary (see NAMES) so metric labels stay bounded.
@@ -33,12 +30,11 @@ TOTAL_KEY: Final = "kq:tm:total"
 BUCKET_TTL_S: Final = 2 * 3600
 # "Cost today" needs only today; a week keeps yesterday's numbers for a look back.
 DAY_TTL_S: Final = 8 * 24 * 3600
-BATCH_TTL_S: Final = 8 * 24 * 3600
 
 # The vocabulary. Callers may only count these (unknown names are dropped), so a typo
 # or a job id can never turn into an unbounded label.
 SUBMIT_OUTCOMES: Final = (
-    "submitted",  # a job reached `submitted`: one paid provider task
+    "submitted",  # the provider accepted a submit: one paid task
     "retry",  # transient error; the task is retried with backoff
     "rate_limited",  # the retry was an HTTP 429 (also counted as retry)
     "ambiguous",  # the answer was lost; reconciliation decides
@@ -66,6 +62,7 @@ POLL_OUTCOMES: Final = (
     "resolved_missing",
     "already_terminal",
     "not_pollable",
+    "submit_in_progress",
     "deadline",
     "provider_error",
     "adopted_applied",
@@ -92,18 +89,12 @@ def day_key(ts: float) -> str:
     return f"{TM_PREFIX}day:{datetime.fromtimestamp(ts, UTC):%Y%m%d}"
 
 
-def batch_key(batch_id: str) -> str:
-    return f"{TM_PREFIX}batch:{batch_id}"
-
-
 def count(client: redis.Redis, name: str, n: int = 1, *, now: float | None = None) -> None:
     """Add `n` to counter `name` (one of NAMES); never raises."""
     count_many(client, {name: n}, now=now)
 
 
-def count_many(
-    client: redis.Redis, counts: Mapping[str, int], *, now: float | None = None
-) -> None:
+def count_many(client: redis.Redis, counts: Mapping[str, int], *, now: float | None = None) -> None:
     """Add several counters in one round trip; unknown names and zeros are skipped."""
     try:
         items = [(k, int(v)) for k, v in counts.items() if k in NAMES and int(v)]
@@ -120,20 +111,6 @@ def count_many(
         pipe.expire(day, DAY_TTL_S)
         pipe.execute()
     except Exception:  # noqa: S110 - telemetry must never fail the work it describes
-        pass
-
-
-def count_submitted(client: redis.Redis, batch_id: str = "", *, now: float | None = None) -> None:
-    """A job reached `submitted` (one paid task); also counted for its batch. Never raises."""
-    count(client, "submit.submitted", now=now)
-    if not batch_id:
-        return
-    try:
-        pipe = client.pipeline(transaction=False)
-        pipe.hincrby(batch_key(batch_id), "submitted", 1)
-        pipe.expire(batch_key(batch_id), BATCH_TTL_S)
-        pipe.execute()
-    except Exception:  # noqa: S110 - see count_many
         pass
 
 
@@ -168,15 +145,6 @@ def today(client: redis.Redis, *, now: float | None = None) -> Counter[str]:
 def totals(client: redis.Redis) -> Counter[str]:
     """Counters since this Redis was new (monotonic; for Prometheus)."""
     return _sum([client.hgetall(TOTAL_KEY)])
-
-
-def batch_submitted(client: redis.Redis, batch_ids: Iterable[str]) -> dict[str, int]:
-    """batch id -> jobs of that batch that reached `submitted`."""
-    ids = list(batch_ids)
-    pipe = client.pipeline(transaction=False)
-    for batch_id in ids:
-        pipe.hget(batch_key(batch_id), "submitted")
-    return {b: _int(v) for b, v in zip(ids, pipe.execute(), strict=True)}
 
 
 def _sum(hashes: Iterable[Any]) -> Counter[str]:

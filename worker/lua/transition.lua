@@ -86,6 +86,7 @@ if ARGV[8] == '1' then
   if batch_id ~= '' then
     redis.call('HINCRBY', batch, ARGV[1], 1)
     redis.call('HINCRBY', batch, 'terminal', 1)
+    redis.call('HSET', batch, 'last_finished_at', ARGV[5])
     if f[7] and f[7] ~= '' then redis.call('HINCRBY', batch, 'by_' .. f[7], 1) end
   end
 end

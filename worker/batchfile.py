@@ -1,0 +1,221 @@
+"""Batch files: JSONL or CSV lines of edit requests, validated before anything is enqueued.
+
+Two passes over the file: `scan` checks every line (and keeps only the errors, so a
+100,000-line file costs little memory); `items` then streams the valid lines as
+`Item`s with a per-line idempotency key, so re-running the same file resumes rather
+than duplicating. Standard input is spooled to a temporary file so it can be read twice.
+
+Default keys: the batch id defaults to one derived from the file's path (or, for
+stdin, its content), and each line's key is `<batch id>:<line number>:<hash of the
+line>` — an unchanged line maps to the same job on every run; an edited line is a new job.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS, EditRequest, check_key
+from worker.errors import FieldError, ValidationError
+from worker.producer import Item
+
+FORMATS = ("jsonl", "csv")
+# Errors kept in full; beyond this only their number is.
+MAX_ERRORS_KEPT = 1000
+CSV_COLUMNS = (*REQUEST_FIELDS, "idempotency_key")
+
+
+@dataclass(frozen=True)
+class LineError:
+    """Why one line was refused."""
+
+    line: int
+    errors: tuple[FieldError, ...]
+    text: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: " + "; ".join(str(e) for e in self.errors)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "line": self.line,
+            "errors": [{"field": e.field, "message": e.message} for e in self.errors],
+            "text": self.text,
+        }
+
+
+@dataclass
+class ScanResult:
+    """The verdict on a whole file."""
+
+    valid: int = 0
+    invalid: int = 0
+    errors: list[LineError] = field(default_factory=list)
+
+    @property
+    def lines(self) -> int:
+        return self.valid + self.invalid
+
+
+class BatchFile:
+    """A batch file on disk (stdin spooled to a temp file); use as a context manager."""
+
+    def __init__(self, source: str, fmt: str | None = None) -> None:
+        self._spool: Path | None = None
+        if source == "-":
+            with tempfile.NamedTemporaryFile("wb", delete=False, suffix=".kq-stdin") as out:
+                shutil.copyfileobj(sys.stdin.buffer, out)
+            self._spool = self.path = Path(out.name)
+            digest = _file_digest(self.path)
+            self.default_batch_id = f"stdin-{digest[:16]}"
+        else:
+            self.path = Path(source)
+            if not self.path.is_file():
+                raise ValidationError.single("FILE", f"{source} is not a readable file")
+            resolved = str(self.path.resolve()).encode()
+            self.default_batch_id = f"file-{hashlib.sha256(resolved).hexdigest()[:16]}"
+        self.fmt = fmt or ("csv" if self.path.suffix.lower() == ".csv" else "jsonl")
+        if self.fmt not in FORMATS:
+            raise ValidationError.single("--format", f"expected one of {', '.join(FORMATS)}")
+
+    def __enter__(self) -> BatchFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._spool is not None:
+            self._spool.unlink(missing_ok=True)
+
+    def scan(self) -> ScanResult:
+        """Validate every line; keep the first MAX_ERRORS_KEPT errors in full."""
+        result = ScanResult()
+        for number, text, parsed in self._records():
+            try:
+                _to_item(parsed, batch_id="-", number=number, text=text)
+            except ValidationError as exc:
+                result.invalid += 1
+                if len(result.errors) < MAX_ERRORS_KEPT:
+                    result.errors.append(LineError(number, exc.errors, text[:500]))
+                continue
+            result.valid += 1
+        return result
+
+    def items(self, batch_id: str, *, skip: frozenset[int] = frozenset()) -> Iterator[Item]:
+        """The valid lines as Items with per-line keys; invalid lines are skipped."""
+        for number, text, parsed in self._records():
+            if number in skip:
+                continue
+            try:
+                yield _to_item(parsed, batch_id=batch_id, number=number, text=text)
+            except ValidationError:
+                continue
+
+    def _records(self) -> Iterator[tuple[int, str, object]]:
+        """(line number, raw text, parsed object or a ValidationError) per data line."""
+        with self.path.open(encoding="utf-8", errors="replace", newline="") as fh:
+            if self.fmt == "jsonl":
+                yield from _jsonl_records(fh)
+            else:
+                yield from _csv_records(fh)
+
+
+def _jsonl_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
+    for number, line in enumerate(fh, start=1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            yield number, text, json.loads(text)
+        except json.JSONDecodeError as exc:
+            yield number, text, ValidationError.single("json", f"not valid JSON ({exc.msg})")
+
+
+def _csv_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
+    reader = csv.reader(fh)
+    header: list[str] | None = None
+    for row in reader:
+        number = reader.line_num
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if header is None:
+            header = [h.strip() for h in row]
+            unknown = [h for h in header if h not in CSV_COLUMNS]
+            if unknown or "prompt" not in header or "image" not in header:
+                raise ValidationError.single(
+                    "header",
+                    f"line {number}: expected columns from {', '.join(CSV_COLUMNS)} "
+                    f"including prompt and image; got {', '.join(header)}",
+                )
+            continue
+        text = _csv_text(row)
+        if len(row) != len(header):
+            yield (
+                number,
+                text,
+                ValidationError.single(
+                    "line", f"has {len(row)} cells; the header has {len(header)}"
+                ),
+            )
+            continue
+        yield number, text, _csv_object(dict(zip(header, row, strict=True)))
+
+
+def _csv_object(cells: dict[str, str]) -> object:
+    data: dict[str, object] = {}
+    errors: list[FieldError] = []
+    for name, raw in cells.items():
+        value = raw.strip()
+        if value == "":
+            continue
+        if name == "seed":
+            try:
+                data[name] = int(value)
+            except ValueError:
+                errors.append(FieldError("seed", f"expected an integer, got {value!r}"))
+        elif name == "guidance_scale":
+            try:
+                data[name] = float(value)
+            except ValueError:
+                errors.append(FieldError("guidance_scale", f"expected a number, got {value!r}"))
+        else:
+            data[name] = raw if name == "prompt" else value
+    return ValidationError(errors) if errors else data
+
+
+def _csv_text(row: list[str]) -> str:
+    out = io.StringIO()
+    csv.writer(out).writerow(row)
+    return out.getvalue().strip()
+
+
+def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item:
+    if isinstance(parsed, ValidationError):
+        raise parsed
+    if isinstance(parsed, dict) and "batch_id" in parsed:
+        raise ValidationError.single("batch_id", "set the batch with --batch-id, not per line")
+    request = EditRequest.from_dict(parsed)
+    assert isinstance(parsed, dict)
+    key = check_key("idempotency_key", parsed.get("idempotency_key"))
+    if key is None:
+        line_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
+        key = f"{batch_id}:{number}:{line_hash}"
+    return Item(request, key)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["ENVELOPE_FIELDS", "BatchFile", "LineError", "ScanResult"]
