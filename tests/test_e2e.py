@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ from tests.conftest import wait_for
 from worker import runtime
 from worker.celery_app import configure
 from worker.domain import Job, JobState
-from worker.producer import Producer
+from worker.runtime import make_producer
 from worker.settings import Settings
+from worker.signing import job_token, sign_v3
 from worker.stack import Stack, StackConfig
 from worker.store import JobStore
-from worker.tasks import enqueue_submit, enqueue_submits
+from worker.tasks import enqueue_submit
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +53,7 @@ class Harness:
         self.settings = Settings.from_env({**os.environ, **stack.env})
         configure(self.settings)
         self.store: JobStore = runtime.make_store(self.settings)
-        self.producer = Producer(store=self.store, send=enqueue_submits)
+        self.producer = make_producer(self.settings)
         assert stack.sim_url is not None
         self.sim = httpx.Client(base_url=stack.sim_url, timeout=10)
 
@@ -104,6 +106,7 @@ def h(harness: Harness) -> Iterator[Harness]:
 
 
 QUIET_KNOBS = {
+    "inference_time_s": 0.2,
     "drop_webhook_rate": 0.0,
     "duplicate_webhook_rate": 0.0,
     "late_failed_rate": 0.0,
@@ -221,3 +224,88 @@ def test_redelivered_submit_task_does_not_submit_twice(h: Harness) -> None:
     ]
     assert len(h.tasks_for(job_id)) == 1
     assert len(submits) == 1
+
+
+def test_cancel_after_submit_deletes_the_task_and_ignores_the_late_webhook(h: Harness) -> None:
+    """A submitted job cancelled: provider task deleted, a late delivery is stale, one event."""
+    h.sim_config(inference_time_s=30)
+    job_id = h.enqueue(prompt="cancel me")
+
+    def submitted() -> Job | None:
+        job = h.store.get(job_id)
+        return job if job is not None and job.prediction_id else None
+
+    job: Job = wait_for(submitted)
+    assert h.producer.cancel_job(job_id)
+    (task,) = h.tasks_for(job_id)
+    assert task["status"] == "deleted"
+    # A late (forged-by-us but correctly signed) completed delivery changes nothing.
+    secret = h.sim.get("/api/v3/webhook/secret", headers={"Authorization": "Bearer x"})
+    body = json.dumps(
+        {"id": job.prediction_id, "status": "completed", "outputs": ["https://o/x.jpeg"]}
+    ).encode()
+    ts = str(int(time.time()))
+    answer = httpx.post(
+        f"{h.stack.receiver_url}/webhooks/wavespeed",
+        params={"job": job_id, "t": job_token(h.settings.secret_key, job_id)},
+        content=body,
+        headers={
+            "webhook-id": "late" + "0" * 28,
+            "webhook-timestamp": ts,
+            "webhook-signature": sign_v3(
+                secret.json()["data"]["secret"], "late" + "0" * 28, ts, body
+            ),
+        },
+    )
+    assert answer.status_code == 200 and answer.json()["result"] == "stale"
+    final = h.store.get(job_id)
+    assert final is not None and final.state is JobState.CANCELLED
+    assert [e["state"] for e in h.events_for(job_id)] == ["cancelled"]
+
+
+def test_budget_stops_submitting_and_fails_the_rest(h: Harness) -> None:
+    """A $0.24 budget on 6 jobs: 3 are submitted, 3 fail with reason `budget`."""
+    receipt = h.producer.enqueue_batch(
+        [{"prompt": f"budget {i}", "image": IMAGE} for i in range(6)], budget_usd=0.24
+    )
+    progress = h.producer.wait_batch(receipt.batch_id, timeout_s=30)
+    assert progress is not None and progress.done
+    jobs = h.producer.batch_jobs(receipt.batch_id)
+    assert sorted(j.state.value for j in jobs) == ["completed"] * 3 + ["failed"] * 3
+    assert {j.reason for j in jobs if j.state is JobState.FAILED} == {"budget"}
+    assert progress.paid == 3 and progress.cost_usd == 0.24
+
+
+def test_dead_letters_redrive_through_the_pipeline(h: Harness) -> None:
+    """Provider failures land in the DLQ; redriving them (twice) completes one new job each."""
+    h.sim_config(fail_rate=1.0, fail_codes=[5000])
+    failed = [h.enqueue(prompt=f"dlq {i}") for i in range(2)]
+    for job_id in failed:
+        assert h.wait_terminal(job_id).reason == "provider_failed"
+    letters = {j.id for j in h.producer.dead_letters(limit=1000)}
+    assert set(failed) <= letters
+    h.sim_config(fail_rate=0.0)
+    first = h.producer.redrive(failed)
+    assert h.producer.redrive(failed) == first  # idempotent: the same new jobs
+    for new_id in first.values():
+        assert h.wait_terminal(new_id).state is JobState.COMPLETED
+    assert not set(failed) & {j.id for j in h.producer.dead_letters(limit=1000)}
+    assert sum(len(h.tasks_for(n)) for n in first.values()) == 2
+
+
+def test_ten_thousand_jobs_end_to_end(h: Harness) -> None:
+    """10,000 jobs through enqueue, submit, webhook/poll: all terminal, one event each."""
+    h.sim_config(inference_time_s=0.0, drop_webhook_rate=0.05)
+    n = 10_000
+    receipt = h.producer.enqueue_batch(
+        ({"prompt": f"bulk {i}", "image": IMAGE} for i in range(n)), batch_id="bulk-10k"
+    )
+    assert receipt.created == n
+    progress = h.producer.wait_batch("bulk-10k", timeout_s=420)
+    assert progress is not None and progress.done, progress
+    assert progress.completed == n
+    ids = set(h.store.batch_members("bulk-10k"))
+    events = [f for _, f in h.store.events() if f["batch_id"] == "bulk-10k"]
+    assert len(events) == n and {e["job_id"] for e in events} == ids
+    tasks = [t for t in h.sim_tasks() if "bulk " in json.dumps(t.get("params", {}))]
+    assert len(tasks) == n
