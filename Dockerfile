@@ -6,6 +6,8 @@ COPY pyproject.toml README.md ./
 COPY worker ./worker
 COPY webhook_receiver ./webhook_receiver
 COPY wavespeed_sim ./wavespeed_sim
+COPY producer_api ./producer_api
+COPY ops_dashboard ./ops_dashboard
 RUN pip install . && useradd --create-home kq
 USER kq
 ENTRYPOINT ["kq"]

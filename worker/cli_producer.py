@@ -54,6 +54,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_batch)
 
+    p = sub.add_parser("api", help="serve the HTTP API for producers (needs KQ_API_TOKEN)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=8)
+    p.set_defaults(func=cmd_api)
+
     p = sub.add_parser("job", help="show one job")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
@@ -157,6 +164,23 @@ def _upload(settings: Settings, path: Path) -> str:
         url = provider.upload(path)
     print(f"uploaded {path} -> {url}", file=sys.stderr)
     return url
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import os
+
+    from producer_api.app import build_from_env
+    from worker.errors import ConfigError
+    from worker.wsgi_server import serve
+
+    if not os.environ.get("KQ_API_TOKEN"):
+        raise ConfigError("KQ_API_TOKEN is not set: the API needs a bearer token to check")
+    Settings.from_env()  # fail here, readably, rather than in every gunicorn worker
+    print(f"kq api listening on http://{args.host}:{args.port} (docs/openapi.yaml)")
+    serve(
+        build_from_env, host=args.host, port=args.port, workers=args.workers, threads=args.threads
+    )
+    return 0
 
 
 def cmd_job(args: argparse.Namespace) -> int:

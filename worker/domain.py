@@ -121,6 +121,9 @@ def _check_request(req: EditRequest) -> list[FieldError]:
         )
     elif "\x00" in req.prompt:
         errors.append(FieldError("prompt", "must not contain NUL characters"))
+    elif any(0xD800 <= ord(c) <= 0xDFFF for c in req.prompt):
+        # JSON can carry them ("\ud800"), but no UTF-8 request body can.
+        errors.append(FieldError("prompt", "must be valid Unicode (no lone surrogates)"))
     url_error = check_http_url(req.image)
     if url_error:
         errors.append(FieldError("image", url_error))
@@ -138,8 +141,9 @@ def _check_request(req: EditRequest) -> list[FieldError]:
     if g is not None and (
         isinstance(g, bool)
         or not isinstance(g, int | float)
-        or not math.isfinite(g)
+        # The range first: isfinite() overflows on an integer too large for a float.
         or not GUIDANCE_MIN <= g <= GUIDANCE_MAX
+        or not math.isfinite(g)
     ):
         errors.append(
             FieldError(
@@ -163,8 +167,8 @@ def check_http_url(value: object) -> str | None:
         return f"expected an http(s) URL string, got {_kind(value)}"
     if len(value) > MAX_URL_CHARS:
         return f"URL is {len(value)} characters; at most {MAX_URL_CHARS}"
-    if any(c.isspace() or ord(c) < 32 for c in value):
-        return "URL must not contain whitespace or control characters"
+    if any(c.isspace() or ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+        return "URL must not contain whitespace, control characters or lone surrogates"
     try:
         parts = urlsplit(value)
     except ValueError:

@@ -55,6 +55,13 @@ class Item:
 
     request: EditRequest
     idempotency_key: str = ""
+    # Fixed at creation: derived from the key, or a fresh id when there is none.
+    job_id: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.job_id:
+            key = self.idempotency_key
+            object.__setattr__(self, "job_id", job_id_for_key(key) if key else new_job_id())
 
     @classmethod
     def coerce(cls, value: Item | EditRequest | Mapping[str, object]) -> Item:
@@ -66,10 +73,6 @@ class Item:
         request = EditRequest.from_dict(value)
         key = check_key("idempotency_key", value.get("idempotency_key")) or ""
         return cls(request, key)
-
-    @property
-    def job_id(self) -> str:
-        return job_id_for_key(self.idempotency_key) if self.idempotency_key else new_job_id()
 
 
 @dataclass(frozen=True)
