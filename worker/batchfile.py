@@ -99,7 +99,7 @@ class BatchFile:
         result = ScanResult()
         for number, text, parsed in self._records():
             try:
-                _to_item(parsed, batch_id="-", number=number, text=text)
+                _check(parsed)
             except ValidationError as exc:
                 result.invalid += 1
                 if len(result.errors) < MAX_ERRORS_KEPT:
@@ -196,14 +196,19 @@ def _csv_text(row: list[str]) -> str:
     return out.getvalue().strip()
 
 
-def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item:
+def _check(parsed: object) -> tuple[EditRequest, str | None]:
+    """Validate one parsed line: the request and its optional explicit key."""
     if isinstance(parsed, ValidationError):
         raise parsed
     if isinstance(parsed, dict) and "batch_id" in parsed:
         raise ValidationError.single("batch_id", "set the batch with --batch-id, not per line")
     request = EditRequest.from_dict(parsed)
     assert isinstance(parsed, dict)
-    key = check_key("idempotency_key", parsed.get("idempotency_key"))
+    return request, check_key("idempotency_key", parsed.get("idempotency_key"))
+
+
+def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item:
+    request, key = _check(parsed)
     if key is None:
         line_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
         key = f"{batch_id}:{number}:{line_hash}"

@@ -43,6 +43,9 @@ def is_job_id(value: str) -> bool:
     return bool(_ID_RE.match(value))
 
 
+_PLAIN_HTTP_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:[/?#][!-~]*)?\Z")
+_SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _KEY_RE = re.compile(r"^[A-Za-z0-9._:/@+=-]+$")
 REQUEST_FIELDS = ("prompt", "image", "seed", "guidance_scale", "aspect_ratio")
 ENVELOPE_FIELDS = ("batch_id", "idempotency_key")
@@ -121,7 +124,7 @@ def _check_request(req: EditRequest) -> list[FieldError]:
         )
     elif "\x00" in req.prompt:
         errors.append(FieldError("prompt", "must not contain NUL characters"))
-    elif any(0xD800 <= ord(c) <= 0xDFFF for c in req.prompt):
+    elif _SURROGATE.search(req.prompt):
         # JSON can carry them ("\ud800"), but no UTF-8 request body can.
         errors.append(FieldError("prompt", "must be valid Unicode (no lone surrogates)"))
     url_error = check_http_url(req.image)
@@ -167,7 +170,9 @@ def check_http_url(value: object) -> str | None:
         return f"expected an http(s) URL string, got {_kind(value)}"
     if len(value) > MAX_URL_CHARS:
         return f"URL is {len(value)} characters; at most {MAX_URL_CHARS}"
-    if any(c.isspace() or ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if _PLAIN_HTTP_URL.match(value):
+        return None  # the common case, without urlsplit's cost (bulk files are 100k lines)
+    if _SPACE_OR_CONTROL.search(value) or _SURROGATE.search(value):
         return "URL must not contain whitespace, control characters or lone surrogates"
     try:
         parts = urlsplit(value)

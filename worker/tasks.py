@@ -19,7 +19,7 @@ RETRY_BASE_S = 1.0
 RETRY_CAP_S = 60.0
 
 # Jobs per `kq.submit_chunk` message, and the threads one chunk submits with.
-CHUNK_SIZE = 50
+CHUNK_SIZE = 100
 CHUNK_THREADS = 16
 
 _poll_pool: ThreadPoolExecutor | None = None
