@@ -1,0 +1,82 @@
+"""Run the benchmarks: `python -m bench [--quick] [--only NAME ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from rich.table import Table
+
+from bench import bulk_enqueue
+from bench.chart import draw
+from bench.common import Row
+from worker.ui import make_console
+
+SCENARIOS: dict[str, Callable[..., list[Row]]] = {
+    "bulk_enqueue": bulk_enqueue.run,
+}
+HERE = Path(__file__).parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI")
+    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="run these only")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args(argv)
+    console = make_console()
+    rows: list[Row] = []
+    for name in args.only or SCENARIOS:
+        console.print(f"[bold]running {name}[/bold]{' (quick)' if args.quick else ''} ...")
+        started = time.monotonic()
+        rows.extend(SCENARIOS[name](quick=args.quick))
+        console.print(f"  done in {time.monotonic() - started:.1f} s")
+    console.print(report(rows))
+    for row in rows:
+        if not row.met:
+            console.print(
+                f"[red]goal missed[/red]: {row.scenario} — {row.metric}: "
+                f"{row.ratio:.2f}x, goal {row.goal}"
+            )
+    args.out.write_text(
+        json.dumps(
+            {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "quick": args.quick,
+                "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+                "rows": [asdict(r) for r in rows],
+            },
+            indent=2,
+        )
+    )
+    chart = draw(rows, args.out.with_suffix(".png"))
+    console.print(f"results: {args.out}  chart: {chart}")
+    return 0
+
+
+def report(rows: list[Row]) -> Table:
+    table = Table(title="kontext-queue benchmarks (ours vs a baseline measured in the same run)")
+    for name in ("scenario", "metric", "ours", "baseline", "unit", "ratio", "goal", "met"):
+        table.add_column(name, justify="right" if name in ("ours", "baseline", "ratio") else "left")
+    for r in rows:
+        table.add_row(
+            r.scenario,
+            r.metric,
+            f"{r.ours:,.1f}",
+            f"{r.baseline:,.1f}",
+            r.unit,
+            f"{r.ratio:.2f}x",
+            r.goal,
+            "[green]yes[/green]" if r.met else "[red]NO[/red]",
+        )
+    return table
+
+
+if __name__ == "__main__":
+    sys.exit(main())
