@@ -179,7 +179,7 @@ def test_webhook_id_dedupe(store: JobStore) -> None:
 def test_live_state_gauges(store: JobStore) -> None:
     """kq:stats keeps how many jobs are in each non-terminal state right now."""
     store.create("a", REQ, now=1.0)
-    store.create_many([("b", REQ, ""), ("c", REQ, "")], now=1.0)
+    store.create_many([("b", REQ, "", 0), ("c", REQ, "", 0)], now=1.0)
     submitted_job(store, "d")
     stats = store.stats()
     assert stats["now:queued"] == 3 and stats["now:submitted"] == 1

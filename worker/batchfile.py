@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS, EditRequest, check_key
+from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS, EditRequest, check_key, check_priority
 from worker.errors import FieldError, ValidationError
 from worker.producer import Item
 
 FORMATS = ("jsonl", "csv")
 # Errors kept in full; beyond this only their number is.
 MAX_ERRORS_KEPT = 1000
-CSV_COLUMNS = (*REQUEST_FIELDS, "idempotency_key")
+CSV_COLUMNS = (*REQUEST_FIELDS, "idempotency_key", "priority")
 
 
 @dataclass(frozen=True)
@@ -175,11 +175,11 @@ def _csv_object(cells: dict[str, str]) -> object:
         value = raw.strip()
         if value == "":
             continue
-        if name == "seed":
+        if name in ("seed", "priority"):
             try:
                 data[name] = int(value)
             except ValueError:
-                errors.append(FieldError("seed", f"expected an integer, got {value!r}"))
+                errors.append(FieldError(name, f"expected an integer, got {value!r}"))
         elif name == "guidance_scale":
             try:
                 data[name] = float(value)
@@ -196,7 +196,7 @@ def _csv_text(row: list[str]) -> str:
     return out.getvalue().strip()
 
 
-def _check(parsed: object) -> tuple[EditRequest, str | None]:
+def _check(parsed: object) -> tuple[EditRequest, str | None, int]:
     """Validate one parsed line: the request and its optional explicit key."""
     if isinstance(parsed, ValidationError):
         raise parsed
@@ -204,15 +204,16 @@ def _check(parsed: object) -> tuple[EditRequest, str | None]:
         raise ValidationError.single("batch_id", "set the batch with --batch-id, not per line")
     request = EditRequest.from_dict(parsed)
     assert isinstance(parsed, dict)
-    return request, check_key("idempotency_key", parsed.get("idempotency_key"))
+    key = check_key("idempotency_key", parsed.get("idempotency_key"))
+    return request, key, check_priority(parsed.get("priority"))
 
 
 def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item:
-    request, key = _check(parsed)
+    request, key, priority = _check(parsed)
     if key is None:
         line_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
         key = f"{batch_id}:{number}:{line_hash}"
-    return Item(request, key)
+    return Item(request, key, priority)
 
 
 def _file_digest(path: Path) -> str:

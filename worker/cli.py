@@ -134,7 +134,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        stop_events.append(runtime.start_heartbeat("worker", runtime.deps().store.redis))
+        from worker import dispatcher, tasks
+
+        deps = runtime.deps()
+        stop_events.append(runtime.start_heartbeat("worker", deps.store.redis))
+        stop_events.append(dispatcher.start(deps, tasks.submit_pool(), tasks.retry_submit_later))
 
     @worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:

@@ -48,7 +48,8 @@ _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _KEY_RE = re.compile(r"^[A-Za-z0-9._:/@+=-]+$")
 REQUEST_FIELDS = ("prompt", "image", "seed", "guidance_scale", "aspect_ratio")
-ENVELOPE_FIELDS = ("batch_id", "idempotency_key")
+ENVELOPE_FIELDS = ("batch_id", "idempotency_key", "priority")
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,19 @@ def check_http_url(value: object) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return f"expected an http:// or https:// URL, got {value[:80]!r}"
     return None
+
+
+def check_priority(value: object) -> int:
+    """A job's priority: higher goes first within its batch; default 0."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError.single("priority", f"expected an integer, got {_kind(value)}")
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise ValidationError.single(
+            "priority", f"expected {PRIORITY_MIN} to {PRIORITY_MAX}, got {value}"
+        )
+    return value
 
 
 def check_key(field_name: str, value: object) -> str | None:
@@ -377,6 +391,7 @@ class Job:
     batch_id: str = ""
     prediction_id: str = ""
     idempotency_key: str = ""
+    priority: int = 0
     attempts: int = 0
     ambiguous: bool = False
     created_at: float = 0.0

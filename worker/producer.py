@@ -28,6 +28,7 @@ from worker.domain import (
     Job,
     JobState,
     check_key,
+    check_priority,
     job_id_for_key,
 )
 from worker.errors import ValidationError
@@ -55,6 +56,7 @@ class Item:
 
     request: EditRequest
     idempotency_key: str = ""
+    priority: int = 0
     # Fixed at creation: derived from the key, or a fresh id when there is none.
     job_id: str = field(default="", compare=False)
 
@@ -72,7 +74,7 @@ class Item:
             return cls(value)
         request = EditRequest.from_dict(value)
         key = check_key("idempotency_key", value.get("idempotency_key")) or ""
-        return cls(request, key)
+        return cls(request, key, check_priority(value.get("priority")))
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,8 @@ class Producer:
         repeated idempotency key)."""
         item = Item.coerce(request)
         if idempotency_key is not None:
-            item = Item(item.request, check_key("idempotency_key", idempotency_key) or "")
+            key = check_key("idempotency_key", idempotency_key) or ""
+            item = Item(item.request, key, item.priority)
         job_id = item.job_id
         self._write_chunk([(job_id, item)], batch_id)
         return job_id
@@ -217,7 +220,7 @@ class Producer:
     ) -> tuple[int, int, int]:
         # The records first, then the messages: a worker never gets an id it cannot read.
         answers = self.store.create_many(
-            [(job_id, item.request, item.idempotency_key) for job_id, item in chunk],
+            [(job_id, item.request, item.idempotency_key, item.priority) for job_id, item in chunk],
             batch_id=batch_id,
             now=self.clock(),
         )

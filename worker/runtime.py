@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import redis
 
+from worker.admission import Admission
 from worker.errors import ConfigError
 from worker.producer import Producer
 from worker.service import Deps
@@ -21,6 +23,7 @@ from worker.wavespeed import WaveSpeedClient
 
 HEARTBEAT_TTL_S = 15
 HEARTBEAT_EVERY_S = 5.0
+HEARTBEATS_KEY = "kq:heartbeats"
 
 
 def make_redis(settings: Settings) -> redis.Redis:
@@ -94,11 +97,13 @@ def deps() -> Deps:
                 current.require_provider()
                 from worker.tasks import enqueue_submit  # the Celery side, wired in here
 
+                store = make_store(current)
                 _state.deps = Deps(
-                    store=make_store(current),
+                    store=store,
                     provider=make_provider(current),
                     settings=current,
                     enqueue_submit=enqueue_submit,
+                    admission=Admission(store.redis, current),
                 )
     return _state.deps
 
@@ -112,11 +117,15 @@ def start_heartbeat(kind: str, client: redis.Redis) -> threading.Event:
         while not stop.is_set():
             try:
                 client.set(key, "1", ex=HEARTBEAT_TTL_S)
+                # Indexed too (key -> expiry), so `kq status` finds them without a SCAN.
+                client.zadd(HEARTBEATS_KEY, {key: time.time() + HEARTBEAT_TTL_S})
+                client.zremrangebyscore(HEARTBEATS_KEY, "-inf", time.time() - 3600)
             except redis.RedisError:
                 pass  # Redis is away; the key expiring is exactly the signal we want.
             stop.wait(HEARTBEAT_EVERY_S)
         try:
             client.delete(key)
+            client.zrem(HEARTBEATS_KEY, key)
         except redis.RedisError:
             pass
 

@@ -15,6 +15,7 @@ from enum import StrEnum
 import structlog
 
 from worker import telemetry
+from worker.admission import Admission
 from worker.domain import (
     PRICE_PER_IMAGE_MICROS,
     EditRequest,
@@ -28,6 +29,7 @@ from worker.errors import (
     AmbiguousError,
     PermanentError,
     ProviderError,
+    RateLimited,
     TransientError,
     ValidationError,
 )
@@ -42,7 +44,7 @@ log = structlog.get_logger("kq.service")
 # (a webhook carrying our job id may settle it before then).
 AMBIGUOUS_FIRST_CHECK_S = 10.0
 # Added to the HTTP timeout: a submit older than that has no live worker behind it.
-SUBMIT_WATCHDOG_MARGIN_S = 30.0
+SUBMIT_WATCHDOG_MARGIN_S = 10.0
 
 
 @dataclass
@@ -55,6 +57,8 @@ class Deps:
     clock: Callable[[], float] = field(default=time.time)
     # Puts a job id back on the submit queue (the Celery side hands this in).
     enqueue_submit: Callable[[str], None] = field(default=lambda job_id: None)
+    # Account-wide limits shared through Redis; None: no admission control.
+    admission: Admission | None = None
 
 
 class SubmitOutcome(StrEnum):
@@ -63,6 +67,13 @@ class SubmitOutcome(StrEnum):
     FAILED = "failed"
     AMBIGUOUS = "ambiguous"
     SKIPPED = "skipped"
+    WAITING = "waiting"  # no provider slot free: the job waits in Redis (admission)
+
+
+# Outcomes after which no task exists at the provider for this attempt.
+_NO_TASK_OUTCOMES = frozenset(
+    {SubmitOutcome.RETRY, SubmitOutcome.FAILED, SubmitOutcome.SKIPPED, SubmitOutcome.WAITING}
+)
 
 
 @dataclass(frozen=True)
@@ -71,13 +82,27 @@ class SubmitResult:
     detail: str = ""
 
 
-def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> SubmitResult:
+def submit_job(
+    deps: Deps, job_id: str, *, final_attempt: bool = False, slot_held: bool = False
+) -> SubmitResult:
     """Submit one queued job to WaveSpeed, at most once per paid task.
 
     Safe under redelivery: a job that has a prediction id, is terminal, or was left
     in `submitting` by a crashed worker is never POSTed again from here (the last
     case is handed to reconciliation as an ambiguous submit).
+
+    With admission control, the job first needs a provider slot; without one it waits
+    in Redis (WAITING) until a dispatcher claims it and calls again with `slot_held`.
+    A slot this call owns is given back on every path that did not reach the provider.
     """
+    owns_slot = [slot_held]
+    result = _submit(deps, job_id, final_attempt=final_attempt, owns_slot=owns_slot)
+    if owns_slot[0] and deps.admission is not None and result.outcome in _NO_TASK_OUTCOMES:
+        deps.admission.release(job_id)
+    return result
+
+
+def _submit(deps: Deps, job_id: str, *, final_attempt: bool, owns_slot: list[bool]) -> SubmitResult:
     store, settings = deps.store, deps.settings
     bound = log.bind(job_id=job_id)
     job = store.get(job_id)
@@ -110,6 +135,12 @@ def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> Submi
         _fail(deps, job_id, Reason.BUDGET, "the batch budget would be exceeded by this image")
         bound.warning("submit.over_budget")
         return SubmitResult(SubmitOutcome.FAILED, "over budget")
+    if deps.admission is not None and not owns_slot[0]:
+        decision = deps.admission.acquire(job_id, job.batch_id, job.priority, now)
+        if not decision.granted:
+            return SubmitResult(SubmitOutcome.WAITING, f"{decision.retry_after_s:.2f}")
+        # A slot already held belongs to another attempt of this job: not ours to give back.
+        owns_slot[0] = not decision.held_already
 
     claim = store.transition(
         job_id,
@@ -150,6 +181,13 @@ def submit_job(deps: Deps, job_id: str, *, final_attempt: bool = False) -> Submi
             poll_at=REMOVE,
         )
         bound.info("submit.transient_error", error=str(exc), status=exc.status_code)
+        if isinstance(exc, RateLimited) and deps.admission is not None:
+            # Everyone slows down, and this job waits its turn again (no Celery retry).
+            deps.admission.penalize(deps.clock())
+            deps.admission.wait(job_id, job.batch_id, job.priority, deps.clock())
+            owns_slot[0] = False
+            telemetry.count_many(store.redis, {"submit.retry": 1, "submit.rate_limited": 1})
+            return SubmitResult(SubmitOutcome.WAITING, str(exc))
         telemetry.count_many(
             store.redis, {"submit.retry": 1, "submit.rate_limited": int(exc.status_code == 429)}
         )

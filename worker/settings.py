@@ -38,6 +38,14 @@ DEFAULT_WEBHOOK_BODY_TIMEOUT_S = 10.0
 # shows up there for this long, none was created and resubmitting cannot pay twice.
 DEFAULT_AMBIGUOUS_GRACE_S = 120.0
 STACK_ENV_FILE = "stack.env"
+# WaveSpeed's limits per account tier (2026): (concurrent tasks, images per minute).
+TIERS: dict[str, tuple[int, int]] = {
+    "bronze": (2, 2),
+    "silver": (300, 500),
+    "gold": (3000, 3000),
+    "ultra": (10_000, 5000),
+}
+DEFAULT_TIER = "silver"
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,9 @@ class Settings:
     webhook_tolerance_s: int = DEFAULT_WEBHOOK_TOLERANCE_S
     webhook_body_timeout_s: float = DEFAULT_WEBHOOK_BODY_TIMEOUT_S
     ambiguous_grace_s: float = DEFAULT_AMBIGUOUS_GRACE_S
+    tier: str = DEFAULT_TIER
+    max_in_flight: int = TIERS[DEFAULT_TIER][0]
+    max_submits_per_minute: int = TIERS[DEFAULT_TIER][1]
     log_format: str = "console"
     log_level: str = "INFO"
     var_dir: Path = Path("var")
@@ -107,8 +118,17 @@ class Settings:
         log_format = source.get("KQ_LOG_FORMAT", "console")
         if log_format not in ("console", "json"):
             raise ConfigError(f"KQ_LOG_FORMAT: expected console or json, got {log_format!r}")
+        tier = source.get("KQ_TIER", "") or DEFAULT_TIER
+        if tier not in TIERS:
+            raise ConfigError(f"KQ_TIER: expected one of {', '.join(TIERS)}, got {tier!r}")
+        tier_in_flight, tier_rate = TIERS[tier]
         return cls(
             redis_url=redis_url,
+            tier=tier,
+            max_in_flight=int(_num(source, "KQ_MAX_IN_FLIGHT", tier_in_flight, minimum=1)),
+            max_submits_per_minute=int(
+                _num(source, "KQ_MAX_SUBMITS_PER_MINUTE", tier_rate, minimum=1)
+            ),
             wavespeed_api_key=source.get("WAVESPEED_API_KEY", ""),
             wavespeed_base_url=base_url,
             webhook_public_url=public,

@@ -68,6 +68,7 @@ __all__ = [
 DEFAULT_WAVESPEED_BASE_URL = "https://api.wavespeed.ai"
 # The simulator accepts any bearer token; a fixed one keeps local runs reproducible.
 SIM_API_KEY = "sim-local-key"
+SIM_ADMISSION_DEFAULTS = {"KQ_MAX_IN_FLIGHT": "100000", "KQ_MAX_SUBMITS_PER_MINUTE": "1000000"}
 # A warm Celery shutdown lets in-flight submits finish and ack before the worker exits.
 DEFAULT_WORKER_STOP_TIMEOUT_S = 20.0
 # The port is picked before the child binds it; if another process wins that race, retry.
@@ -330,6 +331,11 @@ class Stack:
             )  # fmt: skip
             self._sim_url = url
             self._env["KQ_WAVESPEED_BASE_URL"] = url
+            # The simulator has no account limits unless told to; ours follow it unless
+            # the caller set them (a benchmark or a test of admission control does).
+            for name, value in SIM_ADMISSION_DEFAULTS.items():
+                if name not in os.environ and name not in cfg.extra_env:
+                    self._env[name] = value
             self._announce(
                 f"WAVESPEED_API_KEY is not set: using the local WaveSpeed simulator at {url} "
                 "(no real API calls, nothing is billed)"

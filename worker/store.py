@@ -100,17 +100,19 @@ class JobStore:
         idempotency_key: str = "",
     ) -> bool:
         """Write a new queued job; False when the id already exists (nothing changes)."""
-        answers = self.create_many([(job_id, request, idempotency_key)], batch_id=batch_id, now=now)
+        answers = self.create_many(
+            [(job_id, request, idempotency_key, 0)], batch_id=batch_id, now=now
+        )
         return answers[0] == NEW
 
     def create_many(
         self,
-        jobs: Sequence[tuple[str, EditRequest, str]],
+        jobs: Sequence[tuple[str, EditRequest, str, int]],
         *,
         batch_id: str = "",
         now: float,
     ) -> list[str]:
-        """Write (job id, request, idempotency key) triples in one round trip.
+        """Write (job id, request, idempotency key, priority) tuples in one round trip.
 
         Atomic per call: each job is written only if its id is free. Answers, per job,
         NEW or the state of the job that already had that id.
@@ -118,8 +120,9 @@ class JobStore:
         if not jobs:
             return []
         args: list[FieldValue] = [batch_id, now]
-        for job_id, request, key in jobs:
-            args.extend((job_id, json.dumps(request.to_payload(), separators=(",", ":")), key))
+        for job_id, request, key, priority in jobs:
+            payload = json.dumps(request.to_payload(), separators=(",", ":"))
+            args.extend((job_id, payload, key, priority))
         keys = [STATS_KEY, batch_key(batch_id), batch_members_key(batch_id)]
         return [str(a) for a in self._create_jobs(keys=keys, args=args)]
 
@@ -296,6 +299,7 @@ def decode_job(raw: Mapping[str, str]) -> Job:
         batch_id=raw.get("batch_id", ""),
         prediction_id=raw.get("prediction_id", ""),
         idempotency_key=raw.get("idempotency_key", ""),
+        priority=int(num("priority")),
         attempts=int(num("attempts")),
         ambiguous=raw.get("ambiguous") == "1",
         created_at=num("created_at"),

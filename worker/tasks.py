@@ -71,7 +71,7 @@ def submit_chunk(job_ids: list[str]) -> dict[str, int]:
         )
         return {"bad_message": 1}
     deps = runtime.deps()
-    outcomes = list(_submit_pool().map(lambda job_id: submit_job(deps, job_id), job_ids))
+    outcomes = list(submit_pool().map(lambda job_id: submit_job(deps, job_id), job_ids))
     counts: dict[str, int] = {}
     for job_id, result in zip(job_ids, outcomes, strict=True):
         counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1
@@ -80,11 +80,16 @@ def submit_chunk(job_ids: list[str]) -> dict[str, int]:
     return counts
 
 
-def _submit_pool() -> ThreadPoolExecutor:
+def submit_pool() -> ThreadPoolExecutor:
     global _chunk_pool
     if _chunk_pool is None:
         _chunk_pool = ThreadPoolExecutor(CHUNK_THREADS, thread_name_prefix="kq-submit")
     return _chunk_pool
+
+
+def retry_submit_later(job_id: str) -> None:
+    """A single job's transient failure: retry it alone, with back-off, as `kq.submit`."""
+    submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE, countdown=retry_countdown(0))
 
 
 def enqueue_submit(job_id: str) -> None:

@@ -2,11 +2,11 @@
 -- state the existing job is in (so a resumed batch can re-send the queued ones).
 -- KEYS[1] stats hash  KEYS[2] batch hash  KEYS[3] batch member list
 -- ARGV[1] batch id ('' for none)  ARGV[2] now
--- ARGV[3..] per job, 3 values: job id, request JSON, idempotency key
+-- ARGV[3..] per job, 4 values: job id, request JSON, idempotency key, priority
 local answers = {}
 local created = 0
 local batch_id = ARGV[1]
-for i = 3, #ARGV, 3 do
+for i = 3, #ARGV, 4 do
   local job_id = ARGV[i]
   local key = 'kq:job:' .. job_id
   local state = redis.call('HGET', key, 'state')
@@ -14,7 +14,8 @@ for i = 3, #ARGV, 3 do
     table.insert(answers, state)
   else
     redis.call('HSET', key, 'id', job_id, 'state', 'queued', 'version', 1,
-      'request', ARGV[i + 1], 'idempotency_key', ARGV[i + 2], 'batch_id', batch_id,
+      'request', ARGV[i + 1], 'idempotency_key', ARGV[i + 2], 'priority', ARGV[i + 3],
+      'batch_id', batch_id,
       'attempts', 0, 'created_at', ARGV[2], 'updated_at', ARGV[2])
     if batch_id ~= '' then redis.call('RPUSH', KEYS[3], job_id) end
     created = created + 1

@@ -58,6 +58,17 @@ if pid ~= '' then
   end
 end
 
+-- Back to queued, or finished: the job no longer occupies a provider slot (admission).
+if ARGV[1] == 'queued' or ARGV[8] == '1' then
+  if redis.call('ZREM', 'kq:adm:slots', job_id) == 1 then
+    redis.call('LPUSH', 'kq:adm:wake', '1')
+    redis.call('LTRIM', 'kq:adm:wake', 0, 63)
+  end
+end
+if ARGV[8] == '1' and redis.call('ZREM', 'kq:adm:wait:' .. batch_id, job_id) == 1 then
+  redis.call('DECR', 'kq:adm:nwait')
+end
+
 if ARGV[9] == 'rm' then
   redis.call('ZREM', KEYS[3], job_id)
 elseif ARGV[9] ~= '' then

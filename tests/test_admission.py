@@ -1,0 +1,209 @@
+"""Admission control: the Redis side on its own, then several real worker processes
+racing against a simulator, with a kill, a 429 storm, and a small batch behind a big one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import wait_for
+from worker.admission import Admission
+from worker.domain import EditRequest, JobState
+from worker.runtime import make_producer, make_store
+from worker.settings import Settings
+from worker.stack import Stack, StackConfig
+from worker.store import JobStore
+
+REQ = EditRequest(prompt="p", image="https://example.com/a.jpg")
+
+
+@pytest.fixture
+def admission(redis_client: redis.Redis, settings: Settings) -> Admission:
+    return Admission(redis_client, replace(settings, max_in_flight=2, max_submits_per_minute=3))
+
+
+def test_cap_waiting_line_and_release(admission: Admission, store: JobStore) -> None:
+    """Two slots: the third job waits; releasing (a terminal move) lets a claim take it."""
+    for job in ("a", "b", "c"):
+        store.create(job, REQ, now=1.0)
+    assert admission.acquire("a", "", 0, 100.0).granted
+    assert admission.acquire("b", "", 0, 100.0).granted
+    third = admission.acquire("c", "", 0, 100.0)
+    assert not third.granted and third.retry_after_s > 0
+    assert admission.acquire("a", "", 0, 100.0).held_already
+    assert admission.claim(10, 100.0)[0] == []
+    store.transition("a", JobState.FAILED, now=101.0)  # the Lua move gives the slot back
+    assert admission.claim(10, 101.0)[0] == ["c"]
+    snap = admission.snapshot(101.0)
+    assert (snap.slots_used, snap.waiting, snap.submits_last_minute) == (2, 0, 3)
+
+
+def test_rate_window(admission: Admission) -> None:
+    """Three submits a minute: the fourth waits until the first leaves the 61 s window."""
+    for i, job in enumerate("abc"):
+        assert admission.acquire(job, "", 0, 100.0 + i).granted
+        admission.release(job)
+    blocked = admission.acquire("d", "", 0, 103.0)
+    assert not blocked.granted and 57 < blocked.retry_after_s <= 58
+    assert admission.claim(10, 150.0)[0] == []
+    assert admission.claim(10, 161.5)[0] == ["d"]
+
+
+def test_round_robin_between_batches_and_priority_within(
+    redis_client: redis.Redis, settings: Settings
+) -> None:
+    """Waiting jobs are served one batch after another; within a batch, higher priority first."""
+    adm = Admission(redis_client, replace(settings, max_in_flight=1, max_submits_per_minute=10**6))
+    assert adm.acquire("blocker", "", 0, 1.0).granted
+    for i in range(5):
+        adm.acquire(f"big{i}", "big", 0, 1.0)
+    adm.acquire("small-low", "small", 0, 1.0)
+    adm.acquire("small-high", "small", 5, 1.0)
+    order = []
+    for _ in range(7):
+        redis_client.zrem("kq:adm:slots", *redis_client.zrange("kq:adm:slots", 0, -1))
+        order += adm.claim(1, 2.0)[0]
+    assert order[:4] == ["big0", "small-high", "big1", "small-low"]
+    assert order[4:] == ["big2", "big3", "big4"]
+
+
+def test_leases_recover_slots_of_vanished_jobs(admission: Admission) -> None:
+    """A slot whose job never released it frees itself when its lease runs out."""
+    assert admission.acquire("a", "", 0, 0.0).granted
+    assert admission.acquire("b", "", 0, 0.0).granted
+    assert not admission.acquire("c", "", 0, 100.0).granted
+    later = admission.lease_s + 1
+    assert admission.claim(10, later)[0] == ["c"]
+
+
+def test_a_429_slows_everyone_then_recovers(redis_client: redis.Redis, settings: Settings) -> None:
+    """After a 429: a short pause for all, half the rate, then back up by 10 % per 10 s."""
+    adm = Admission(redis_client, replace(settings, max_in_flight=100, max_submits_per_minute=100))
+    adm.penalize(1000.0)
+    assert not adm.acquire("x", "", 0, 1001.0).granted
+    snap = adm.snapshot(1001.0)
+    assert snap.rate_factor == 0.5 and snap.rate_limited_total == 1
+    assert adm.snapshot(1030.0).rate_factor == pytest.approx(0.8)
+    assert adm.snapshot(1100.0).rate_factor == 1.0
+
+
+# --- real workers ---------------------------------------------------------------------
+
+CAP = 4
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = StackConfig(
+        var_dir=tmp_path_factory.mktemp("adm"),
+        sim_args=("--inference-time", "0.4", "--seed", "2", "--webhook-retry-base", "0.2"),
+        worker_concurrency=4,
+        extra_env={
+            "KQ_MAX_IN_FLIGHT": str(CAP),
+            "KQ_MAX_SUBMITS_PER_MINUTE": "100000",
+            "KQ_POLL_AFTER_S": "2",
+            "KQ_SWEEP_INTERVAL_S": "0.5",
+            "KQ_HTTP_TIMEOUT_S": "2",
+            "KQ_AMBIGUOUS_GRACE_S": "3",
+        },
+    )
+    with Stack(config, announce=lambda line: None) as running:
+        for n in (2, 3):
+            running._spawn(
+                f"worker{n}",
+                [*running.procs["worker"].argv],
+                running._heartbeat_ready("worker"),
+            )
+        yield running
+
+
+def settings_of(stack: Stack) -> Settings:
+    return Settings.from_env({**os.environ, **stack.env})
+
+
+def sim_tasks(stack: Stack) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{stack.sim_url}/_sim/tasks").json()["tasks"])
+
+
+def max_overlap(tasks: list[dict[str, Any]]) -> int:
+    """Most tasks alive at the provider at one moment (from its own timestamps)."""
+    edges = []
+    for t in tasks:
+        end = t.get("finished_at") or time.time()
+        edges += [(t["submitted_at"], 1), (end, -1)]
+    live = peak = 0
+    for _, step in sorted(edges, key=lambda e: (e[0], e[1])):
+        live += step
+        peak = max(peak, live)
+    return peak
+
+
+def test_slots_never_exceed_the_cap_across_three_workers(stack: Stack) -> None:
+    """Three worker processes, 40 jobs: the provider never holds more than the cap."""
+    producer = make_producer(settings_of(stack))
+    receipt = producer.enqueue_batch([REQ] * 40, batch_id="cap")
+    progress = producer.wait_batch("cap", timeout_s=120)
+    assert progress is not None and progress.done and progress.completed == 40
+    cap_jobs = set(producer.store.batch_members("cap"))
+    tasks = [t for t in sim_tasks(stack) if t["webhook"].split("job=")[1][:32] in cap_jobs]
+    assert len(tasks) == 40
+    assert max_overlap(tasks) <= CAP
+    assert receipt.created == 40
+    snap = Admission(producer.store.redis, settings_of(stack)).snapshot(time.time())
+    assert snap.slots_used == 0 and snap.waiting == 0
+
+
+def test_a_429_storm_slows_submits_and_loses_no_job(stack: Stack) -> None:
+    """Every submit refused for a while: jobs wait and all finish; the back-off is shared."""
+    assert stack.sim_url is not None
+    httpx.post(f"{stack.sim_url}/_sim/config", json={"burst_429_s": 2.0}).raise_for_status()
+    producer = make_producer(settings_of(stack))
+    producer.enqueue_batch([REQ] * 12, batch_id="storm")
+    progress = producer.wait_batch("storm", timeout_s=120)
+    assert progress is not None and progress.done and progress.completed == 12
+    snap = Admission(producer.store.redis, settings_of(stack)).snapshot(time.time())
+    assert snap.rate_limited_total > 0 and snap.slots_used == 0
+
+
+def test_small_batch_behind_a_big_one_is_served_soon(stack: Stack) -> None:
+    """A 3-job batch enqueued behind a 400-job batch is served within a few big-batch jobs."""
+    producer = make_producer(settings_of(stack))
+    store = producer.store
+    producer.enqueue_batch([REQ] * 400, batch_id="big")
+    wait_for(lambda: _submitted(store, "big") >= 2 * CAP, timeout_s=60)
+    before = _submitted(store, "big")
+    producer.enqueue_batch([REQ] * 3, batch_id="small")
+    wait_for(lambda: _submitted(store, "small") == 3, timeout_s=60)
+    after = _submitted(store, "big")
+    # Round robin: the big batch gets about one slot per small-batch slot meanwhile.
+    assert after - before <= 3 * CAP, (before, after)
+    assert producer.cancel_batch("big") > 0
+
+
+def _submitted(store: JobStore, batch_id: str) -> int:
+    jobs = store.get_many(store.batch_members(batch_id))
+    return sum(1 for j in jobs if j is not None and j.prediction_id)
+
+
+def test_a_killed_worker_gives_its_slots_back(stack: Stack) -> None:
+    """kill -9 a worker mid-batch: every job still ends, and no slot stays taken."""
+    settings = settings_of(stack)
+    producer = make_producer(settings)
+    producer.enqueue_batch([REQ] * 30, batch_id="kill")
+    wait_for(lambda: _submitted(producer.store, "kill") >= CAP, timeout_s=60)
+    stack.kill("worker", signal.SIGKILL)
+    stack.restart("worker")
+    progress = producer.wait_batch("kill", timeout_s=180)
+    assert progress is not None and progress.done, progress
+    store = make_store(settings)
+    jobs = store.get_many(store.batch_members("kill"))
+    assert all(j is not None and j.terminal for j in jobs)
+    wait_for(lambda: Admission(store.redis, settings).snapshot(time.time()).slots_used == 0)

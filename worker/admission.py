@@ -1,0 +1,112 @@
+"""Admission control: one account-wide budget of provider slots and submits per minute,
+shared by every worker process on every machine through Redis.
+
+A slot is taken just before a submit and given back when the job becomes terminal or
+goes back to `queued` (in the same Lua transition that records it), never when the
+Celery task returns. A job that finds no slot waits in Redis — per-batch sorted sets
+(priority, then arrival) served round-robin, so a small batch behind a big one starts
+within seconds — and a dispatcher thread in each worker claims waiting jobs as slots
+free up, woken by the release itself. Leases recover slots whose jobs vanished.
+A 429 halves the allowed rate for everyone and pauses submits briefly; the rate then
+climbs back by a tenth every 10 s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Final
+
+import redis
+
+from worker.settings import Settings
+
+WAKE_KEY: Final = "kq:adm:wake"
+# A 429 pauses every worker's submits this long before the reduced rate applies.
+RATE_LIMIT_PAUSE_S: Final = 2.0
+# A slot outlives any legitimate holder by this much past the job deadline.
+LEASE_MARGIN_S: Final = 120.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to "may this job be submitted now?"."""
+
+    granted: bool
+    held_already: bool = False
+    retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Admission state for `kq status` and metrics."""
+
+    slots_used: int
+    slots_total: int
+    submits_last_minute: int
+    submits_per_minute_limit: int
+    waiting: int
+    rate_factor: float
+    backoff_until: float
+    rate_limited_total: int
+
+
+class Admission:
+    """The Redis side of admission control (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+        self.redis = client
+        self.max_in_flight = settings.max_in_flight
+        self.max_per_minute = settings.max_submits_per_minute
+        self.lease_s = settings.job_deadline_s + settings.http_timeout_s + LEASE_MARGIN_S
+        self._script = client.register_script(
+            resources.files("worker").joinpath("lua", "admission.lua").read_text()
+        )
+
+    def _call(self, op: str, now: float, *extra: Any) -> Any:
+        args = [op, now, self.max_in_flight, self.max_per_minute, self.lease_s, *extra]
+        return self._script(keys=[], args=args)
+
+    def acquire(self, job_id: str, batch_id: str, priority: int, now: float) -> Decision:
+        """Take a slot for this job, or put it in the waiting line."""
+        answer, retry = self._call("acquire", now, job_id, batch_id, priority)
+        if answer == "wait":
+            return Decision(False, retry_after_s=float(retry))
+        return Decision(True, held_already=answer == "held")
+
+    def wait(self, job_id: str, batch_id: str, priority: int, now: float) -> None:
+        """Give back this job's slot (if any) and line it up again (e.g. after a 429)."""
+        self._call("wait", now, job_id, batch_id, priority)
+
+    def release(self, job_id: str) -> None:
+        """Give back a slot taken for a submit that did not happen."""
+        if self.redis.zrem("kq:adm:slots", job_id):
+            self.redis.lpush(WAKE_KEY, "1")
+
+    def claim(self, limit: int, now: float) -> tuple[list[str], float]:
+        """Waiting jobs granted a slot now (round-robin over batches), and how long to
+        sleep before asking again when none could be granted."""
+        answer = [str(x) for x in self._call("claim", now, limit)]
+        return answer[1:], float(answer[0])
+
+    def penalize(self, now: float) -> None:
+        """A 429 arrived: slow every worker down."""
+        self._call("penalize", now, RATE_LIMIT_PAUSE_S)
+
+    def wait_for_wake(self, timeout_s: float) -> None:
+        """Sleep until a slot is released somewhere, or `timeout_s` passes."""
+        timeout = max(0.01, min(timeout_s, 5.0))
+        self.redis.blpop([WAKE_KEY], timeout=timeout)
+
+    def snapshot(self, now: float) -> Snapshot:
+        used, submits, waiting, factor, backoff, limited = self._call("snapshot", now)
+        return Snapshot(
+            slots_used=int(used),
+            slots_total=self.max_in_flight,
+            submits_last_minute=int(submits),
+            submits_per_minute_limit=self.max_per_minute,
+            waiting=int(waiting),
+            rate_factor=float(factor),
+            backoff_until=float(backoff),
+            rate_limited_total=int(limited),
+        )

@@ -1,0 +1,120 @@
+-- Admission control shared by every worker process through Redis: at most
+-- max_in_flight jobs at the provider and max_per_minute submits in any 61 s window
+-- (60 s plus a second for clock skew and latency), scaled down after a 429.
+-- Waiting jobs sit in per-batch sorted sets (priority, then arrival) served round-robin.
+--
+-- KEYS: none (fixed names under kq:adm:, built here; one WaveSpeed account per Redis)
+-- ARGV[1] op: 'acquire' | 'claim' | 'wait' | 'penalize' | 'snapshot'
+-- ARGV[2] now   ARGV[3] max_in_flight   ARGV[4] max_per_minute   ARGV[5] lease seconds
+-- acquire:  ARGV[6] job id  ARGV[7] batch id  ARGV[8] priority
+-- claim:    ARGV[6] how many at most
+-- wait:     ARGV[6] job id  ARGV[7] batch id  ARGV[8] priority
+-- penalize: ARGV[6] back-off seconds
+local SLOTS, SUBMITS, CTL = 'kq:adm:slots', 'kq:adm:submits', 'kq:adm:ctl'
+local RR, NWAIT, SEQ = 'kq:adm:rr', 'kq:adm:nwait', 'kq:adm:seq'
+local WINDOW = 61
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+local max_in_flight = tonumber(ARGV[3])
+local max_per_minute = tonumber(ARGV[4])
+local lease = tonumber(ARGV[5])
+
+local function factor()
+  local f = tonumber(redis.call('HGET', CTL, 'factor') or '1')
+  local changed = tonumber(redis.call('HGET', CTL, 'changed_at') or '0')
+  -- Gradual return after a 429: +10 % of the limit for every 10 s without one.
+  if f < 1 and now - changed >= 10 then
+    f = math.min(1, f + 0.1 * math.floor((now - changed) / 10))
+    redis.call('HSET', CTL, 'factor', f, 'changed_at', now)
+  end
+  return f
+end
+
+-- Answers 0 when a slot may be taken now, else seconds to wait (0.5 when a release will wake us).
+local function blocked()
+  redis.call('ZREMRANGEBYSCORE', SLOTS, '-inf', now)  -- expired leases: owners gone
+  local until_ = tonumber(redis.call('HGET', CTL, 'backoff_until') or '0')
+  if until_ > now then return until_ - now end
+  if redis.call('ZCARD', SLOTS) >= max_in_flight then return 0.5 end
+  redis.call('ZREMRANGEBYSCORE', SUBMITS, '-inf', now - WINDOW)
+  local allowed = math.max(1, math.floor(max_per_minute * factor()))
+  if redis.call('ZCARD', SUBMITS) >= allowed then
+    local oldest = redis.call('ZRANGE', SUBMITS, 0, 0, 'WITHSCORES')
+    return math.max(0.05, tonumber(oldest[2]) + WINDOW - now)
+  end
+  return 0
+end
+
+local function take(job_id)
+  redis.call('ZADD', SLOTS, now + lease, job_id)
+  redis.call('ZADD', SUBMITS, now, job_id .. ':' .. now)
+end
+
+local function enqueue_wait(job_id, batch_id, priority)
+  local key = 'kq:adm:wait:' .. batch_id
+  if redis.call('ZSCORE', key, job_id) then return end
+  local seq = redis.call('INCR', SEQ)
+  -- Higher priority first, then first come first served.
+  redis.call('ZADD', key, -priority * 1e12 + seq, job_id)
+  redis.call('INCR', NWAIT)
+  if redis.call('ZCARD', key) == 1 then redis.call('RPUSH', RR, batch_id) end
+end
+
+if op == 'acquire' then
+  local job_id = ARGV[6]
+  if redis.call('ZSCORE', SLOTS, job_id) then return {'held', '0'} end
+  local wait = blocked()
+  -- Others waiting go first (fairness): a newcomer joins the queue.
+  if wait == 0 and tonumber(redis.call('GET', NWAIT) or '0') > 0 then wait = 0.05 end
+  if wait > 0 then
+    enqueue_wait(job_id, ARGV[7], tonumber(ARGV[8]))
+    return {'wait', tostring(wait)}
+  end
+  take(job_id)
+  return {'granted', '0'}
+elseif op == 'wait' then
+  redis.call('ZREM', SLOTS, ARGV[6])
+  enqueue_wait(ARGV[6], ARGV[7], tonumber(ARGV[8]))
+  return {'wait', '0'}
+elseif op == 'claim' then
+  local claimed = {}
+  local wait = 0
+  local rounds = 0
+  while #claimed < tonumber(ARGV[6]) and rounds < 10000 do
+    rounds = rounds + 1
+    wait = blocked()
+    if wait > 0 then break end
+    local batch_id = redis.call('LMOVE', RR, RR, 'LEFT', 'RIGHT')
+    if not batch_id then break end
+    local key = 'kq:adm:wait:' .. batch_id
+    local popped = redis.call('ZPOPMIN', key)
+    if #popped == 0 then
+      redis.call('LREM', RR, 0, batch_id)
+    else
+      redis.call('DECR', NWAIT)
+      if redis.call('ZCARD', key) == 0 then redis.call('LREM', RR, 0, batch_id) end
+      take(popped[1])
+      table.insert(claimed, popped[1])
+    end
+  end
+  if #claimed == 0 and wait == 0 then wait = 0.5 end
+  table.insert(claimed, 1, tostring(wait))
+  return claimed
+elseif op == 'penalize' then
+  local f = factor()
+  redis.call('HSET', CTL, 'factor', math.max(0.1, f / 2), 'changed_at', now,
+    'backoff_until', now + tonumber(ARGV[6]))
+  redis.call('HINCRBY', CTL, 'rate_limited', 1)
+  return {'ok', '0'}
+elseif op == 'snapshot' then
+  redis.call('ZREMRANGEBYSCORE', SUBMITS, '-inf', now - 60)
+  return {
+    tostring(redis.call('ZCARD', SLOTS)),
+    tostring(redis.call('ZCARD', SUBMITS)),
+    tostring(redis.call('GET', NWAIT) or '0'),
+    tostring(factor()),
+    tostring(redis.call('HGET', CTL, 'backoff_until') or '0'),
+    tostring(redis.call('HGET', CTL, 'rate_limited') or '0'),
+  }
+end
+return redis.error_reply('unknown op ' .. op)
