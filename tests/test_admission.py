@@ -207,3 +207,20 @@ def test_a_killed_worker_gives_its_slots_back(stack: Stack) -> None:
     jobs = store.get_many(store.batch_members("kill"))
     assert all(j is not None and j.terminal for j in jobs)
     wait_for(lambda: Admission(store.redis, settings).snapshot(time.time()).slots_used == 0)
+
+
+def test_claims_of_a_dead_dispatcher_go_back_in_line(
+    redis_client: redis.Redis, settings: Settings, store: JobStore
+) -> None:
+    """A job claimed but never submitted (its process died) is lined up again after the lease."""
+    adm = Admission(redis_client, replace(settings, max_in_flight=1, max_submits_per_minute=10**6))
+    store.create("a", REQ, batch_id="b", now=1.0)
+    store.create("blocker", REQ, now=1.0)
+    assert adm.acquire("blocker", "", 0, 1.0).granted
+    assert not adm.acquire("a", "b", 0, 1.0).granted
+    store.transition("blocker", JobState.FAILED, now=2.0)
+    assert adm.claim(5, 2.0)[0] == ["a"]  # ... and then the claimer dies
+    assert adm.claim(5, 30.0)[0] == []
+    assert adm.claim(5, 63.0)[0] == ["a"]  # lease over: back in line, claimed again
+    store.transition("a", JobState.SUBMITTING, now=64.0)  # a submit ends the claim
+    assert redis_client.zcard("kq:adm:claimed") == 0

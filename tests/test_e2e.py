@@ -309,3 +309,27 @@ def test_ten_thousand_jobs_end_to_end(h: Harness) -> None:
     assert len(events) == n and {e["job_id"] for e in events} == ids
     tasks = [t for t in h.sim_tasks() if "bulk " in json.dumps(t.get("params", {}))]
     assert len(tasks) == n
+
+
+def test_enqueue_a_local_image_through_the_cli(h: Harness, tmp_path: Path) -> None:
+    """`kq enqueue --image FILE` uploads the file, then the job completes with it as input."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    picture = tmp_path / "cat.png"
+    Image.new("RGB", (32, 24), (200, 120, 40)).save(picture)
+    result = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "enqueue", "--prompt", "make it blue",
+         "--image", str(picture), "--wait", "--timeout", "60", "--json"],
+        env={**os.environ, **h.stack.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["state"] == "completed"
+    assert job["request"]["image"].startswith(h.stack.sim_url or "-")
+    assert httpx.get(job["request"]["image"]).content == picture.read_bytes()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -126,9 +127,28 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def _consume(consumer: Any, out: _Printer, *, follow: bool) -> None:
-    """Print, then ack, each event: killed in between, the event comes again on restart."""
+    """Print, then ack, each event: killed in between, the event comes again on restart.
+
+    Ctrl-C and SIGTERM only stop the loop between two events, so a stopped (not
+    SIGKILLed) consumer never leaves a printed event unacked: restarted, it goes on
+    exactly where it stopped. A SIGKILL can still land between print and ack; that
+    event is printed again (at-least-once).
+    """
+    stop = threading.Event()
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
+    try:
+        _consume_until(consumer, out, follow=follow, stop=stop)
+    finally:
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)
+
+
+def _consume_until(consumer: Any, out: _Printer, *, follow: bool, stop: threading.Event) -> None:
     next_reclaim = 0.0
-    while not out.done:
+    while not out.done and not stop.is_set():
         batch = []
         if time.monotonic() >= next_reclaim:
             batch = consumer.reclaim(count=out.room(100))
@@ -140,8 +160,8 @@ def _consume(consumer: Any, out: _Printer, *, follow: bool) -> None:
         for event in batch:
             out.emit(event)
             consumer.ack(event.id)
-            if out.done:
-                return
+            if out.done or stop.is_set():
+                return  # the rest of this batch stays pending: it comes first next time
 
 
 class _Printer:
@@ -189,6 +209,7 @@ def _event_line(event: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from worker.admission import Admission
     from worker.status import collect, render
 
     settings = Settings.from_env()
@@ -199,6 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             client,
             deadline_s=settings.job_deadline_s,
             webhooks_enabled=settings.webhooks_enabled,
+            admission=Admission(client, settings),
         )
 
     interval = max(0.2, args.interval)
@@ -242,6 +264,7 @@ def _watch(snapshot: Any, render: Any, interval: float) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from worker import telemetry
+    from worker.admission import Admission
     from worker.metrics import StatusCollector, serve_exporter
     from worker.status import collect
 
@@ -252,6 +275,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             client,
             deadline_s=settings.job_deadline_s,
             webhooks_enabled=settings.webhooks_enabled,
+            admission=Admission(client, settings),
         ),
         lambda: telemetry.totals(client),
     )

@@ -50,6 +50,10 @@ def dispatch_forever(
             log.warning("dispatcher.redis_error", error=type(exc).__name__)
             stop.wait(REDIS_TROUBLE_PAUSE_S)
             continue
+        except Exception as exc:  # never let the thread die: waiting jobs depend on it
+            log.error("dispatcher.error", error=repr(exc))
+            stop.wait(REDIS_TROUBLE_PAUSE_S)
+            continue
         for job_id in job_ids:
             future = pool.submit(submit_job, deps, job_id, slot_held=True)
             future.add_done_callback(_after(job_id, retry_later))

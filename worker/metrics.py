@@ -135,6 +135,9 @@ def status_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
     for state in LIVE_STATES:
         jobs.add_metric([state], snap["jobs"][state])
     yield jobs
+    yield CounterMetricFamily(
+        "kq_jobs_enqueued", "Jobs enqueued (live + terminal)", value=sum(snap["jobs"].values())
+    )
     ended = CounterMetricFamily(
         "kq_jobs_terminal", "Jobs that reached each terminal state", labels=["state"]
     )
@@ -186,6 +189,15 @@ def status_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
         "kq_cost_usd", "Estimated spend at the per-image price", value=cost["total_usd"]
     )
     yield _gauge("kq_cost_today_usd", "Estimated spend today (UTC)", cost["today_usd"])
+    adm = snap.get("admission")
+    if adm:
+        yield _gauge("kq_provider_slots_used", "Provider slots held (admission)", adm["slots_used"])
+        yield _gauge("kq_provider_slots_total", "KQ_MAX_IN_FLIGHT", adm["slots_total"])
+        yield _gauge("kq_admission_waiting", "Jobs waiting for a provider slot", adm["waiting"])
+        yield _gauge(
+            "kq_submits_last_minute", "Submits in the last minute", adm["submits_last_minute"]
+        )
+        yield _gauge("kq_submit_rate_factor", "Share of the rate limit in use", adm["rate_factor"])
     beats = GaugeMetricFamily(
         "kq_process_heartbeats", "Live processes by role (heartbeat keys)", labels=["role"]
     )

@@ -13,18 +13,18 @@ show it and it survives restarts (unlike Flower, which forgets on restart):
     webhook outcomes
     cost                  kq:stats `paid` (jobs that got a provider task) x the price;
                           today from telemetry; per running batch from kq:batch:{id}
-    heartbeats            kq:heartbeat:{worker,beat,receiver}:{pid} keys with a TTL
+    heartbeats            kq:heartbeats, the index of kq:heartbeat:{role}:{pid} keys
 
 `collect` returns a JSON-ready dict (the `kq status --json` format); `render` draws it
-with rich. Every read is bounded (a capped scan or a capped range), so a large backlog
-costs a status call milliseconds, not a full scan. No secrets are read.
+with rich. Every read is bounded (capped ranges, no keyspace SCAN), so a large backlog
+costs a status call milliseconds. No secrets are read.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -34,9 +34,11 @@ from rich.table import Table
 from rich.text import Text
 
 from worker import telemetry
+from worker.admission import Admission
 from worker.domain import PRICE_PER_IMAGE_USD
 from worker.events import ResultEvent, decode_event, time_to_id
-from worker.store import DLQ_KEY, EVENTS_KEY, POLL_KEY, STATS_KEY, job_key
+from worker.runtime import HEARTBEATS_KEY
+from worker.store import DLQ_KEY, EVENTS_KEY, POLL_KEY, STATS_KEY, batch_key, job_key
 
 # The Celery queue names (worker/celery_app.py), repeated here so a status reader
 # never imports Celery; the Redis transport keeps delivered-unacked messages in `unacked`.
@@ -60,7 +62,7 @@ class StatusConfig:
     missed_webhook_min: int = 10  # ... once at least this many results were resolved
     rejected_window_min: int = 5  # alarm on bad signatures/tokens in the last minutes
     rejected_min: int = 3
-    batch_scan: int = 2_000  # batches looked at for "running batches"
+    batch_scan: int = 200  # at most this many batches looked at for "running batches"
 
 
 def collect(
@@ -70,6 +72,7 @@ def collect(
     webhooks_enabled: bool,
     now: float | None = None,
     config: StatusConfig | None = None,
+    admission: Admission | None = None,
 ) -> dict[str, Any]:
     """Read a snapshot; raises redis.RedisError when Redis is unreachable."""
     cfg = config or StatusConfig()
@@ -93,8 +96,10 @@ def collect(
     recent = telemetry.recent(client, max(1, round(cfg.window_s / 60)), now=ts)
     rejected_recent = telemetry.recent(client, cfg.rejected_window_min, now=ts)
     today = telemetry.today(client, now=ts)
-    overdue = _overdue(client, ts, deadline_s, cfg)
-    heartbeats = _heartbeats(client)
+    active: set[str] = set()  # batches with a job in flight or a recent result
+    overdue = _overdue(client, ts, deadline_s, cfg, active)
+    active.update(e.batch_id for e in events if e.batch_id)
+    heartbeats = _heartbeats(client, ts)
     snapshot: dict[str, Any] = {
         "time": ts,
         "queues": {
@@ -111,10 +116,11 @@ def collect(
         "recent": _recent(recent, cfg),
         "latency": _latency(window, cfg.window_s),
         "throughput": _series(events, ts, cfg.chart_minutes),
-        "cost": _cost(client, stats, today, cfg),
+        "cost": _cost(client, stats, today, active, cfg),
         "heartbeats": heartbeats,
         "webhooks_enabled": webhooks_enabled,
         "deadline_s": deadline_s,
+        "admission": None if admission is None else asdict(admission.snapshot(ts)),
     }
     snapshot["alarms"] = alarms(snapshot, rejected_recent, cfg)
     return snapshot
@@ -181,9 +187,12 @@ def _recent_events(client: redis.Redis, since: float, cfg: StatusConfig) -> list
 
 
 def _overdue(
-    client: redis.Redis, now: float, deadline_s: float, cfg: StatusConfig
+    client: redis.Redis, now: float, deadline_s: float, cfg: StatusConfig, batches: set[str]
 ) -> dict[str, Any]:
-    """In-flight jobs (the poll schedule holds them) whose deadline has passed."""
+    """In-flight jobs (the poll schedule holds them) whose deadline has passed.
+
+    Adds the batch ids of the in-flight jobs to `batches` on the way.
+    """
     members: Any = client.zrange(POLL_KEY, 0, cfg.overdue_scan - 1)
     ids = [_s(m) for m in members]
     found: list[dict[str, Any]] = []
@@ -197,6 +206,8 @@ def _overdue(
             state, submitted, submitting, created, batch = (_s(v) if v else "" for v in row)
             if state not in ("submitting", "submitted"):
                 continue
+            if batch:
+                batches.add(batch)
             started = _float(submitted) or _float(submitting) or _float(created)
             if started and now - started > deadline_s:
                 found.append(
@@ -307,7 +318,11 @@ def _series(events: list[ResultEvent], now: float, minutes: int) -> list[dict[st
 
 
 def _cost(
-    client: redis.Redis, stats: dict[str, int], today: Counter[str], cfg: StatusConfig
+    client: redis.Redis,
+    stats: dict[str, int],
+    today: Counter[str],
+    active: set[str],
+    cfg: StatusConfig,
 ) -> dict[str, Any]:
     paid = stats.get("paid", 0)
     return {
@@ -315,17 +330,21 @@ def _cost(
         "paid_jobs": paid,
         "total_usd": round(paid * PRICE_PER_IMAGE_USD, 2),
         "today_usd": round(today["submit.submitted"] * PRICE_PER_IMAGE_USD, 2),
-        "running_batches": _running_batches(client, cfg),
+        "running_batches": _running_batches(client, active, cfg),
     }
 
 
-def _running_batches(client: redis.Redis, cfg: StatusConfig) -> list[dict[str, Any]]:
-    """Batches with jobs not yet terminal, with their progress and what they cost so far."""
-    keys: list[str] = []
-    for key in client.scan_iter(match="kq:batch:*", count=500):
-        keys.append(_s(key))
-        if len(keys) >= cfg.batch_scan:
-            break
+def _running_batches(
+    client: redis.Redis, active: set[str], cfg: StatusConfig
+) -> list[dict[str, Any]]:
+    """Batches with jobs not yet terminal, with their progress and what they cost so far.
+
+    There is no index of batches, and a SCAN of the keyspace costs as much as the number
+    of job records; so only batches seen lately (a job in flight, or a result in the
+    chart window) are looked at. A batch whose jobs all still sit in the Celery queue
+    shows up with its first submit.
+    """
+    keys = [batch_key(b) for b in sorted(active)[: cfg.batch_scan]]
     if not keys:
         return []
     pipe = client.pipeline(transaction=False)
@@ -351,16 +370,14 @@ def _running_batches(client: redis.Redis, cfg: StatusConfig) -> list[dict[str, A
     return running[: cfg.list_limit]
 
 
-def _heartbeats(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
-    keys = [_s(k) for k in client.scan_iter(match="kq:heartbeat:*", count=200)]
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.ttl(key)
+def _heartbeats(client: redis.Redis, now: float) -> dict[str, list[dict[str, Any]]]:
+    """Live processes by role, from the heartbeat index (key -> expiry; see runtime)."""
+    raw: Any = client.zrangebyscore(HEARTBEATS_KEY, now, "+inf", withscores=True)
     beats: dict[str, list[dict[str, Any]]] = {role: [] for role in ROLES}
-    for key, ttl in zip(keys, pipe.execute(), strict=True):
-        parts = key.split(":")
-        if len(parts) == 4 and parts[2] in beats and int(ttl) > 0:
-            beats[parts[2]].append({"pid": _int(parts[3]), "ttl_s": int(ttl)})
+    for key, expires in raw:
+        parts = _s(key).split(":")  # kq:heartbeat:<role>:<pid>
+        if len(parts) == 4 and parts[2] in beats:
+            beats[parts[2]].append({"pid": _int(parts[3]), "ttl_s": round(expires - now, 1)})
     for entries in beats.values():
         entries.sort(key=lambda e: int(str(e["pid"])))
     return beats
@@ -396,6 +413,17 @@ def render(snap: dict[str, Any]) -> RenderableType:
         "celery queues",
         f"kq {q['kq']}  kq.poll {q['kq.poll']}  reserved by workers {q['reserved']}",
     )
+    adm = snap.get("admission")
+    if adm:
+        backoff = max(0.0, adm["backoff_until"] - snap["time"])
+        facts.add_row(
+            "provider slots",
+            f"{adm['slots_used']}/{adm['slots_total']} in use, {adm['waiting']} waiting; "
+            f"submits last minute {adm['submits_last_minute']}/{adm['submits_per_minute_limit']}"
+            f" (rate x{adm['rate_factor']:.1f}"
+            + (f", paused {backoff:.0f}s after a 429" if backoff else "")
+            + f"; 429s so far {adm['rate_limited_total']})",
+        )
     facts.add_row(
         "polling",
         f"{p['due']} due now, {p['scheduled']} scheduled; "

@@ -12,6 +12,9 @@
 -- penalize: ARGV[6] back-off seconds
 local SLOTS, SUBMITS, CTL = 'kq:adm:slots', 'kq:adm:submits', 'kq:adm:ctl'
 local RR, NWAIT, SEQ = 'kq:adm:rr', 'kq:adm:nwait', 'kq:adm:seq'
+-- Jobs handed to a dispatcher but not yet submitting: if their process dies, they
+-- go back in line when this short lease runs out (the transition to submitting ends it).
+local CLAIMED, CLAIM_LEASE = 'kq:adm:claimed', 60
 local WINDOW = 61
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -77,6 +80,12 @@ elseif op == 'wait' then
   enqueue_wait(ARGV[6], ARGV[7], tonumber(ARGV[8]))
   return {'wait', '0'}
 elseif op == 'claim' then
+  for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', CLAIMED, '-inf', now, 'LIMIT', 0, 1000)) do
+    redis.call('ZREM', CLAIMED, job_id)
+    redis.call('ZREM', SLOTS, job_id)
+    local f = redis.call('HMGET', 'kq:job:' .. job_id, 'state', 'batch_id', 'priority')
+    if f[1] == 'queued' then enqueue_wait(job_id, f[2] or '', tonumber(f[3] or '0') or 0) end
+  end
   local claimed = {}
   local wait = 0
   local rounds = 0
@@ -94,6 +103,7 @@ elseif op == 'claim' then
       redis.call('DECR', NWAIT)
       if redis.call('ZCARD', key) == 0 then redis.call('LREM', RR, 0, batch_id) end
       take(popped[1])
+      redis.call('ZADD', CLAIMED, now + CLAIM_LEASE, popped[1])
       table.insert(claimed, popped[1])
     end
   end

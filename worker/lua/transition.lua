@@ -58,6 +58,8 @@ if pid ~= '' then
   end
 end
 
+-- Any move ends a dispatcher's claim on the job (admission.lua).
+redis.call('ZREM', 'kq:adm:claimed', job_id)
 -- Back to queued, or finished: the job no longer occupies a provider slot (admission).
 if ARGV[1] == 'queued' or ARGV[8] == '1' then
   if redis.call('ZREM', 'kq:adm:slots', job_id) == 1 then

@@ -1,0 +1,277 @@
+"""`kq status`: numbers against a known scenario on the real stack, and the alarms.
+
+The scenario runs on the simulator with its fault knobs: jobs completed by webhook,
+by poll (webhooks dropped), after 429s, and one rejected with a 400; plus forged
+webhooks. `kq status --json` (a real subprocess) must then count each of them.
+Alarm conditions that need a broken system (overdue jobs, dead processes) are built
+directly in the session Redis, without workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import wait_for
+from worker import runtime
+from worker.celery_app import configure
+from worker.cli import main as kq_main
+from worker.domain import EditRequest, JobState
+from worker.producer import Producer
+from worker.runtime import HEARTBEATS_KEY
+from worker.settings import Settings
+from worker.stack import Stack, StackConfig
+from worker.status import StatusConfig, collect, percentile
+from worker.store import POLL_KEY, JobStore
+from worker.tasks import enqueue_submits
+
+pytestmark = pytest.mark.integration
+
+SIM_ARGS = (
+    "--seed", "5",
+    "--inference-time", "0.2",
+    "--queue-delay", "0",
+    "--webhook-retry-base", "0.2",
+    "--webhook-timeout", "2",
+)  # fmt: skip
+STACK_ENV = {
+    "KQ_POLL_AFTER_S": "1.5",
+    "KQ_SWEEP_INTERVAL_S": "0.5",
+    "KQ_SUBMIT_MAX_RETRIES": "8",
+    "KQ_LOG_FORMAT": "json",
+}
+IMAGE = "https://example.com/source.jpg"
+BATCH = "scenario"
+
+
+class Scenario:
+    """The stack, and what the scenario did to it."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.env = {**os.environ, **stack.env}
+        self.settings = Settings.from_env(self.env)
+        configure(self.settings)
+        self.store: JobStore = runtime.make_store(self.settings)
+        self.producer = Producer(store=self.store, send=enqueue_submits)
+        assert stack.sim_url is not None
+        self.sim = httpx.Client(base_url=stack.sim_url, timeout=10)
+        self.jobs: dict[str, list[str]] = {}
+
+    def knobs(self, **values: Any) -> None:
+        self.sim.post("/_sim/config", json=values).raise_for_status()
+
+    def run(self, name: str, n: int, **knobs: Any) -> None:
+        """Enqueue n jobs with the simulator set by `knobs`, wait until they are terminal."""
+        self.knobs(**knobs)
+        ids = [
+            self.producer.enqueue({"prompt": f"{name} {i}", "image": IMAGE}, batch_id=BATCH)
+            for i in range(n)
+        ]
+        for job_id in ids:
+            wait_for(lambda j=job_id: _terminal(self.store, j), timeout_s=40, interval_s=0.1)
+        self.knobs(**{k: 0.0 for k in knobs})
+        self.jobs[name] = ids
+
+    def kq_status_json(self) -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "worker.cli", "status", "--json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        data: dict[str, Any] = json.loads(out.stdout)
+        return data
+
+
+def _terminal(store: JobStore, job_id: str) -> bool:
+    job = store.get(job_id)
+    return job is not None and job.terminal
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
+    config = StackConfig(
+        var_dir=tmp_path_factory.mktemp("stack"),
+        sim_args=SIM_ARGS,
+        worker_concurrency=4,
+        extra_env=STACK_ENV,
+    )
+    with Stack(config, announce=lambda line: None) as stack:
+        s = Scenario(stack)
+        s.run("webhook", 4)
+        s.run("poll", 2, drop_webhook_rate=1.0)
+        s.run("rejected", 1, submit_400_rate=1.0)
+        s.run("rate_limited", 1, burst_429_s=1.5)
+        assert stack.receiver_url is not None
+        for _ in range(3):  # forged deliveries: no valid signature
+            r = httpx.post(
+                f"{stack.receiver_url}/webhooks/wavespeed?job=x&t=y",
+                content=b"{}",
+                headers={"webhook-id": "forged", "webhook-timestamp": str(int(time.time()))},
+            )
+            assert r.status_code == 401
+        # A submit is counted just after it is recorded, so a fast webhook can beat it.
+        client = s.store.redis
+        wait_for(lambda: _snap(client, s.settings)["recent"]["submitted"] == 7, timeout_s=10)
+        yield s
+
+
+def _snap(client: redis.Redis, settings: Settings, **kw: Any) -> dict[str, Any]:
+    return collect(
+        client,
+        deadline_s=settings.job_deadline_s,
+        webhooks_enabled=settings.webhooks_enabled,
+        **kw,
+    )
+
+
+def test_status_json_counts_the_scenario(scenario: Scenario) -> None:
+    """Jobs by state, resolution split, retries and 429s, cost and DLQ match what ran."""
+    snap = scenario.kq_status_json()
+    assert snap["jobs"] == {
+        "queued": 0,
+        "submitting": 0,
+        "submitted": 0,
+        "completed": 7,
+        "failed": 1,
+        "cancelled": 0,
+    }
+    res = snap["resolution"]
+    assert (res["webhook"], res["poll"], res["worker"]) == (5, 2, 1)
+    assert res["missed_webhook_rate"] == pytest.approx(2 / 7)
+    assert res["window"]["missed_webhook_rate"] == pytest.approx(2 / 7)
+    recent = snap["recent"]
+    assert recent["submitted"] == 7
+    assert recent["rate_limited_429"] >= 1 and recent["submit_retries"] >= 1
+    assert recent["webhooks"]["applied"] == 5
+    assert recent["webhooks"]["bad_signature"] == 3
+    assert recent["polls"] >= 2
+    assert snap["cost"]["paid_jobs"] == 7 and snap["cost"]["total_usd"] == pytest.approx(0.56)
+    assert snap["cost"]["today_usd"] == pytest.approx(0.56)
+    assert snap["cost"]["running_batches"] == []  # the batch is finished
+    assert snap["dlq"] == 1
+    adm = snap["admission"]  # the stack lifts the limits against the simulator
+    assert adm["slots_used"] == 0 and adm["slots_total"] == 100_000 and adm["waiting"] == 0
+    assert adm["submits_last_minute"] >= 8
+    (failure,) = snap["failures"]
+    assert failure["job_id"] == scenario.jobs["rejected"][0]
+    assert failure["reason"] == "submit_rejected" and "HTTP 400" in failure["error"]
+    assert snap["latency"]["count"] == 8
+    assert 0 < snap["latency"]["p50_s"] <= snap["latency"]["p95_s"]
+    assert sum(p["completed"] + p["failed"] for p in snap["throughput"]) == 8
+    assert snap["queues"] == {"kq": 0, "kq.poll": snap["queues"]["kq.poll"], "reserved": 0} or (
+        snap["queues"]["kq"] == 0
+    )
+    assert snap["polling"]["scheduled"] == 0 and snap["overdue"]["count"] == 0
+
+
+def test_status_sees_each_process_and_the_forged_webhooks(scenario: Scenario) -> None:
+    """Worker, beat and both receiver processes beat; forged webhooks raise an alarm."""
+    snap = scenario.kq_status_json()
+    beats = snap["heartbeats"]
+    procs = scenario.stack.procs
+    assert [b["pid"] for b in beats["worker"]] == [procs["worker"].pid]
+    assert [b["pid"] for b in beats["beat"]] == [procs["beat"].pid]
+    assert len(beats["receiver"]) == 2  # gunicorn's two workers, each with its own beat
+    names = {a["name"] for a in snap["alarms"]}
+    assert names == {"webhook_rejections"}  # 2 of 7 by poll: below the 10-result minimum
+
+
+def test_missed_webhook_alarm_over_threshold(scenario: Scenario) -> None:
+    """With a lower minimum sample, 2 of 7 results by poll (29 %) exceeds the 25 % line."""
+    cfg = StatusConfig(missed_webhook_min=5)
+    snap = _snap(scenario.store.redis, scenario.settings, config=cfg)
+    (alarm,) = [a for a in snap["alarms"] if a["name"] == "missed_webhooks"]
+    assert "29%" in alarm["message"]
+
+
+def test_status_text_and_watch_render(scenario: Scenario) -> None:
+    """The human form names the counts, the processes and the alarm."""
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "status"],
+        env={**scenario.env, "COLUMNS": "160"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    assert "completed" in out and "webhook_rejections" in out and "$0.56" in out
+    assert "worker 1 ✓" in out and "beat 1 ✓" in out
+
+
+# --- alarms on a broken system (session Redis, no workers) -----------------------------
+
+
+def test_overdue_jobs_and_dead_processes_raise_alarms(
+    store: JobStore, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A submitted job past its deadline is listed as overdue; no heartbeats -> alarms."""
+    now = time.time()
+    late, fresh = uuid.uuid4().hex, uuid.uuid4().hex
+    request = EditRequest(prompt="p", image=IMAGE)
+    for job_id, age in ((late, 7200.0), (fresh, 10.0)):
+        store.create(job_id, request, batch_id="b", now=now - age)
+        store.transition(job_id, JobState.SUBMITTING, now=now - age)
+        store.transition(
+            job_id,
+            JobState.SUBMITTED,
+            now=now - age,
+            fields={"prediction_id": f"p-{job_id}", "submitted_at": now - age},
+            expect_prediction_id=f"p-{job_id}",
+            poll_at=now + 60,
+        )
+    assert redis_client.zcard(POLL_KEY) == 2
+    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=True, now=now)
+    assert snap["overdue"]["count"] == 1
+    (job,) = snap["overdue"]["jobs"]
+    assert job["job_id"] == late and job["age_s"] == pytest.approx(7200)
+    assert snap["in_flight"] == 2
+    (batch,) = snap["cost"]["running_batches"]
+    assert (batch["batch_id"], batch["total"], batch["terminal"]) == ("b", 2, 0)
+    names = {a["name"] for a in snap["alarms"]}
+    assert names == {"overdue_jobs", "worker_down", "beat_down", "receiver_down"}
+
+    stops = [runtime.start_heartbeat(role, redis_client) for role in ("worker", "beat")]
+    try:
+        wait_for(lambda: redis_client.zcard(HEARTBEATS_KEY) == 2)
+        snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now)
+        assert {a["name"] for a in snap["alarms"]} == {"overdue_jobs"}
+        assert snap["heartbeats"]["worker"][0]["pid"] == os.getpid()
+    finally:
+        for stop in stops:
+            stop.set()
+    wait_for(lambda: redis_client.zcard(HEARTBEATS_KEY) == 0)  # a clean stop unregisters
+
+
+def test_status_on_an_empty_redis_and_cli_errors(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh Redis gives zeros, not errors; an unreachable one exits 2 with a message."""
+    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False)
+    assert snap["jobs"]["completed"] == 0 and snap["latency"]["p50_s"] is None
+    assert snap["resolution"]["missed_webhook_rate"] is None
+    monkeypatch.setenv("KQ_VAR_DIR", str(tmp_path))
+    monkeypatch.setenv("KQ_REDIS_URL", "redis://127.0.0.1:1/0")
+    assert kq_main(["status", "--json"]) == 2
+
+
+def test_percentile_nearest_rank() -> None:
+    """p50/p95 use the nearest-rank method."""
+    assert percentile([], 0.5) is None
+    assert percentile([1.0], 0.95) == 1.0
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 0.5), percentile(values, 0.95)) == (50.0, 95.0)
