@@ -51,6 +51,7 @@ WEBHOOK_OUTCOMES: Final = (
     "bad_token",
     "malformed",
     "too_large",
+    "timeout",  # the body did not arrive in time (408)
     "unavailable",
 )
 POLL_OUTCOMES: Final = (

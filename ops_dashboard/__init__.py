@@ -1,0 +1,1 @@
+"""The ops dashboard: a token-protected Flask app, separate from the public webhook receiver."""
