@@ -2,53 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from gunicorn.app.base import BaseApplication
+from flask import Flask
 
 from ops_dashboard.app import create_app
 from worker import runtime
 from worker.settings import Settings
+from worker.wsgi_server import serve as serve_wsgi
 
 DEFAULT_THREADS = 4
 
 
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings, token: str, options: dict[str, Any]) -> None:
-        self._settings = settings
-        self._token = token
-        self._options = options
-        super().__init__()
+def serve(settings: Settings, token: str, *, host: str = "127.0.0.1", port: int = 8090) -> None:
+    """Run the dashboard in the foreground until SIGTERM / Ctrl-C.
 
-    def load_config(self) -> None:
-        for key, value in self._options.items():
-            self.cfg.set(key, value)
+    gunicorn's access log stays off (as for every kq server): a `/login?token=` link
+    must not land in a log file.
+    """
 
-    def load(self) -> Any:
+    def build() -> Flask:
         # Built in the worker process, after the fork: the Redis pool is not shared.
         return create_app(
-            client=runtime.make_redis(self._settings),
-            token=self._token,
-            deadline_s=self._settings.job_deadline_s,
-            webhooks_enabled=self._settings.webhooks_enabled,
+            client=runtime.make_redis(settings),
+            token=token,
+            deadline_s=settings.job_deadline_s,
+            webhooks_enabled=settings.webhooks_enabled,
         )
 
-
-def serve(settings: Settings, token: str, *, host: str = "127.0.0.1", port: int = 8090) -> None:
-    """Run the dashboard in the foreground until SIGTERM / Ctrl-C."""
-    _Gunicorn(
-        settings,
-        token,
-        {
-            "bind": f"{host}:{port}",
-            "workers": 1,
-            "threads": DEFAULT_THREADS,
-            "worker_class": "gthread",
-            "timeout": 30,
-            "graceful_timeout": 5,
-            # No access log: a `/login?token=` link must not land in a log file.
-            "accesslog": None,
-            "errorlog": "-",
-            "loglevel": "warning",
-        },
-    ).run()
+    serve_wsgi(build, host=host, port=port, workers=1, threads=DEFAULT_THREADS, timeout_s=30)

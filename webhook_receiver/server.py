@@ -2,31 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from gunicorn.app.base import BaseApplication
+from flask import Flask
 
 from webhook_receiver.app import create_app
 from worker.settings import Settings
+from worker.wsgi_server import serve as serve_wsgi
 
 DEFAULT_WORKERS = 2
 DEFAULT_THREADS = 8
 # A slow client (slow-loris) gets this long before its worker thread is freed.
 DEFAULT_TIMEOUT_S = 30
-
-
-class _Gunicorn(BaseApplication):  # type: ignore[misc]
-    def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
-        self._settings = settings
-        self._options = options
-        super().__init__()
-
-    def load_config(self) -> None:
-        for key, value in self._options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Any:
-        return create_app(self._settings)
 
 
 def serve(
@@ -38,18 +23,10 @@ def serve(
     threads: int = DEFAULT_THREADS,
 ) -> None:
     """Run the receiver in the foreground until SIGTERM / Ctrl-C."""
-    _Gunicorn(
-        settings,
-        {
-            "bind": f"{host}:{port}",
-            "workers": workers,
-            "threads": threads,
-            "worker_class": "gthread",
-            "timeout": DEFAULT_TIMEOUT_S,
-            "graceful_timeout": 10,
-            "keepalive": 5,
-            "accesslog": None,
-            "errorlog": "-",
-            "loglevel": "warning",
-        },
-    ).run()
+
+    def build() -> Flask:
+        return create_app(settings)
+
+    serve_wsgi(
+        build, host=host, port=port, workers=workers, threads=threads, timeout_s=DEFAULT_TIMEOUT_S
+    )

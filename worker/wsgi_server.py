@@ -41,6 +41,7 @@ def serve(
             "worker_class": "gthread",
             "timeout": timeout_s,
             "graceful_timeout": 10,
+            # No access log: URLs carry tokens (webhook `t=`, dashboard `/login?token=`).
             "keepalive": 5,
             "accesslog": None,
             "errorlog": "-",
