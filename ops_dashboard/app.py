@@ -32,6 +32,7 @@ import redis
 from flask import Flask, Response, redirect, request, send_from_directory
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from worker.admission import Admission
 from worker.events import decode_event
 from worker.status import StatusConfig, collect
 from worker.store import EVENTS_KEY, job_key
@@ -59,6 +60,7 @@ def create_app(
     webhooks_enabled: bool,
     status_config: StatusConfig | None = None,
     clock: Callable[[], float] = time.time,
+    admission: Admission | None = None,
 ) -> Flask:
     """Build the dashboard; `client` is a decode_responses Redis client."""
     if not token:
@@ -130,6 +132,7 @@ def create_app(
                 webhooks_enabled=webhooks_enabled,
                 now=clock(),
                 config=status_config,
+                admission=admission,
             )
         except redis.RedisError as exc:
             return api_error(503, f"Redis unreachable ({type(exc).__name__})")

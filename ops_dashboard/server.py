@@ -6,6 +6,7 @@ from flask import Flask
 
 from ops_dashboard.app import create_app
 from worker import runtime
+from worker.admission import Admission
 from worker.settings import Settings
 from worker.wsgi_server import serve as serve_wsgi
 
@@ -21,11 +22,13 @@ def serve(settings: Settings, token: str, *, host: str = "127.0.0.1", port: int 
 
     def build() -> Flask:
         # Built in the worker process, after the fork: the Redis pool is not shared.
+        client = runtime.make_redis(settings)
         return create_app(
-            client=runtime.make_redis(settings),
+            client=client,
             token=token,
             deadline_s=settings.job_deadline_s,
             webhooks_enabled=settings.webhooks_enabled,
+            admission=Admission(client, settings),
         )
 
     serve_wsgi(build, host=host, port=port, workers=1, threads=DEFAULT_THREADS, timeout_s=30)

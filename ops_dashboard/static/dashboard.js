@@ -62,6 +62,10 @@ function render(s) {
   const hb = s.heartbeats;
   set("processes", ["worker", "beat", "receiver"].map(r => r[0].toUpperCase() + hb[r].length).join(" "));
   $("processes").title = "workers / beats / receivers with a live heartbeat";
+  const adm = s.admission;
+  set("slots", adm ? adm.slots_used + " / " + adm.slots_total : "-");
+  set("submit-rate", adm ? adm.submits_last_minute + " / " + adm.submits_per_minute_limit : "-");
+  $("slots").title = adm ? adm.waiting + " jobs waiting for a slot" : "";
 
   const alarms = $("alarms");
   alarms.replaceChildren();
