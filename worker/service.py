@@ -139,8 +139,11 @@ def _submit(deps: Deps, job_id: str, *, final_attempt: bool, owns_slot: list[boo
         decision = deps.admission.acquire(job_id, job.batch_id, job.priority, now)
         if not decision.granted:
             return SubmitResult(SubmitOutcome.WAITING, f"{decision.retry_after_s:.2f}")
-        # A slot already held belongs to another attempt of this job: not ours to give back.
-        owns_slot[0] = not decision.held_already
+        if decision.held_already:
+            # Another attempt of this job (a dispatcher's claim) holds the slot: its turn.
+            bound.info("submit.slot_held_elsewhere")
+            return SubmitResult(SubmitOutcome.SKIPPED, "another attempt holds the slot")
+        owns_slot[0] = True
 
     claim = store.transition(
         job_id,
