@@ -13,13 +13,18 @@ from pathlib import Path
 
 from rich.table import Table
 
-from bench import bulk_enqueue
+from bench import bulk_enqueue, limit_bound, memory, pipeline_overhead, rate_bound, receiver
 from bench.chart import draw
 from bench.common import Row
 from worker.ui import make_console
 
 SCENARIOS: dict[str, Callable[..., list[Row]]] = {
     "bulk_enqueue": bulk_enqueue.run,
+    "pipeline_overhead": pipeline_overhead.run,
+    "receiver": receiver.run,
+    "limit_bound": limit_bound.run,
+    "rate_bound": rate_bound.run,
+    "memory": memory.run,
 }
 HERE = Path(__file__).parent
 

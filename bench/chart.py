@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from bench.common import Row
 
 WIDTH, ROW_H, LEFT, PAD = 900, 44, 330, 20
+GREEN, RED, GREY = (60, 160, 90), (200, 70, 60), (150, 150, 150)
 
 
 def draw(rows: list[Row], path: Path) -> Path:
@@ -25,10 +26,11 @@ def draw(rows: list[Row], path: Path) -> Path:
         top = PAD * 2 + i * ROW_H
         pen.text((PAD, top + 8), f"{row.scenario}: {row.metric}"[:48], fill="black")
         bar = min(row.ratio, scale_max) / scale_max * span
-        colour = (60, 160, 90) if row.met else (200, 70, 60)
+        goal = goals[i]
+        # Grey for a row without a goal: it is neither a pass nor a miss.
+        colour = GREY if goal is None else GREEN if row.met else RED
         pen.rectangle([LEFT, top + 4, LEFT + bar, top + ROW_H - 10], fill=colour)
         pen.text((LEFT + bar + 6, top + 8), f"{row.ratio:.2f}x", fill="black")
-        goal = goals[i]
         if goal:
             x = LEFT + goal / scale_max * span
             pen.line([x, top, x, top + ROW_H - 6], fill="black", width=2)

@@ -62,7 +62,9 @@ end
 redis.call('ZREM', 'kq:adm:claimed', job_id)
 -- Back to queued, or finished: the job no longer occupies a provider slot (admission).
 if ARGV[1] == 'queued' or ARGV[8] == '1' then
-  if redis.call('ZREM', 'kq:adm:slots', job_id) == 1 then
+  -- Wake a dispatcher only when someone waits for the slot (saves a round trip per job).
+  if redis.call('ZREM', 'kq:adm:slots', job_id) == 1
+      and tonumber(redis.call('GET', 'kq:adm:nwait') or '0') > 0 then
     redis.call('LPUSH', 'kq:adm:wake', '1')
     redis.call('LTRIM', 'kq:adm:wake', 0, 63)
   end

@@ -1,0 +1,212 @@
+"""Receiver: genuine signed deliveries/s (and p99 latency) vs a bare Flask 204 view.
+
+Ours: `kq receiver` under gunicorn, as the stack starts it. Every delivery is one that
+WaveSpeed could send: a real job in Redis in state `submitted`, our per-job URL token,
+a v3 signature made with the secret the receiver was given (KQ_WEBHOOK_SECRET), a
+fresh timestamp and a unique webhook-id. So each one runs the whole path: verify,
+dedupe, the atomic transition and the event append. Counting the events afterwards
+checks that every accepted delivery was really applied.
+
+Baseline: a Flask app defined here whose view answers 204 and does nothing else,
+served by `worker.wsgi_server.serve` with the receiver's gunicorn settings (workers,
+threads, timeout, keep-alive), in its own process.
+
+Load: `bench.loadgen` (child processes, keep-alive connections, loopback only, each
+request sent once, a deadline). Both servers get the same requests; each run is
+preceded by an uncounted warm-up, and only one server runs at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import sys
+import time
+from urllib.parse import urlencode
+
+import httpx
+from flask import Flask, Response
+
+from bench.common import REPO_ROOT, Row, bench_stack, stack_settings
+from bench.loadgen import LoadResult, Request, blast
+from webhook_receiver.server import DEFAULT_THREADS, DEFAULT_TIMEOUT_S, DEFAULT_WORKERS
+from worker.domain import MODEL, EditRequest, JobState
+from worker.procs import Proc, free_port
+from worker.producer import Item, Producer
+from worker.runtime import make_store
+from worker.signing import WEBHOOK_PATH, job_token, sign_v3
+from worker.stack import Stack
+from worker.store import EVENTS_KEY, JobStore
+
+GOAL_RATIO = 0.6
+LOAD_PROCESSES = 2
+THREADS_PER_PROCESS = 8
+
+
+def run(*, quick: bool) -> list[Row]:
+    n = 400 if quick else 12_000
+    warm = 40 if quick else 200
+    deadline_s = 20.0 if quick else 60.0
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    with bench_stack(
+        extra_env={"KQ_WEBHOOK_SECRET": secret}, start_worker=False, start_beat=False
+    ) as stack:
+        settings = stack_settings(stack)
+        store = make_store(settings)
+        assert stack.receiver_url is not None
+        try:
+            jobs = _prepare(store, warm + n)
+            bare_url = _start_bare(stack)
+            deliveries = _sign(jobs, settings.secret_key, secret)
+            _load(bare_url, deliveries[:warm], deadline_s)  # warm-up, not counted
+            base = _load(bare_url, deliveries[warm:], deadline_s)
+            stack.procs["bare-flask"].stop()  # its CPU goes back to the receiver
+            # Signed again: the timestamps must be fresh (±300 s) when ours checks them.
+            deliveries = _sign(jobs, settings.secret_key, secret)
+            _load(stack.receiver_url, deliveries[:warm], deadline_s)  # warm-up, not counted
+            ours = _load(stack.receiver_url, deliveries[warm:], deadline_s)
+            applied = int(store.redis.xlen(EVENTS_KEY)) - warm
+        finally:
+            store.redis.close()
+    refused = {s: c for s, c in ours.statuses.items() if not 200 <= s < 300}
+    note = f"{applied:,} of {len(ours.latencies):,} deliveries applied (an event each)"
+    if refused:
+        note += f"; refused: {refused}"
+    return [
+        Row.higher_is_better(
+            "receiver",
+            "signed deliveries/s vs bare Flask 204",
+            ours.rate,
+            base.rate,
+            "req/s",
+            GOAL_RATIO,
+            note=note,
+        ),
+        Row.reported(
+            "receiver",
+            "p99 latency vs bare Flask 204",
+            ours.percentile_ms(0.99),
+            base.percentile_ms(0.99),
+            "ms",
+            note=f"{LOAD_PROCESSES * THREADS_PER_PROCESS} connections, keep-alive",
+        ),
+    ]
+
+
+def _prepare(store: JobStore, n: int) -> list[tuple[str, str]]:
+    """`n` jobs in state `submitted`, as if a worker had submitted them: (job, prediction)."""
+    items = [
+        Item(EditRequest(prompt=f"receiver edit {i}", image="https://example.com/a.jpg"))
+        for i in range(n)
+    ]
+    # No Celery message: no worker runs here, the jobs only need to exist.
+    Producer(store=store, send=lambda ids: None).enqueue_batch(items, batch_id="bench-receiver")
+    jobs = []
+    for item in items:
+        prediction_id = secrets.token_hex(16)
+        now = time.time()
+        store.transition(item.job_id, JobState.SUBMITTING, now=now)
+        store.transition(
+            item.job_id,
+            JobState.SUBMITTED,
+            now=now,
+            fields={"prediction_id": prediction_id, "submitted_at": now},
+            expect_prediction_id=prediction_id,
+        )
+        jobs.append((item.job_id, prediction_id))
+    return jobs
+
+
+def _sign(jobs: list[tuple[str, str]], secret_key: str, webhook_secret: str) -> list[Request]:
+    """One genuine completion delivery per job, timestamped and signed now."""
+    return [_delivery(job_id, pid, secret_key, webhook_secret) for job_id, pid in jobs]
+
+
+def _delivery(job_id: str, prediction_id: str, secret_key: str, webhook_secret: str) -> Request:
+    """The webhook WaveSpeed sends when a task completes (shape as the simulator's)."""
+    body = json.dumps(
+        {
+            "id": prediction_id,
+            "model": MODEL,
+            "outputs": [f"https://cdn.example.com/outputs/{prediction_id}.jpeg"],
+            "urls": {"get": f"https://api.example.com/api/v3/predictions/{prediction_id}/result"},
+            "has_nsfw_contents": [False],
+            "status": "completed",
+            "created_at": "2026-01-01T00:00:00.000000000Z",
+            "error": "",
+            "executionTime": 2000,
+            "timings": {"inference": 2000},
+        },
+        separators=(",", ":"),
+    ).encode()
+    webhook_id = secrets.token_hex(16)
+    timestamp = str(int(time.time()))
+    query = urlencode({"job": job_id, "t": job_token(secret_key, job_id)})
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": timestamp,
+        "webhook-signature": sign_v3(webhook_secret, webhook_id, timestamp, body),
+    }
+    return Request(f"{WEBHOOK_PATH}?{query}", headers, body)
+
+
+# --- the baseline server -------------------------------------------------------------
+
+
+def bare_app() -> Flask:
+    """The least a Flask view can do for a webhook: answer 204."""
+    app = Flask("bench_bare")
+
+    @app.post(WEBHOOK_PATH)
+    def webhook() -> Response:
+        return Response(status=204)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response(status=204)
+
+    return app
+
+
+def serve_bare(port: int) -> None:
+    """Serve `bare_app` on 127.0.0.1 with the receiver's gunicorn settings (blocks)."""
+    from worker.wsgi_server import serve
+
+    serve(
+        bare_app,
+        host="127.0.0.1",
+        port=port,
+        workers=DEFAULT_WORKERS,
+        threads=DEFAULT_THREADS,
+        timeout_s=DEFAULT_TIMEOUT_S,
+    )
+
+
+def _start_bare(stack: Stack) -> str:
+    port = free_port("127.0.0.1")
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
+        f"from bench.receiver import serve_bare; serve_bare({port})"
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready(_proc: Proc) -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1.0, trust_env=False).status_code == 204
+        except httpx.HTTPError:
+            return False
+
+    stack._spawn("bare-flask", [sys.executable, "-c", code], ready)
+    return url
+
+
+def _load(base_url: str, deliveries: list[Request], deadline_s: float) -> LoadResult:
+    return blast(
+        base_url,
+        deliveries,
+        processes=LOAD_PROCESSES,
+        threads=THREADS_PER_PROCESS,
+        deadline_s=deadline_s,
+    )
