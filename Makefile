@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck check bench clean
+.PHONY: install run test lint typecheck check bench chaos clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ typecheck: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# A full stack under provider and process faults, then every invariant (CHAOS_ARGS=--soak).
+chaos: install
+	$(BIN)/python -m chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

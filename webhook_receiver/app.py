@@ -5,6 +5,9 @@ size (413) -> v3 signature over the raw bytes and the ±300 s window (401) -> th
 per-job URL token (401) -> JSON shape (400) -> webhook-id dedupe (200 duplicate)
 -> the one atomic transition (200 applied / stale). Redis unreachable -> 503, so
 WaveSpeed retries. Nothing stored changes before every check has passed.
+
+Each answer is counted by outcome (`worker.telemetry`, best effort) and `GET /metrics`
+serves those counts, summed over all receiver processes, for Prometheus.
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from typing import Any
 import redis
 import structlog
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
+from webhook_receiver.body_deadline import BodyDeadline
 from webhook_receiver.signing_secret import SecretSource
-from worker import runtime
+from worker import runtime, telemetry
 from worker.domain import Prediction, ResolvedBy
 from worker.errors import ProviderError, ValidationError
+from worker.metrics import receiver_metrics
 from worker.service import Deps, apply_update
 from worker.settings import Settings
 from worker.signing import WEBHOOK_PATH, token_matches, verify_v3
@@ -37,10 +42,19 @@ def create_app(
     store: JobStore | None = None,
     secret_source: SecretSource | None = None,
     clock: Callable[[], float] = time.time,
+    heartbeat: bool | None = None,
 ) -> Flask:
-    """Build the receiver; settings default to the environment, adapters to real ones."""
+    """Build the receiver; settings default to the environment, adapters to real ones.
+
+    `heartbeat`: keep `kq:heartbeat:receiver:{pid}` alive for `kq status`; by default
+    only when the app builds its own store (a serving process, not a test).
+    """
     settings = settings or Settings.from_env()
+    if heartbeat is None:
+        heartbeat = store is None
     store = store or runtime.make_store(settings)
+    if heartbeat:
+        runtime.start_heartbeat("receiver", store.redis)
     provider = runtime.make_provider(settings)
     if secret_source is None:
         secret_source = SecretSource(
@@ -52,8 +66,14 @@ def create_app(
 
     app = Flask("webhook_receiver")
     app.config["MAX_CONTENT_LENGTH"] = settings.webhook_max_bytes
+    # A body still arriving this long after its request began is cut off (slow-loris).
+    deadline_s = settings.webhook_body_timeout_s
+    app.wsgi_app = BodyDeadline(app.wsgi_app, deadline_s)  # type: ignore[method-assign]
 
-    def answer(status: int, result: str, **extra: Any) -> Response:
+    def answer(status: int, result: str, *, outcome: str = "", **extra: Any) -> Response:
+        if request.path == WEBHOOK_PATH:  # webhook outcome counters, for ops (best effort)
+            outcome = outcome or ("malformed" if result == "bad_request" else result)
+            telemetry.count(store.redis, f"webhook.{outcome}")
         response = jsonify({"result": result, **extra})
         response.status_code = status
         return response
@@ -61,6 +81,10 @@ def create_app(
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_: RequestEntityTooLarge) -> Response:
         return answer(413, "too_large", limit_bytes=settings.webhook_max_bytes)
+
+    @app.errorhandler(RequestTimeout)
+    def too_slow(exc: RequestTimeout) -> Response:
+        return answer(408, "timeout", error=exc.description)
 
     @app.errorhandler(redis.RedisError)
     def redis_down(exc: redis.RedisError) -> Response:
@@ -70,6 +94,9 @@ def create_app(
     @app.post(WEBHOOK_PATH)
     def wavespeed_webhook() -> Response:
         body = request.get_data(cache=False)
+        if request.content_length is None and len(body) >= settings.webhook_max_bytes:
+            # A chunked body is cut at the limit, not refused, by werkzeug: refuse it here.
+            return answer(413, "too_large", limit_bytes=settings.webhook_max_bytes)
         webhook_id = request.headers.get("webhook-id")
         job_id = request.args.get("job", "")
         bound = log.bind(job_id=job_id[:64] or None, webhook_id=(webhook_id or "")[:64] or None)
@@ -89,14 +116,15 @@ def create_app(
         )
         if not check.ok:
             bound.warning("receiver.bad_signature", problem=check.problem)
-            return answer(401, "unauthorized", error=check.problem)
+            return answer(401, "unauthorized", outcome="bad_signature", error=check.problem)
         if not token_matches(settings.secret_key, job_id, request.args.get("t")):
             bound.warning("receiver.bad_token")
-            return answer(401, "unauthorized", error="missing or invalid job token in URL")
+            problem = "missing or invalid job token in URL"
+            return answer(401, "unauthorized", outcome="bad_token", error=problem)
         try:
             payload = json.loads(body)
             prediction = Prediction.from_json(payload)
-        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep
             return answer(400, "bad_request", error=f"body is not JSON: {exc}")
         except ValidationError as exc:
             return answer(
@@ -129,6 +157,11 @@ def create_app(
         if result.outcome == "mismatch":
             bound.warning("receiver.prediction_mismatch")
         return answer(200, "stale", state=result.state)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        body, content_type = receiver_metrics(store.redis)
+        return Response(body, content_type=content_type)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -93,6 +93,10 @@ class Admission:
         """A 429 arrived: slow every worker down."""
         self._call("penalize", now, RATE_LIMIT_PAUSE_S)
 
+    def is_waiting(self, job_id: str, batch_id: str) -> bool:
+        """Whether the job sits in the waiting line (a dispatcher will hand it on)."""
+        return self.redis.zscore(f"kq:adm:wait:{batch_id}", job_id) is not None
+
     def wait_for_wake(self, timeout_s: float) -> None:
         """Sleep until a slot is released somewhere, or `timeout_s` passes."""
         timeout = max(0.01, min(timeout_s, 5.0))

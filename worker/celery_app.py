@@ -44,6 +44,12 @@ def configure(settings: Settings) -> Celery:
         _drop_broker_connections()
     app.conf.update(
         broker_url=settings.redis_url,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Look for such messages every few seconds, not every ~100 s (kombu's default).
+            "unacked_restore_interval": min(10.0, settings.visibility_timeout_s / 3),
+            "unacked_restore_throttle": 1,
+        },
         beat_schedule={
             "kq-poll-due": {
                 "task": "kq.poll_due",

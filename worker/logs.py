@@ -16,7 +16,9 @@ from typing import Any
 import structlog
 
 REDACTED = "[redacted]"
-_TOKEN_IN_URL = re.compile(r"([?&]t=)[0-9a-f]{8,}")
+# `t=<token>` in a URL, also URL-encoded (`%26t%3D...`) as it is inside the `webhook=`
+# query parameter of a submit that httpx logs ("HTTP Request: POST ...").
+_TOKEN_IN_URL = re.compile(r"((?:[?&]|%(?:25)?26|%(?:25)?3F)t(?:=|%(?:25)?3D))[0-9a-f]{8,}", re.I)
 _BEARER = re.compile(r"(Bearer\s+)\S+", re.IGNORECASE)
 
 

@@ -17,7 +17,7 @@ import structlog
 
 from worker import telemetry
 from worker.domain import Job, JobState, Prediction, Reason, ResolvedBy
-from worker.errors import PermanentError, ProviderError, ValidationError
+from worker.errors import PermanentError, ProviderError, TransientError, ValidationError
 from worker.service import (
     Deps,
     apply_update,
@@ -26,7 +26,7 @@ from worker.service import (
     record_submitted,
     submit_watchdog_s,
 )
-from worker.store import REMOVE
+from worker.store import QUEUED_CHECK_S
 
 log = structlog.get_logger("kq.poller")
 
@@ -86,10 +86,30 @@ def poll_job(deps: Deps, job: Job) -> str:
                 deps.store.set_fields(job.id, {"ambiguous": "1"})
                 bound.warning("poll.stuck_submit")
             return reconcile_ambiguous(deps, job)
+        if job.state is JobState.QUEUED:
+            return _check_queued(deps, job)
         return "not_pollable"
     except ProviderError as exc:
         bound.warning("poll.provider_error", error=str(exc))
+        if not job.terminal and _past_deadline(deps, job, deps.clock()):
+            # A provider that never answers usably must not keep a job open forever.
+            ambiguous = job.state is JobState.SUBMITTING
+            reason = Reason.SUBMIT_AMBIGUOUS if ambiguous else Reason.DEADLINE
+            fail_job(deps, job.id, reason, f"deadline passed; last error: {exc}", ResolvedBy.POLL)
+            return "deadline"
         return "provider_error"
+
+
+def _check_queued(deps: Deps, job: Job) -> str:
+    """A job still queued at its check may have lost its only submit message (kombu pops
+    a message before recording it as unacked; a killed worker takes it along, or its
+    unsent retry): send another, at most once per check. A spare one is skipped by the
+    submit's compare-and-set; a job in the admission line needs none."""
+    deps.store.schedule_poll(job.id, deps.clock() + QUEUED_CHECK_S)
+    if deps.admission is not None and deps.admission.is_waiting(job.id, job.batch_id):
+        return "queued_waiting"
+    deps.enqueue_submit(job.id)
+    return "resent"
 
 
 def _poll_submitted(deps: Deps, job: Job) -> str:
@@ -151,7 +171,7 @@ def reconcile_ambiguous(deps: Deps, job: Job) -> str:
             now=now,
             fields={"ambiguous": "0"},
             expect_version=job.version,
-            poll_at=REMOVE,
+            poll_at=now + QUEUED_CHECK_S,
         )
         if requeued.applied:
             deps.enqueue_submit(job.id)
@@ -190,6 +210,10 @@ def _unowned_candidates(deps: Deps, job: Job) -> list[Prediction]:
                 found.append(prediction)
         if len(items) < 100:
             break
+    else:
+        # Every page was full: our task may be in the part not read, so neither "none"
+        # nor "exactly one" would be true. Look again later; the deadline still applies.
+        raise TransientError(f"list: over {RECONCILE_MAX_PAGES * 100} tasks in the window")
     return found
 
 

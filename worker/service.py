@@ -35,7 +35,7 @@ from worker.errors import (
 )
 from worker.settings import Settings
 from worker.signing import webhook_url
-from worker.store import REMOVE, JobStore, TransitionResult
+from worker.store import QUEUED_CHECK_S, REMOVE, JobStore, TransitionResult
 from worker.wavespeed import WaveSpeedClient
 
 log = structlog.get_logger("kq.service")
@@ -181,7 +181,8 @@ def _submit(deps: Deps, job_id: str, *, final_attempt: bool, owns_slot: list[boo
             JobState.QUEUED,
             now=deps.clock(),
             expect_version=claim.version,
-            poll_at=REMOVE,
+            # Checked later in case the retry message is lost (see poller.poll_job).
+            poll_at=deps.clock() + QUEUED_CHECK_S,
         )
         bound.info("submit.transient_error", error=str(exc), status=exc.status_code)
         if isinstance(exc, RateLimited) and deps.admission is not None:

@@ -37,6 +37,9 @@ DEFAULT_WEBHOOK_BODY_TIMEOUT_S = 10.0
 # An ambiguous submit (answer lost) is reconciled through the list call; if no task
 # shows up there for this long, none was created and resubmitting cannot pay twice.
 DEFAULT_AMBIGUOUS_GRACE_S = 120.0
+# A submit message a worker took and never acked (it was killed) is delivered again
+# after this long: above the longest task, retry countdowns (60 s) included.
+DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
 STACK_ENV_FILE = "stack.env"
 # WaveSpeed's limits per account tier (2026): (concurrent tasks, images per minute).
 TIERS: dict[str, tuple[int, int]] = {
@@ -72,6 +75,7 @@ class Settings:
     webhook_tolerance_s: int = DEFAULT_WEBHOOK_TOLERANCE_S
     webhook_body_timeout_s: float = DEFAULT_WEBHOOK_BODY_TIMEOUT_S
     ambiguous_grace_s: float = DEFAULT_AMBIGUOUS_GRACE_S
+    visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
     tier: str = DEFAULT_TIER
     max_in_flight: int = TIERS[DEFAULT_TIER][0]
     max_submits_per_minute: int = TIERS[DEFAULT_TIER][1]
@@ -156,6 +160,9 @@ class Settings:
             http_timeout_s=_num(source, "KQ_HTTP_TIMEOUT_S", DEFAULT_HTTP_TIMEOUT_S, minimum=1),
             webhook_body_timeout_s=_num(
                 source, "KQ_WEBHOOK_BODY_TIMEOUT_S", DEFAULT_WEBHOOK_BODY_TIMEOUT_S, minimum=0.1
+            ),
+            visibility_timeout_s=_num(
+                source, "KQ_VISIBILITY_TIMEOUT_S", DEFAULT_VISIBILITY_TIMEOUT_S, minimum=1
             ),
             ambiguous_grace_s=_num(
                 source, "KQ_AMBIGUOUS_GRACE_S", DEFAULT_AMBIGUOUS_GRACE_S, minimum=0

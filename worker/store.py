@@ -37,6 +37,9 @@ NEW: Final = "new"
 # A WaveSpeed delivery is retried for minutes, not days; a day of memory is plenty.
 WEBHOOK_ID_TTL_S: Final = 24 * 3600
 REMOVE: Final = "rm"
+# A job still `queued` this long after it was written (or put back) is looked at by the
+# poller: its submit message may be gone (see poller.poll_job), so it gets another.
+QUEUED_CHECK_S: Final = 60.0
 
 FieldValue = str | int | float
 
@@ -124,7 +127,11 @@ class JobStore:
             payload = json.dumps(request.to_payload(), separators=(",", ":"))
             args.extend((job_id, payload, key, priority))
         keys = [STATS_KEY, batch_key(batch_id), batch_members_key(batch_id)]
-        return [str(a) for a in self._create_jobs(keys=keys, args=args)]
+        pipe = self.redis.pipeline(transaction=True)  # the jobs and their check, atomically
+        self._create_jobs(keys=keys, args=args, client=pipe)
+        pipe.zadd(POLL_KEY, {job[0]: now + QUEUED_CHECK_S for job in jobs}, nx=True)
+        answers, _ = pipe.execute()
+        return [str(a) for a in answers]
 
     def batch_members(self, batch_id: str, start: int = 0, end: int = -1) -> list[str]:
         """Job ids of a batch in enqueue order (a slice of them with start/end)."""

@@ -1,0 +1,470 @@
+"""The chaos run: a full stack on private ports, N jobs, provider and process faults,
+then every invariant checked against the simulator's ground truth.
+
+Timeline: the stack starts (private Redis with AOF, the simulator with seeded provider
+faults behind `ProviderProxy`, the gunicorn receiver, a Celery worker, beat); jobs are
+pushed at a steady pace over `push_s`; at fixed shares of the jobs pushed the process
+faults fire, one after another (kill -9 the worker while it holds a submit's answer,
+restart the receiver, run a second beat, restart beat, restart Redis, kill -9 the
+worker again, 429 and 5xx bursts); then the run waits until every job is terminal and
+the simulator has no webhook left to send, and checks (see `chaos.invariants`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+from chaos.invariants import Check, Evidence, check_all, render
+from chaos.observer import Observer
+from chaos.proxy import ProviderProxy
+from worker import runtime
+from worker.admission import Admission
+from worker.celery_app import configure
+from worker.domain import EditRequest, Job, job_id_for_key
+from worker.procs import describe_exit
+from worker.producer import Item, Producer
+from worker.settings import Settings
+from worker.signing import job_token
+from worker.stack import Stack, StackConfig, StackError
+from worker.store import STATS_KEY
+from worker.tasks import enqueue_submits
+from worker.wavespeed import WaveSpeedClient
+
+# Known, throwaway values (the simulator is the only provider), so the logs can be
+# searched for them afterwards; the webhook secret is the simulator's, fetched by the
+# receiver as in production and by the harness to search for it. None is passed on a
+# command line: process logs start with their command line.
+API_KEY = "chaos-api-key-0f5e2d9c7b"
+SECRET_KEY = "chaos-token-key-8a1f3e6d4c2b"  # noqa: S105
+POLL_AFTER_S = 3.0
+BATCH_ID = "chaos"
+PROGRESS_EVERY_S = 5.0
+# The processes a deployment's process manager would bring back if they died.
+SUPERVISED = ("worker", "receiver", "beat")
+SUPERVISE_EVERY_S = 0.5
+Announce = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """What to run; the defaults are `make chaos`."""
+
+    jobs: int = 2000
+    seed: int = 7
+    push_s: float = 40.0  # jobs are pushed at a steady pace over this long
+    quick: bool = False  # the CI variant: every fault but the worker kills
+    soak: bool = False  # short TTLs and memory sampling (see chaos.soak)
+    var_dir: Path | None = None  # None: a fresh temporary directory
+    # After the last push every job must end within this: past the job deadline (120 s)
+    # and a provider slot's lease (deadline + 125 s), so only a job that would never end
+    # runs it out.
+    settle_timeout_s: float = 300.0
+    worker_concurrency: int = 8
+
+    @classmethod
+    def small(cls, **changes: Any) -> ChaosConfig:
+        """The version in `make test`: ~180 jobs, no worker kills, well under a minute."""
+        base: dict[str, Any] = {"jobs": 180, "push_s": 6.0, "quick": True, "settle_timeout_s": 90.0}
+        return cls(**{**base, **changes})
+
+    def stack_env(self, proxy_url: str) -> dict[str, str]:
+        env = {
+            "WAVESPEED_API_KEY": API_KEY,
+            "KQ_WAVESPEED_BASE_URL": proxy_url,
+            "KQ_SECRET_KEY": SECRET_KEY,
+            "KQ_POLL_AFTER_S": str(POLL_AFTER_S),
+            "KQ_SWEEP_INTERVAL_S": "0.5",
+            "KQ_HTTP_TIMEOUT_S": "5",
+            "KQ_AMBIGUOUS_GRACE_S": "5",
+            "KQ_JOB_DEADLINE_S": "120",
+            "KQ_SUBMIT_MAX_RETRIES": "12",
+            # Few enough slots that jobs wait in line and slots are handed on all the time.
+            "KQ_MAX_IN_FLIGHT": "60",
+            "KQ_MAX_SUBMITS_PER_MINUTE": "60000",
+            # A worker killed with messages in hand gets them back this soon (not an hour).
+            "KQ_VISIBILITY_TIMEOUT_S": "15",
+            "KQ_LOG_FORMAT": "json",
+        }
+        if self.soak:
+            env |= {"KQ_RESULT_TTL_S": "60", "KQ_EVENTS_MAXLEN": "5000"}  # soak.RESULT_TTL_S
+        return env
+
+    def sim_args(self) -> tuple[str, ...]:
+        """The simulator's seeded provider faults (shares per task or per submit)."""
+        return (
+            "--seed", str(self.seed),
+            "--inference-time", "0.3",
+            "--queue-delay", "0",
+            "--webhook-timeout", "3",
+            "--webhook-retry-base", "0.5",
+            "--drop-webhook-rate", "0.10",
+            "--duplicate-webhook-rate", "0.10",
+            "--delay-webhook-rate", "0.05",
+            "--delay-webhook-s", str(POLL_AFTER_S * 3),  # past the poll threshold
+            "--late-failed-rate", "0.05",
+            "--fail-rate", "0.05",
+            "--fail-codes", "1200,1402,5000,5003",
+            "--submit-5xx-rate", "0.05",
+            "--ambiguous-submit-rate", "0.02",
+            "--bad-signature-rate", "0.01",
+            "--stale-timestamp-rate", "0.01",
+        )  # fmt: skip
+
+
+@dataclass
+class ChaosResult:
+    """The verdict of one run."""
+
+    config: ChaosConfig
+    checks: list[Check]
+    timeline: list[str]
+    seconds: float
+    var_dir: Path
+    extra: list[str] = field(default_factory=list)  # e.g. the soak report
+
+    @property
+    def ok(self) -> bool:
+        return all(check.ok for check in self.checks)
+
+    def render(self) -> str:
+        head = (
+            f"chaos run: {self.config.jobs} jobs, seed {self.config.seed}, "
+            f"{self.seconds:.0f} s, logs in {self.var_dir / 'logs'}"
+        )
+        parts = [head, "faults:", *(f"  {line}" for line in self.timeline)]
+        parts += self.extra
+        parts += ["invariants:", render(self.checks)]
+        parts.append("ALL INVARIANTS HELD" if self.ok else "SOME INVARIANTS FAILED")
+        return "\n".join(parts)
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float  # share of the jobs pushed when it fires
+    name: str
+    action: Callable[[ChaosRun], str]
+
+
+def _burst(knob: str, seconds: float) -> Callable[[ChaosRun], str]:
+    def act(run: ChaosRun) -> str:
+        run.sim.post("/_sim/config", json={knob: seconds}).raise_for_status()
+        return f"every submit refused for {seconds:g} s"
+
+    return act
+
+
+def _restart(name: str) -> Callable[[ChaosRun], str]:
+    def act(run: ChaosRun) -> str:
+        return f"pid {run.stack.restart(name).pid}"
+
+    return act
+
+
+def schedule(config: ChaosConfig) -> list[Fault]:
+    """The process and burst faults, by the share of jobs pushed when each fires."""
+    faults = [
+        Fault(0.08, "429 burst", _burst("burst_429_s", 2.0)),
+        Fault(0.15, "kill -9 worker between POST and record", ChaosRun.kill_mid_submit),
+        Fault(0.25, "restart receiver", _restart("receiver")),
+        Fault(0.35, "start a second beat", ChaosRun.start_second_beat),
+        Fault(0.45, "restart beat", _restart("beat")),
+        Fault(0.55, "restart redis (AOF)", _restart("redis")),
+        Fault(0.65, "kill -9 worker", ChaosRun.kill_worker),
+        Fault(0.75, "stop the second beat", ChaosRun.stop_second_beat),
+        Fault(0.85, "5xx burst", _burst("burst_5xx_s", 1.5)),
+        Fault(0.92, "429 burst", _burst("burst_429_s", 2.0)),
+    ]
+    if config.quick:
+        # CI leaves the worker kills out: an unlucky one can hit a known core fault (see
+        # tests/test_chaos.py) or wait out a slot lease, and a test must not flake on them.
+        faults = [f for f in faults if not f.name.startswith("kill")]
+    if config.soak:
+        # Memory is the subject: restarts would reset the worker's RSS under the samples.
+        faults = [f for f in faults if "burst" in f.name]
+    return faults
+
+
+class ChaosRun:
+    """One run in progress: the stack, the proxy, the observer and the pushed jobs."""
+
+    def __init__(self, config: ChaosConfig, stack: Stack, proxy: ProviderProxy) -> None:
+        self.config = config
+        self.stack = stack
+        self.proxy = proxy
+        assert stack.sim_url is not None
+        self.sim = httpx.Client(base_url=stack.sim_url, timeout=60, trust_env=False)
+        with WaveSpeedClient(stack.sim_url, API_KEY) as provider:
+            self.webhook_secret = provider.webhook_secret()
+        self.settings = Settings.from_env({**os.environ, **stack.env})
+        configure(self.settings)
+        self.store = runtime.make_store(self.settings)
+        self.producer = Producer(store=self.store, send=enqueue_submits)
+        self.observer = Observer(
+            redis.Redis.from_url(self.settings.redis_url, decode_responses=True, socket_timeout=10)
+        )
+        self.ids: list[str] = []
+        self.prompts: dict[str, str] = {}
+        self.killed_in_flight: set[str] = set()
+        self.timeline: list[str] = []
+        self._t0 = time.monotonic()
+        # Faults and the supervisor never touch the processes at the same time.
+        self._lock = threading.Lock()
+        self._supervising = threading.Event()
+        self._supervisor = threading.Thread(
+            target=self._supervise, name="chaos-supervisor", daemon=True
+        )
+
+    def start_supervisor(self) -> None:
+        self._supervising.set()
+        self._supervisor.start()
+
+    def stop_supervisor(self) -> None:
+        self._supervising.clear()
+        self._supervisor.join(30)
+
+    def _supervise(self) -> None:
+        """Restart a kq process that died on its own, as a process manager would, and
+        put it on the timeline: such a death is a finding, not part of the plan."""
+        while self._supervising.is_set():
+            time.sleep(SUPERVISE_EVERY_S)
+            with self._lock:
+                for name in SUPERVISED:
+                    proc = self.stack.procs.get(name)
+                    if proc is None or not proc.started or proc.alive:
+                        continue
+                    began = self.elapsed()
+                    how = describe_exit(proc.poll())
+                    try:
+                        pid = self.stack.restart(name).pid
+                    except StackError as exc:
+                        self.timeline.append(f"{began:6.1f}s  supervisor: cannot restart {exc}")
+                        self._supervising.clear()
+                        return
+                    self.timeline.append(
+                        f"{began:6.1f}s  supervisor: {name} died on its own ({how}); "
+                        f"restarted as pid {pid}"
+                    )
+
+    def close(self) -> None:
+        self.sim.close()
+        self.store.redis.close()
+
+    # --- faults ---------------------------------------------------------------------------
+
+    def kill_mid_submit(self) -> str:
+        """kill -9 the worker while the proxy holds a submit's answer (task created)."""
+        self.proxy.arm_hold()
+        held = self.proxy.held.wait(30)
+        self.stack.kill("worker")
+        self._note_in_flight()
+        self.proxy.release()
+        self.stack.restart("worker")
+        if not held:
+            return "no submit came to hold; killed anyway"
+        return f"held the answer for job {self.proxy.held_job}; worker restarted"
+
+    def kill_worker(self) -> str:
+        """kill -9 the worker wherever it is, and start it again."""
+        self.stack.kill("worker")
+        caught = self._note_in_flight()
+        pid = self.stack.restart("worker").pid
+        return f"{caught} jobs were mid-submit; restarted as pid {pid}"
+
+    def start_second_beat(self) -> str:
+        client = self.store.redis
+
+        def ready(proc: Any) -> bool:
+            with contextlib.suppress(redis.RedisError):
+                return bool(client.exists(f"kq:heartbeat:beat:{proc.pid}"))
+            return False
+
+        argv = [sys.executable, "-m", "worker.cli", "beat"]
+        return f"pid {self.stack._spawn('beat2', argv, ready).pid}"
+
+    def stop_second_beat(self) -> str:
+        self.stack.procs["beat2"].stop()
+        return "stopped"
+
+    def _note_in_flight(self) -> int:
+        # Only one worker runs: every job in `submitting` now was in the dead one's hands.
+        for attempt in range(50):
+            try:
+                states = self.observer.states_now()
+                break
+            except redis.RedisError:
+                time.sleep(0.1 * attempt)
+        else:
+            return 0
+        caught = {j for j, s in states.items() if s == "submitting"}
+        self.killed_in_flight |= caught
+        return len(caught)
+
+    # --- the run --------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def push_all(self, faults: list[Fault], announce: Announce) -> None:
+        """Push every job at a steady pace, firing each fault when its share is pushed."""
+        total = self.config.jobs
+        start = time.monotonic()
+        pending = list(faults)
+        while len(self.ids) < total or pending:
+            share = (time.monotonic() - start) / self.config.push_s
+            due = min(total, max(len(self.ids) + 1, int(total * share)))
+            if due > len(self.ids):
+                self._push(len(self.ids), due)
+            while pending and pending[0].at * total <= len(self.ids):
+                fault = pending.pop(0)
+                began = self.elapsed()
+                with self._lock:
+                    detail = fault.action(self)
+                line = f"{began:6.1f}s  {fault.name}: {detail} ({self.elapsed() - began:.1f} s)"
+                self.timeline.append(line)
+                announce(f"fault  {line}")
+            if len(self.ids) < total:
+                time.sleep(0.05)
+
+    def _push(self, first: int, end: int) -> None:
+        items = []
+        for i in range(first, end):
+            key = f"chaos-{self.config.seed}-{i}"
+            prompt = f"chaos {self.config.seed} #{i}: make it blue"
+            image = f"https://example.com/chaos/{i}.jpg"
+            items.append(Item(EditRequest(prompt=prompt, image=image), idempotency_key=key))
+            job_id = job_id_for_key(key)
+            self.prompts[job_id] = prompt
+            self.ids.append(job_id)
+        # Watched before they exist, so no event can arrive for an unknown job.
+        self.observer.watch([job_id_for_key(item.idempotency_key) for item in items])
+        self.producer.enqueue_batch(items, batch_id=BATCH_ID)
+
+    def settle(self, announce: Announce) -> bool:
+        """Wait until every job is terminal and no webhook is left to send."""
+        deadline = time.monotonic() + self.config.settle_timeout_s
+        next_note = 0.0
+        while time.monotonic() < deadline:
+            seen = self.observer.seen
+            done = sum(1 for j in self.ids if j in seen.events)
+            pending = self._pending_deliveries()
+            if done == len(self.ids) and pending == 0:
+                announce(f"settled at {self.elapsed():.1f} s: all {done} jobs terminal")
+                return True
+            if time.monotonic() >= next_note:
+                states = Counter(s for s, _ in seen.last_seen.values())
+                announce(
+                    f"{self.elapsed():6.1f}s  {done}/{len(self.ids)} terminal, "
+                    f"{pending} webhooks pending; "
+                    + ", ".join(f"{k} {v}" for k, v in states.items())
+                )
+                next_note = time.monotonic() + PROGRESS_EVERY_S
+            time.sleep(0.25)
+        return False
+
+    def _pending_deliveries(self) -> int:
+        try:
+            return int(self.sim.get("/_sim/health").json()["pending_deliveries"])
+        except (httpx.HTTPError, KeyError, ValueError):
+            return -1
+
+    def evidence(self) -> Evidence:
+        jobs: dict[str, Job | None] = {}
+        for start in range(0, len(self.ids), 1000):
+            chunk = self.ids[start : start + 1000]
+            jobs.update(zip(chunk, self.store.get_many(chunk), strict=True))
+        stats: dict[str, str] = self.store.redis.hgetall(STATS_KEY)  # type: ignore[assignment]
+        return Evidence(
+            ids=self.ids,
+            prompts=self.prompts,
+            jobs=jobs,
+            seen=self.observer.seen,
+            tasks=self.sim.get("/_sim/tasks").json()["tasks"],
+            killed_in_flight=self.killed_in_flight,
+            stats={k: int(v) for k, v in stats.items()},
+            admission=Admission(self.store.redis, self.settings).snapshot(time.time()),
+            expired_ok=self.config.soak,
+        )
+
+
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+def scan_logs(logs: Path, job_ids: list[str], webhook_secret: str) -> dict[str, list[str]]:
+    """file:line -> the secrets found on it (fixed secrets, or any job's URL token)."""
+    fixed = {
+        "api key": API_KEY,
+        "webhook secret": webhook_secret.removeprefix("whsec_"),
+        "KQ_SECRET_KEY": SECRET_KEY,
+    }
+    tokens = {job_token(SECRET_KEY, job_id) for job_id in job_ids}
+    found: dict[str, list[str]] = {}
+    for path in sorted(logs.glob("*.log")):
+        with path.open(errors="replace") as fh:
+            for number, line in enumerate(fh, 1):
+                names = [name for name, value in fixed.items() if value in line]
+                if any(m in tokens for m in _HEX32.findall(line)):
+                    names.append("a job's URL token")
+                if names:
+                    found[f"{path.name}:{number}"] = names
+    return found
+
+
+def run(config: ChaosConfig, announce: Announce = print) -> ChaosResult:
+    """Run the whole thing and return the verdict (raises only if the stack cannot start)."""
+    var_dir = config.var_dir or Path(tempfile.mkdtemp(prefix="kq-chaos-"))
+    started = time.monotonic()
+    proxy = ProviderProxy()
+    proxy.start()
+    stack_config = StackConfig(
+        var_dir=var_dir,
+        sim_args=config.sim_args(),
+        worker_concurrency=config.worker_concurrency,
+        extra_env=config.stack_env(proxy.url),
+    )
+    extra: list[str] = []
+    soak_checks: list[Check] = []
+    stack = Stack(stack_config, announce=lambda line: announce(f"stack  {line}"))
+    try:
+        stack.start()
+        proxy.upstream = stack.sim_url
+        chaos = ChaosRun(config, stack, proxy)
+        chaos.observer.start()
+        chaos.start_supervisor()
+        soak = None
+        if config.soak:
+            from chaos.soak import SoakMonitor
+
+            soak = SoakMonitor(chaos)
+            soak.start()
+        announce(f"pushing {config.jobs} jobs over {config.push_s:g} s")
+        chaos.push_all(schedule(config), announce)
+        if not chaos.settle(announce):
+            announce("NOT SETTLED: some jobs are not terminal at the deadline")
+        if soak is not None:
+            extra, soak_checks = soak.stop_and_report()
+        chaos.stop_supervisor()
+        chaos.observer.stop()
+        # Ground truth is read while Redis and the simulator still run ...
+        evidence = chaos.evidence()
+        chaos.close()
+    finally:
+        stack.stop()
+        proxy.stop()
+    # ... and the logs once every process has exited and flushed them.
+    evidence.log_leaks = scan_logs(var_dir / "logs", chaos.ids, chaos.webhook_secret)
+    checks = check_all(evidence) + soak_checks
+    return ChaosResult(config, checks, chaos.timeline, time.monotonic() - started, var_dir, extra)

@@ -1,0 +1,235 @@
+"""Chaos on real processes: the small `make chaos` run, and the failures chaos runs
+found, each pinned by its own minimal test.
+
+The small run pushes ~180 jobs through a full stack (private Redis with AOF, the
+simulator with seeded provider faults, gunicorn receiver, Celery worker, beat) while the
+receiver, beat and Redis are restarted, a second beat runs and 429/5xx bursts hit the
+submits; every invariant must hold (see `chaos.invariants`). It leaves out the worker
+kills of `make chaos`: a kill -9 at an unlucky instant can hit the fault pinned below as
+a strict xfail (reported, not fixed here), or leave a job waiting out a provider slot's
+lease (reported), and CI must not flake on them. A kill with messages in hand, which
+holds deterministically, has its own test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chaos import ChaosConfig, run
+from chaos.proxy import ProviderProxy
+from tests.conftest import wait_for
+from wavespeed_sim.config import SimConfig
+from wavespeed_sim.server import SimServer
+from worker import runtime
+from worker.celery_app import configure
+from worker.domain import EditRequest, JobState
+from worker.poller import sweep
+from worker.producer import Item, Producer
+from worker.service import Deps, SubmitOutcome, submit_job, submit_watchdog_s
+from worker.settings import Settings
+from worker.stack import Stack, StackConfig
+from worker.store import QUEUED_CHECK_S, JobStore
+from worker.tasks import CHUNK_THREADS, enqueue_submits
+from worker.wavespeed import WaveSpeedClient
+
+REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+@pytest.fixture
+def proxy() -> Iterator[ProviderProxy]:
+    server = ProviderProxy()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.integration
+def test_jobs_a_killed_worker_held_are_redelivered(proxy: ProviderProxy, tmp_path: Path) -> None:
+    """A worker killed -9 with submit messages in hand (some jobs mid-POST, most not yet
+    started) loses nothing: the messages come back after the visibility timeout, every
+    job ends, and no job is paid twice."""
+    config = StackConfig(
+        var_dir=tmp_path,
+        sim_args=("--seed", "3", "--inference-time", "0.1", "--webhook-retry-base", "0.2"),
+        worker_concurrency=2,
+        start_beat=False,  # nothing here needs polling: every webhook is delivered
+        extra_env={"KQ_WAVESPEED_BASE_URL": proxy.url, "KQ_VISIBILITY_TIMEOUT_S": "3"},
+    )
+    with Stack(config, announce=lambda line: None) as stack:
+        proxy.upstream = stack.sim_url
+        settings = Settings.from_env({**os.environ, **stack.env})
+        configure(settings)
+        store = runtime.make_store(settings)
+        producer = Producer(store=store, send=enqueue_submits)
+        proxy.arm_hold(count=None)  # every submit's answer is held: the worker stalls
+        items = [
+            Item(EditRequest(prompt=f"held {i}", image="https://example.com/a.jpg"), f"h-{i}")
+            for i in range(60)
+        ]
+        receipt = producer.enqueue_batch(items, batch_id="held")
+        assert receipt.created == 60
+        # Every submit thread blocked in a POST: none is between taking a provider slot
+        # and claiming its job, a narrower window that costs a slot lease (reported).
+        wait_for(lambda: proxy.held_count >= CHUNK_THREADS, timeout_s=20)
+        stack.kill("worker")
+        proxy.release()
+        stack.restart("worker")
+        ids = store.batch_members("held")
+
+        def all_done() -> bool:
+            return all(j is not None and j.terminal for j in store.get_many(ids))
+
+        wait_for(all_done, timeout_s=40, interval_s=0.2)
+        jobs = [j for j in store.get_many(ids) if j is not None]
+        assert {j.state.value for j in jobs} == {"completed"}
+        assert len({j.prediction_id for j in jobs}) == 60
+        assert proxy.held_count < 60  # most jobs had not been submitted when it died
+        tasks = httpx.get(f"{stack.sim_url}/_sim/tasks").json()["tasks"]
+        assert len(tasks) == 60  # one paid task per job
+        store.redis.close()
+
+
+@pytest.mark.integration
+def test_small_chaos_run_holds_every_invariant(tmp_path: Path) -> None:
+    """~180 jobs under every provider fault and process fault: all invariants hold."""
+    result = run(ChaosConfig.small(var_dir=tmp_path), announce=lambda line: None)
+    print(result.render())
+    assert result.ok, result.render()
+
+
+# --- found by chaos runs and fixed -------------------------------------------------------
+
+
+def test_reconciliation_that_cannot_see_its_whole_window_concludes_nothing(
+    store: JobStore, settings: Settings
+) -> None:
+    """With more tasks around an ambiguous submit than the list pages it reads (busy
+    account), the job's own task may be out of sight: that proves nothing, so the job is
+    neither requeued (paying twice) nor handed someone else's task."""
+    clock = Clock()
+    requeued: list[str] = []
+    sim = SimServer(SimConfig(port=0, seed=2, inference_time_s=0.0, ambiguous_submit_rate=1.0))
+    sim.start()
+    try:
+        with WaveSpeedClient(sim.url, "k") as provider, httpx.Client(base_url=sim.url) as control:
+            deps = Deps(
+                store=store,
+                provider=provider,
+                settings=replace(settings, webhook_public_url=""),
+                clock=clock,
+                enqueue_submit=requeued.append,
+            )
+            store.create("job-a", REQ, now=clock())
+            assert submit_job(deps, "job-a").outcome is SubmitOutcome.AMBIGUOUS
+            control.post("/_sim/config", json={"ambiguous_submit_rate": 0.0}).raise_for_status()
+            for i in range(1000):  # a busy account: later tasks, each owned by some job
+                task = provider.submit(REQ, webhook_url=None)
+                store.redis.set(f"kq:pred:{task.id}", f"other-{i}")
+            clock.advance(settings.ambiguous_grace_s + 1)
+            sweep(deps)
+            job = store.get("job-a")
+            assert job is not None and job.state is JobState.SUBMITTING and job.ambiguous
+            assert requeued == []
+    finally:
+        sim.stop()
+
+
+@pytest.mark.parametrize("when", ["fresh", "after a transient error"])
+def test_a_queued_job_whose_submit_message_was_lost_is_sent_again(
+    when: str, store: JobStore, settings: Settings
+) -> None:
+    """kombu pops a message (BRPOP) before it records it as unacked, and a chunk sends its
+    retries only at its end: a worker killed at the wrong instant loses a job's only
+    submit message. A job still queued at its check gets a new one."""
+    clock = Clock()
+    resent: list[str] = []
+    sim = SimServer(SimConfig(port=0, seed=4, inference_time_s=0.0, submit_5xx_rate=1.0))
+    sim.start()
+    try:
+        with WaveSpeedClient(sim.url, "k") as provider:
+            deps = Deps(
+                store=store,
+                provider=provider,
+                settings=settings,
+                clock=clock,
+                enqueue_submit=resent.append,
+            )
+            producer = Producer(store=store, send=lambda ids: None, clock=clock)  # lost
+            job_id = producer.enqueue(REQ)
+            if when != "fresh":
+                assert submit_job(deps, job_id).outcome is SubmitOutcome.RETRY  # retry lost
+            sweep(deps)
+            assert resent == []  # not before its check is due
+            clock.advance(QUEUED_CHECK_S + 1)
+            sweep(deps)
+            assert resent == [job_id]
+            sweep(deps)
+            assert resent == [job_id]  # one new message per check, not a stream of them
+    finally:
+        sim.stop()
+
+
+# --- found by chaos runs, not fixed here (reported): pinned as a strict xfail -------------
+
+
+@pytest.fixture
+def lost_webhook_sim() -> Iterator[SimServer]:
+    # Webhooks go to port 9 (nothing there): every delivery is lost.
+    server = SimServer(SimConfig(port=0, seed=1, inference_time_s=0.0, webhook_retries=0))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="reconciliation adopts the one unowned task in its window; after a crash that "
+    "task can belong to another job that was also mid-submit (no identity in the list call)",
+)
+def test_a_crashed_submit_never_adopts_another_jobs_task(
+    lost_webhook_sim: SimServer, store: JobStore, settings: Settings
+) -> None:
+    """Two jobs caught by a kill -9 mid-submit: A before its POST (no task), B after it
+    (a task, its webhook lost). A must not end with B's task, nor B pay twice."""
+    clock = Clock()
+    with WaveSpeedClient(lost_webhook_sim.url, "k") as provider:
+        deps = Deps(store=store, provider=provider, settings=settings, clock=clock)
+        now = clock()
+        for job_id in ("job-a", "job-b"):
+            store.create(job_id, REQ, now=now)
+            store.transition(
+                job_id,
+                JobState.SUBMITTING,
+                now=now,
+                fields={"attempts": 1, "submitting_at": now},
+                poll_at=now + submit_watchdog_s(settings),
+            )
+            now += 0.01  # A was claimed first, so the poller reaches it first
+        provider.submit(REQ, webhook_url="http://127.0.0.1:9/webhooks/wavespeed?job=job-b&t=x")
+        clock.advance(submit_watchdog_s(settings) + 1)
+        sweep(deps)
+        clock.advance(settings.ambiguous_grace_s + 1)
+        sweep(deps)
+        (task,) = httpx.get(f"{lost_webhook_sim.url}/_sim/tasks").json()["tasks"]
+        a, b = store.get("job-a"), store.get("job-b")
+        assert a is not None and b is not None
+        assert a.prediction_id != task["id"]
+        assert b.prediction_id in ("", task["id"])
