@@ -107,6 +107,7 @@ class ChaosConfig:
         """The simulator's seeded provider faults (shares per task or per submit)."""
         return (
             "--seed", str(self.seed),
+            "--balance", "10000000",  # never the limit: a soak pays for 20,000 images
             "--inference-time", "0.3",
             "--queue-delay", "0",
             "--webhook-timeout", "3",
