@@ -224,3 +224,16 @@ def test_claims_of_a_dead_dispatcher_go_back_in_line(
     assert adm.claim(5, 63.0)[0] == ["a"]  # lease over: back in line, claimed again
     store.transition("a", JobState.SUBMITTING, now=64.0)  # a submit ends the claim
     assert redis_client.zcard("kq:adm:claimed") == 0
+
+
+def test_a_slot_taken_by_a_submit_that_died_comes_back(
+    redis_client: redis.Redis, settings: Settings, store: JobStore
+) -> None:
+    """A worker killed between taking a slot and claiming the job: after the claim lease,
+    slot and job go back in line (not after the hour-long slot lease)."""
+    adm = Admission(redis_client, replace(settings, max_in_flight=1, max_submits_per_minute=10**6))
+    store.create("a", REQ, now=1.0)
+    assert adm.acquire("a", "", 0, 1.0).granted  # ... and the worker dies here
+    assert adm.acquire("a", "", 0, 5.0).held_already  # a redelivery leaves it be
+    assert adm.claim(5, 62.0)[0] == ["a"]  # lease over: back in line, claimed again
+    assert adm.snapshot(62.0).slots_used == 1

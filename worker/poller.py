@@ -162,7 +162,8 @@ def reconcile_ambiguous(deps: Deps, job: Job) -> str:
         recorded = record_submitted(deps, job.id, prediction.id)
         if prediction.final:
             apply_update(deps, job.id, prediction, ResolvedBy.POLL)
-        log.warning("reconcile.adopted", job_id=job.id, prediction_id=prediction.id)
+        if recorded.applied:
+            log.warning("reconcile.adopted", job_id=job.id, prediction_id=prediction.id)
         return f"adopted_{recorded.outcome}"
     if not candidates and now - job.submitting_at > deps.settings.ambiguous_grace_s:
         requeued = deps.store.transition(

@@ -51,6 +51,9 @@ end
 local function take(job_id)
   redis.call('ZADD', SLOTS, now + lease, job_id)
   redis.call('ZADD', SUBMITS, now, job_id .. ':' .. now)
+  -- Until the job moves to submitting, the slot is only claimed: if the taker dies,
+  -- the claim lease returns job and slot to the line (see 'claim').
+  redis.call('ZADD', CLAIMED, now + CLAIM_LEASE, job_id)
 end
 
 local function enqueue_wait(job_id, batch_id, priority)
@@ -103,7 +106,6 @@ elseif op == 'claim' then
       redis.call('DECR', NWAIT)
       if redis.call('ZCARD', key) == 0 then redis.call('LREM', RR, 0, batch_id) end
       take(popped[1])
-      redis.call('ZADD', CLAIMED, now + CLAIM_LEASE, popped[1])
       table.insert(claimed, popped[1])
     end
   end

@@ -97,8 +97,13 @@ if ARGV[8] == '1' then
   end
   if ARGV[1] == 'failed' then
     redis.call('ZADD', 'kq:dlq', tonumber(ARGV[5]), job_id)
+    -- Entries outlive their records by nothing: drop those whose job has expired.
+    redis.call('ZREMRANGEBYSCORE', 'kq:dlq', '-inf', tonumber(ARGV[5]) - ttl)
   end
   if batch_id ~= '' then
+    -- A batch's counters and member list live as long as its newest finished job.
+    redis.call('EXPIRE', batch, ttl)
+    redis.call('EXPIRE', 'kq:batchjobs:' .. batch_id, ttl)
     redis.call('HINCRBY', batch, ARGV[1], 1)
     redis.call('HINCRBY', batch, 'terminal', 1)
     redis.call('HSET', batch, 'last_finished_at', ARGV[5])
