@@ -190,6 +190,29 @@ def wait_events(client: redis.Redis, count: int, timeout_s: float) -> float | No
     return int(text.split("-", 1)[0]) / 1000.0
 
 
+@contextmanager
+def timed_batch(stack: Stack, n: int, tag: str, timeout_s: float) -> Iterator[tuple[float, Sim]]:
+    """Enqueue `n` edits as one batch, wait for all `n` result events; yields the seconds
+    from enqueue to the last event, and the simulator (for its ground truth)."""
+    from worker.runtime import make_producer
+
+    assert stack.sim_url is not None
+    producer = make_producer(stack_settings(stack))
+    client = redis.Redis.from_url(stack.redis_url)
+    sim = Sim(stack.sim_url)
+    try:
+        started = time.time()
+        producer.enqueue_batch(edits(n, tag), batch_id=f"bench-{tag}")
+        finished = wait_events(client, n, timeout_s)
+        if finished is None:
+            done = int(client.xlen(EVENTS_KEY))
+            raise RuntimeError(f"only {done} of {n} jobs finished within {timeout_s:g} s")
+        yield finished - started, sim
+    finally:
+        sim.close()
+        client.close()
+
+
 def max_overlap(intervals: Sequence[tuple[float, float]]) -> int:
     """The largest number of [start, end) intervals that are open at one instant."""
     edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])

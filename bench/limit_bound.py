@@ -26,7 +26,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import redis
 import wavespeed
 
 from bench.common import (
@@ -35,11 +34,9 @@ from bench.common import (
     bench_stack,
     edits,
     max_overlap,
-    stack_settings,
-    wait_events,
+    timed_batch,
 )
 from worker.domain import MODEL
-from worker.runtime import make_producer
 from worker.stack import SIM_API_KEY
 
 SCENARIO = "limit-bound makespan"
@@ -115,22 +112,11 @@ class Outcome:
 
 def _ours(n: int, cap: int, inference_s: float, timeout_s: float, *, beat: bool) -> Outcome:
     env = {"KQ_MAX_IN_FLIGHT": str(cap), "KQ_MAX_SUBMITS_PER_MINUTE": "100000"}
-    with bench_stack(sim_args=_sim_args(inference_s), extra_env=env, start_beat=beat) as stack:
-        assert stack.sim_url is not None
-        producer = make_producer(stack_settings(stack))
-        client = redis.Redis.from_url(stack.redis_url)
-        sim = Sim(stack.sim_url)
-        try:
-            started = time.time()
-            producer.enqueue_batch(edits(n, "limit-bound"), batch_id="bench-limit-bound")
-            finished = wait_events(client, n, timeout_s)
-            if finished is None:
-                done = int(client.xlen("kq:events"))
-                raise RuntimeError(f"only {done} of {n} jobs finished within {timeout_s:g} s")
-            return Outcome(finished - started, n, sim)
-        finally:
-            sim.close()
-            client.close()
+    with (
+        bench_stack(sim_args=_sim_args(inference_s), extra_env=env, start_beat=beat) as stack,
+        timed_batch(stack, n, "limit-bound", timeout_s) as (seconds, sim),
+    ):
+        return Outcome(seconds, n, sim)
 
 
 def _sdk(n: int, threads: int, inference_s: float, timeout_s: float) -> Outcome:

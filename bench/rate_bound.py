@@ -17,12 +17,7 @@ the way. Everything is read from the simulator's request log:
 
 from __future__ import annotations
 
-import time
-
-import redis
-
-from bench.common import Row, Sim, bench_stack, edits, stack_settings, wait_events
-from worker.runtime import make_producer
+from bench.common import Row, bench_stack, timed_batch
 
 SCENARIO = "rate-bound"
 TOLERANCE = 0.05
@@ -37,22 +32,11 @@ def run(*, quick: bool) -> list[Row]:
         "--queue-delay", "0", "--webhook-workers", "32", "--seed", "9",
     )  # fmt: skip
     env = {"KQ_MAX_SUBMITS_PER_MINUTE": str(limit), "KQ_MAX_IN_FLIGHT": "1000000"}
-    with bench_stack(sim_args=sim_args, extra_env=env, start_beat=not quick) as stack:
-        assert stack.sim_url is not None
-        producer = make_producer(stack_settings(stack))
-        client = redis.Redis.from_url(stack.redis_url)
-        sim = Sim(stack.sim_url)
-        try:
-            started = time.time()
-            producer.enqueue_batch(edits(n, "rate-bound"), batch_id="bench-rate-bound")
-            finished = wait_events(client, n, timeout_s)
-            if finished is None:
-                done = int(client.xlen("kq:events"))
-                raise RuntimeError(f"only {done} of {n} jobs finished within {timeout_s:g} s")
-            submits = sim.requests(kind="submit")
-        finally:
-            sim.close()
-            client.close()
+    with (
+        bench_stack(sim_args=sim_args, extra_env=env, start_beat=not quick) as stack,
+        timed_batch(stack, n, "rate-bound", timeout_s) as (seconds, sim),
+    ):
+        submits = sim.requests(kind="submit")
     accepted = sorted(float(r["time"]) for r in submits if r["status"] == 200)
     if not accepted:
         raise RuntimeError(f"the provider accepted none of the submits for {n} jobs")
@@ -76,7 +60,7 @@ def run(*, quick: bool) -> list[Row]:
             TOLERANCE,
             note=f"{len(accepted):,} submits accepted for {n:,} jobs; whole-run average "
             f"{average:,.0f}/min; last accepted {span:.1f} s after the first; "
-            f"all done {finished - started:.1f} s after enqueue",
+            f"all done {seconds:.1f} s after enqueue",
         ),
         Row.higher_is_better(
             SCENARIO,

@@ -4,14 +4,13 @@ auth, validation with field names, size limits, jobs, batches and cancel."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from werkzeug.serving import make_server
 
 from producer_api.app import create_app
+from tests.support import serve_in_thread
 from worker.domain import job_id_for_key
 from worker.producer import Producer
 from worker.service import Deps
@@ -29,15 +28,11 @@ def api(store: JobStore, settings: Settings) -> Iterator[httpx.Client]:
     deps = Deps(store=store, provider=WaveSpeedClient("http://127.0.0.1:9", "k"), settings=settings)
     producer = Producer(store=store, send=sent.extend, deps=deps)
     app = create_app(producer, token=TOKEN, max_batch_bytes=256 * 1024)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_port}"
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+    with (
+        serve_in_thread(app) as base,
+        httpx.Client(base_url=base, headers={"Authorization": f"Bearer {TOKEN}"}) as client,
+    ):
         yield client
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
 
 
 def test_token_required(api: httpx.Client) -> None:

@@ -14,7 +14,6 @@ holds deterministically, has its own test.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import pytest
 from chaos import ChaosConfig, run
 from chaos.proxy import ProviderProxy
 from tests.conftest import wait_for
+from tests.support import Clock
 from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
 from worker import runtime
@@ -40,17 +40,6 @@ from worker.tasks import CHUNK_THREADS, enqueue_submits
 from worker.wavespeed import WaveSpeedClient
 
 REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 @pytest.fixture

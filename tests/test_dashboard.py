@@ -23,12 +23,13 @@ import httpx
 import pytest
 
 from tests.conftest import free_port, wait_for
+from tests.support import fast_stack, is_terminal
 from worker import runtime
 from worker.celery_app import configure
 from worker.procs import Proc
 from worker.producer import Producer
 from worker.settings import Settings
-from worker.stack import Stack, StackConfig
+from worker.stack import Stack
 from worker.store import JobStore
 from worker.tasks import enqueue_submits
 
@@ -36,13 +37,6 @@ pytestmark = pytest.mark.integration
 
 TOKEN = "ops-token-for-tests-0123456789abcdef"
 ARTIFACTS = Path(__file__).parent / "artifacts"
-SIM_ARGS = ("--seed", "3", "--inference-time", "0.2", "--queue-delay", "0")
-STACK_ENV = {
-    "KQ_POLL_AFTER_S": "1.5",
-    "KQ_SWEEP_INTERVAL_S": "0.5",
-    "KQ_LOG_FORMAT": "json",
-    "KQ_OPS_TOKEN": TOKEN,
-}
 IMAGE = "https://example.com/source.jpg"
 CHROMIUM_FLAGS = (
     "--headless",
@@ -77,26 +71,16 @@ class Ops:
             for i in range(n)
         ]
         for job_id in ids:
-            wait_for(lambda j=job_id: _terminal(self.store, j), timeout_s=40, interval_s=0.1)
+            wait_for(lambda j=job_id: is_terminal(self.store, j), timeout_s=40, interval_s=0.1)
         quiet = {k: 0.0 for k in knobs if k.endswith(("_rate", "_s"))}
         self.sim.post("/_sim/config", json=quiet).raise_for_status()
         return ids
 
 
-def _terminal(store: JobStore, job_id: str) -> bool:
-    job = store.get(job_id)
-    return job is not None and job.terminal
-
-
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
-    config = StackConfig(
-        var_dir=tmp_path_factory.mktemp("stack"),
-        sim_args=SIM_ARGS,
-        worker_concurrency=4,
-        extra_env=STACK_ENV,
-    )
-    with Stack(config, announce=lambda line: None) as stack:
+    stack_dir = tmp_path_factory.mktemp("stack")
+    with fast_stack(stack_dir, seed=3, extra_env={"KQ_OPS_TOKEN": TOKEN}) as stack:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
 

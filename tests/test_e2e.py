@@ -19,31 +19,19 @@ import httpx
 import pytest
 
 from tests.conftest import wait_for
+from tests.support import fast_stack
 from worker import runtime
 from worker.celery_app import configure
 from worker.domain import Job, JobState
 from worker.runtime import make_producer
 from worker.settings import Settings
 from worker.signing import job_token, sign_v3
-from worker.stack import Stack, StackConfig
+from worker.stack import Stack
 from worker.store import JobStore
 from worker.tasks import enqueue_submit
 
 pytestmark = pytest.mark.integration
 
-SIM_ARGS = (
-    "--seed", "11",
-    "--inference-time", "0.2",
-    "--queue-delay", "0",
-    "--webhook-retry-base", "0.2",
-    "--webhook-timeout", "2",
-)  # fmt: skip
-STACK_ENV = {
-    "KQ_POLL_AFTER_S": "1.5",
-    "KQ_SWEEP_INTERVAL_S": "0.5",
-    "KQ_SUBMIT_MAX_RETRIES": "8",
-    "KQ_LOG_FORMAT": "json",
-}
 IMAGE = "https://example.com/source.jpg"
 
 
@@ -88,14 +76,7 @@ class Harness:
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
-    var_dir: Path = tmp_path_factory.mktemp("stack")
-    config = StackConfig(
-        var_dir=var_dir,
-        sim_args=SIM_ARGS,
-        worker_concurrency=4,
-        extra_env=STACK_ENV,
-    )
-    with Stack(config, announce=lambda line: None) as stack:
+    with fast_stack(tmp_path_factory.mktemp("stack"), seed=11) as stack:
         yield Harness(stack)
 
 

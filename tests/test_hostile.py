@@ -8,7 +8,6 @@ recursive parser), and slow-loris clients against the real gunicorn receiver tha
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
@@ -20,9 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from werkzeug.serving import make_server
 
 from tests.conftest import wait_for
+from tests.support import make_submitted_job as make_job
+from tests.support import prediction_body as body_for
+from tests.support import serve_in_thread
 from webhook_receiver.app import create_app
 from worker.domain import EditRequest, JobState
 from worker.settings import DEFAULT_WEBHOOK_MAX_BYTES, Settings
@@ -45,31 +46,6 @@ def stored(r: redis.Redis) -> dict[str, object]:
     return {str(k): r.dump(k) for k in sorted(keys)}
 
 
-def make_job(store: JobStore, job_id: str = "job1", pid: str = PID) -> None:
-    """A job in `submitted` with prediction `pid`, as a worker leaves it."""
-    now = time.time()
-    store.create(job_id, REQ, now=now)
-    store.transition(job_id, JobState.SUBMITTING, now=now)
-    store.transition(
-        job_id,
-        JobState.SUBMITTED,
-        now=now,
-        fields={"prediction_id": pid, "submitted_at": now},
-        expect_prediction_id=pid,
-    )
-
-
-def body_for(pid: str = PID, status: str = "completed") -> bytes:
-    pred = {
-        "id": pid,
-        "model": "wavespeed-ai/flux-kontext-max",
-        "outputs": ["https://o.example/1.jpeg"] if status == "completed" else [],
-        "status": status,
-        "error": "" if status == "completed" else "boom",
-    }
-    return json.dumps(pred, separators=(",", ":")).encode()
-
-
 def signed_headers(
     settings: Settings, body: bytes, webhook_id: str = "w" * 32, ts: int | None = None
 ) -> dict[str, str]:
@@ -89,16 +65,9 @@ def hook_url(base: str, settings: Settings, job_id: str = "job1") -> str:
 def receiver(settings: Settings, store: JobStore) -> Iterator[str]:
     """The receiver with its production body limit, under werkzeug in a thread."""
     app = create_app(replace(settings, webhook_max_bytes=DEFAULT_WEBHOOK_MAX_BYTES), store=store)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
     # A short poll interval: shutdown() waits for it, once per test.
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve_in_thread(app, poll_interval_s=0.05) as url:
+        yield url
 
 
 def test_wrong_signature_version_tags_are_401(

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,9 +20,9 @@ import httpx
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
-from werkzeug.serving import make_server
 
 from tests.conftest import free_port, wait_for
+from tests.support import serve_in_thread
 from tests.test_receiver import body_for, deliver, make_job
 from webhook_receiver.app import create_app
 from worker import telemetry
@@ -51,15 +50,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 @pytest.fixture
 def receiver_url(settings: Settings, store: JobStore) -> Iterator[str]:
     app = create_app(replace(settings, webhook_max_bytes=4096), store=store)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def test_receiver_metrics_count_webhook_outcomes(

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import redis
 
+from tests.support import Clock
 from worker.domain import EditRequest, JobState
 from worker.errors import ValidationError
 from worker.poller import sweep
@@ -111,17 +112,6 @@ class CannedProvider:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(5)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ Each hostile delivery gets its stated answer and changes nothing stored.
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,8 +12,10 @@ from dataclasses import replace
 import httpx
 import pytest
 import redis
-from werkzeug.serving import make_server
 
+from tests.support import make_submitted_job as make_job
+from tests.support import prediction_body as body_for
+from tests.support import serve_in_thread
 from webhook_receiver.app import create_app
 from worker.domain import EditRequest, JobState
 from worker.settings import Settings
@@ -30,39 +30,8 @@ REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
 @pytest.fixture
 def receiver(settings: Settings, store: JobStore) -> Iterator[str]:
     app = create_app(replace(settings, webhook_max_bytes=64 * 1024), store=store)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-def make_job(store: JobStore, job_id: str = "job1", pid: str = PID) -> None:
-    store.create(job_id, REQ, now=time.time())
-    store.transition(job_id, JobState.SUBMITTING, now=time.time())
-    store.transition(
-        job_id,
-        JobState.SUBMITTED,
-        now=time.time(),
-        fields={"prediction_id": pid, "submitted_at": time.time()},
-        expect_prediction_id=pid,
-    )
-
-
-def body_for(pid: str = PID, status: str = "completed") -> bytes:
-    pred = {
-        "id": pid,
-        "model": "wavespeed-ai/flux-kontext-max",
-        "outputs": ["https://o.example/1.jpeg"] if status == "completed" else [],
-        "status": status,
-        "error": "" if status == "completed" else "boom",
-        "has_nsfw_contents": [False],
-    }
-    return json.dumps(pred, separators=(",", ":")).encode()
+    with serve_in_thread(app) as url:
+        yield url
 
 
 def deliver(

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support import Clock
 from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
 from worker.domain import EditRequest, JobState
@@ -22,17 +23,6 @@ from worker.store import POLL_KEY, JobStore
 from worker.wavespeed import WaveSpeedClient
 
 REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-    def advance(self, seconds: float) -> None:
-        self.offset += seconds
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import pytest
 import redis
 
 from tests.conftest import wait_for
+from tests.support import fast_stack, is_terminal
 from worker import runtime
 from worker.celery_app import configure
 from worker.cli import main as kq_main
@@ -31,26 +32,13 @@ from worker.domain import EditRequest, JobState
 from worker.producer import Producer
 from worker.runtime import HEARTBEATS_KEY
 from worker.settings import Settings
-from worker.stack import Stack, StackConfig
+from worker.stack import Stack
 from worker.status import StatusConfig, collect, percentile
 from worker.store import POLL_KEY, JobStore
 from worker.tasks import enqueue_submits
 
 pytestmark = pytest.mark.integration
 
-SIM_ARGS = (
-    "--seed", "5",
-    "--inference-time", "0.2",
-    "--queue-delay", "0",
-    "--webhook-retry-base", "0.2",
-    "--webhook-timeout", "2",
-)  # fmt: skip
-STACK_ENV = {
-    "KQ_POLL_AFTER_S": "1.5",
-    "KQ_SWEEP_INTERVAL_S": "0.5",
-    "KQ_SUBMIT_MAX_RETRIES": "8",
-    "KQ_LOG_FORMAT": "json",
-}
 IMAGE = "https://example.com/source.jpg"
 BATCH = "scenario"
 
@@ -80,7 +68,7 @@ class Scenario:
             for i in range(n)
         ]
         for job_id in ids:
-            wait_for(lambda j=job_id: _terminal(self.store, j), timeout_s=40, interval_s=0.1)
+            wait_for(lambda j=job_id: is_terminal(self.store, j), timeout_s=40, interval_s=0.1)
         self.knobs(**{k: 0.0 for k in knobs})
         self.jobs[name] = ids
 
@@ -97,20 +85,9 @@ class Scenario:
         return data
 
 
-def _terminal(store: JobStore, job_id: str) -> bool:
-    job = store.get(job_id)
-    return job is not None and job.terminal
-
-
 @pytest.fixture(scope="module")
 def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
-    config = StackConfig(
-        var_dir=tmp_path_factory.mktemp("stack"),
-        sim_args=SIM_ARGS,
-        worker_concurrency=4,
-        extra_env=STACK_ENV,
-    )
-    with Stack(config, announce=lambda line: None) as stack:
+    with fast_stack(tmp_path_factory.mktemp("stack"), seed=5) as stack:
         s = Scenario(stack)
         s.run("webhook", 4)
         s.run("poll", 2, drop_webhook_rate=1.0)

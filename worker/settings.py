@@ -118,7 +118,7 @@ class Settings:
                     "KQ_SECRET_KEY is required with the real API and a public webhook URL; "
                     "set the same random value (e.g. `openssl rand -hex 32`) on every process"
                 )
-            secret_key = _local_secret_key(var_dir)
+            secret_key = local_secret_key(var_dir)
         log_format = source.get("KQ_LOG_FORMAT", "console")
         if log_format not in ("console", "json"):
             raise ConfigError(f"KQ_LOG_FORMAT: expected console or json, got {log_format!r}")
@@ -205,8 +205,9 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs if not k.startswith("#")}
 
 
-def _local_secret_key(var_dir: Path) -> str:
-    """A per-checkout key under ./var for local use; production sets KQ_SECRET_KEY."""
+def local_secret_key(var_dir: Path) -> str:
+    """A per-checkout key in var_dir/secret_key (created 0600 if absent) for local use;
+    production sets KQ_SECRET_KEY. "" when the folder cannot be read or written."""
     path = var_dir / "secret_key"
     try:
         return path.read_text().strip()

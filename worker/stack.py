@@ -24,10 +24,8 @@ Process mechanics (sessions, logs, readiness polling, SIGTERM->SIGKILL) live in
 from __future__ import annotations
 
 import atexit
-import contextlib
 import importlib
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -53,6 +51,7 @@ from worker.procs import (
     wait_ready,
     wait_until,
 )
+from worker.settings import local_secret_key
 
 __all__ = [
     "Proc",
@@ -536,24 +535,11 @@ def find_redis_server() -> str:
 
 
 def load_or_create_secret_key(var_dir: Path, environ: Mapping[str, str]) -> str:
-    """KQ_SECRET_KEY from the environment, else var_dir/secret_key, created (0600) if absent.
-
-    The file format (the bare key) is the one `worker.settings` reads as its fallback.
-    """
-    from_env = environ.get("KQ_SECRET_KEY")
-    if from_env:
-        return from_env
-    path = var_dir / "secret_key"
-    with contextlib.suppress(FileNotFoundError):
-        existing = path.read_text().strip()
-        if existing:
-            return existing
-    var_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    # os.open with a mode: the key is never readable by others, not even for a moment.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(key)
+    """KQ_SECRET_KEY from the environment, else the per-checkout key `worker.settings`
+    keeps in var_dir/secret_key (created 0600 if absent)."""
+    key = environ.get("KQ_SECRET_KEY") or local_secret_key(var_dir)
+    if not key:
+        raise StackError(f"cannot read or create {var_dir / 'secret_key'}")
     return key
 
 

@@ -39,6 +39,7 @@ from worker.domain import PRICE_PER_IMAGE_USD
 from worker.events import ResultEvent, decode_event, time_to_id
 from worker.runtime import HEARTBEATS_KEY
 from worker.store import DLQ_KEY, EVENTS_KEY, POLL_KEY, STATS_KEY, batch_key, job_key
+from worker.telemetry import as_int, as_str
 
 # The Celery queue names (worker/celery_app.py), repeated here so a status reader
 # never imports Celery; the Redis transport keeps delivered-unacked messages in `unacked`.
@@ -86,7 +87,7 @@ def collect(
     pipe.zcard(POLL_KEY)
     pipe.zcard(DLQ_KEY)
     *queue_lens, unacked, raw_stats, due, scheduled, dlq = pipe.execute()
-    stats = {_s(k): _int(v) for k, v in (raw_stats or {}).items()}
+    stats = {as_str(k): as_int(v) for k, v in (raw_stats or {}).items()}
 
     jobs = {s: max(0, stats.get(f"now:{s}", 0)) for s in LIVE_STATES}
     jobs.update({s: stats.get(f"state:{s}", 0) for s in TERMINAL})
@@ -194,7 +195,7 @@ def _overdue(
     Adds the batch ids of the in-flight jobs to `batches` on the way.
     """
     members: Any = client.zrange(POLL_KEY, 0, cfg.overdue_scan - 1)
-    ids = [_s(m) for m in members]
+    ids = [as_str(m) for m in members]
     found: list[dict[str, Any]] = []
     fields = ("state", "submitted_at", "submitting_at", "created_at", "batch_id")
     for start in range(0, len(ids), 500):
@@ -203,7 +204,7 @@ def _overdue(
         for job_id in chunk:
             pipe.hmget(job_key(job_id), fields)
         for job_id, row in zip(chunk, pipe.execute(), strict=True):
-            state, submitted, submitting, created, batch = (_s(v) if v else "" for v in row)
+            state, submitted, submitting, created, batch = (as_str(v) if v else "" for v in row)
             if state not in ("submitting", "submitted"):
                 continue
             if batch:
@@ -229,13 +230,13 @@ def _failures(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
         return []
     pipe = client.pipeline(transaction=False)
     for job_id, _ in raw:
-        pipe.hmget(job_key(_s(job_id)), ("reason", "error", "batch_id", "task_code"))
+        pipe.hmget(job_key(as_str(job_id)), ("reason", "error", "batch_id", "task_code"))
     out = []
     for (job_id, score), row in zip(raw, pipe.execute(), strict=True):
-        reason, error, batch, code = (_s(v) if v else "" for v in row)
+        reason, error, batch, code = (as_str(v) if v else "" for v in row)
         out.append(
             {
-                "job_id": _s(job_id),
+                "job_id": as_str(job_id),
                 "time": float(score),
                 "reason": reason,
                 "error": error[:300],
@@ -352,7 +353,7 @@ def _running_batches(
         pipe.hgetall(key)
     running: list[dict[str, Any]] = []
     for key, raw in zip(keys, pipe.execute(), strict=True):
-        counts = {_s(k): _int(v) for k, v in (raw or {}).items()}
+        counts = {as_str(k): as_int(v) for k, v in (raw or {}).items()}
         total, terminal = counts.get("total", 0), counts.get("terminal", 0)
         if total <= terminal:
             continue
@@ -375,9 +376,9 @@ def _heartbeats(client: redis.Redis, now: float) -> dict[str, list[dict[str, Any
     raw: Any = client.zrangebyscore(HEARTBEATS_KEY, now, "+inf", withscores=True)
     beats: dict[str, list[dict[str, Any]]] = {role: [] for role in ROLES}
     for key, expires in raw:
-        parts = _s(key).split(":")  # kq:heartbeat:<role>:<pid>
+        parts = as_str(key).split(":")  # kq:heartbeat:<role>:<pid>
         if len(parts) == 4 and parts[2] in beats:
-            beats[parts[2]].append({"pid": _int(parts[3]), "ttl_s": round(expires - now, 1)})
+            beats[parts[2]].append({"pid": as_int(parts[3]), "ttl_s": round(expires - now, 1)})
     for entries in beats.values():
         entries.sort(key=lambda e: int(str(e["pid"])))
     return beats
@@ -492,17 +493,6 @@ def _pct(value: float | None) -> str:
 
 def _secs(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
 
 
 def _float(value: str) -> float:

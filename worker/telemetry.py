@@ -152,15 +152,17 @@ def _sum(hashes: Iterable[Any]) -> Counter[str]:
     total: Counter[str] = Counter()
     for raw in hashes:
         for key, value in (raw or {}).items():
-            total[_str(key)] += _int(value)
+            total[as_str(key)] += as_int(value)
     return total
 
 
-def _str(value: Any) -> str:
+def as_str(value: Any) -> str:
+    """A Redis reply as text, whether the client decodes replies or not."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _int(value: Any) -> int:
+def as_int(value: Any) -> int:
+    """A Redis reply as an integer; 0 for anything that is not one."""
     try:
         return int(value)
     except (TypeError, ValueError):
