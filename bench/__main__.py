@@ -16,7 +16,7 @@ from rich.table import Table
 from bench import bulk_enqueue, limit_bound, memory, pipeline_overhead, rate_bound, receiver
 from bench.chart import draw
 from bench.common import Row
-from worker.ui import make_console
+from kq.ui import make_console
 
 SCENARIOS: dict[str, Callable[..., list[Row]]] = {
     "bulk_enqueue": bulk_enqueue.run,

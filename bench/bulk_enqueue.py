@@ -38,7 +38,7 @@ def run(*, quick: bool) -> list[Row]:
         }
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "worker.cli", "batch", str(path), "--batch-id", "bench"],
+            [sys.executable, "-m", "kq.cli", "batch", str(path), "--batch-id", "bench"],
             env=env,
             check=True,
             stdout=subprocess.DEVNULL,

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import redis
 
+from kq.stack import Stack, StackConfig
+from worker import keys
 from worker.settings import Settings
-from worker.stack import Stack, StackConfig
-from worker.store import EVENTS_KEY
 
 # Limits high enough never to bind: scenarios that measure our own overhead must not
 # be paced by admission control (whose defaults follow a WaveSpeed tier).
@@ -182,9 +182,9 @@ def wait_events(client: redis.Redis, count: int, timeout_s: float) -> float | No
     The time comes from the stream id (Redis's clock in ms, the same host clock), so
     how often we look does not blur the measurement. None if the deadline passed.
     """
-    if not wait_until(lambda: int(client.xlen(EVENTS_KEY)) >= count, timeout_s):
+    if not wait_until(lambda: int(client.xlen(keys.EVENTS)) >= count, timeout_s):
         return None
-    last: Any = client.xrevrange(EVENTS_KEY, count=1)
+    last: Any = client.xrevrange(keys.EVENTS, count=1)
     entry_id = last[0][0]
     text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
     return int(text.split("-", 1)[0]) / 1000.0
@@ -205,7 +205,7 @@ def timed_batch(stack: Stack, n: int, tag: str, timeout_s: float) -> Iterator[tu
         producer.enqueue_batch(edits(n, tag), batch_id=f"bench-{tag}")
         finished = wait_events(client, n, timeout_s)
         if finished is None:
-            done = int(client.xlen(EVENTS_KEY))
+            done = int(client.xlen(keys.EVENTS))
             raise RuntimeError(f"only {done} of {n} jobs finished within {timeout_s:g} s")
         yield finished - started, sim
     finally:

@@ -36,8 +36,8 @@ from bench.common import (
     max_overlap,
     timed_batch,
 )
+from kq.stack import SIM_API_KEY
 from worker.domain import MODEL
-from worker.stack import SIM_API_KEY
 
 SCENARIO = "limit-bound makespan"
 MAKESPAN_GOAL = 1.1

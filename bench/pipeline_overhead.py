@@ -44,11 +44,11 @@ from bench.common import (
     wait_events,
     wait_until,
 )
+from kq.procs import Proc
+from kq.stack import Stack
+from worker import keys
 from worker.celery_app import app as kq_app
-from worker.procs import Proc
 from worker.runtime import make_producer
-from worker.stack import Stack
-from worker.store import EVENTS_KEY, STATS_KEY
 
 SCENARIO = "pipeline overhead"
 GOAL_RATIO = 1.0
@@ -156,10 +156,10 @@ def _pipeline(stack: Stack, client: redis.Redis, n: int, warm: int, timeout_s: f
     producer.enqueue_batch(edits(n, "pipeline"), batch_id="bench-pipeline")
     finished = wait_events(client, warm + n, timeout_s)
     if finished is None:
-        done = int(client.xlen(EVENTS_KEY)) - warm
+        done = int(client.xlen(keys.EVENTS)) - warm
         raise RuntimeError(f"only {done} of {n} jobs finished within {timeout_s:g} s")
     cpu_ms = cpu_per_job_ms(cpu_before, cpu_snapshot(groups), n)
-    by_webhook: Any = client.hget(STATS_KEY, "resolved_by:webhook")
+    by_webhook: Any = client.hget(keys.STATS, "resolved_by:webhook")
     return Measured(n / (finished - started), cpu_ms, int(by_webhook or 0))
 
 

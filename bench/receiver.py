@@ -30,14 +30,15 @@ from flask import Flask, Response
 
 from bench.common import REPO_ROOT, Row, bench_stack, stack_settings
 from bench.loadgen import LoadResult, Request, blast
+from kq.procs import Proc, free_port
+from kq.stack import Stack
 from webhook_receiver.server import DEFAULT_THREADS, DEFAULT_TIMEOUT_S, DEFAULT_WORKERS
+from worker import keys
 from worker.domain import MODEL, EditRequest, JobState
-from worker.procs import Proc, free_port
 from worker.producer import Item, Producer
 from worker.runtime import make_store
 from worker.signing import WEBHOOK_PATH, job_token, sign_v3
-from worker.stack import Stack
-from worker.store import EVENTS_KEY, JobStore
+from worker.store import JobStore
 
 GOAL_RATIO = 0.6
 LOAD_PROCESSES = 2
@@ -66,7 +67,7 @@ def run(*, quick: bool) -> list[Row]:
             deliveries = _sign(jobs, settings.secret_key, secret)
             _load(stack.receiver_url, deliveries[:warm], deadline_s)  # warm-up, not counted
             ours = _load(stack.receiver_url, deliveries[warm:], deadline_s)
-            applied = int(store.redis.xlen(EVENTS_KEY)) - warm
+            applied = int(store.redis.xlen(keys.EVENTS)) - warm
         finally:
             store.redis.close()
     refused = {s: c for s, c in ours.statuses.items() if not 200 <= s < 300}

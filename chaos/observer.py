@@ -23,8 +23,8 @@ from typing import Any
 
 import redis
 
+from worker import keys
 from worker.domain import TERMINAL_STATES
-from worker.store import EVENTS_KEY, job_key
 
 SAMPLE_EVERY_S = 0.5
 # Terminal jobs are re-read a slice per round (they must never change again); the others
@@ -85,7 +85,7 @@ class Observer:
             ids = list(self._ids)
         pipe = self._redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hget(job_key(job_id), "state")
+            pipe.hget(keys.job(job_id), "state")
         return {j: str(s) for j, s in zip(ids, pipe.execute(), strict=True) if s is not None}
 
     # --- sampling -------------------------------------------------------------------------
@@ -110,7 +110,7 @@ class Observer:
                 self._rotate = start + TERMINAL_SLICE
         pipe = self._redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hmget(job_key(job_id), "state", "version")
+            pipe.hmget(keys.job(job_id), "state", "version")
         rows: list[Any] = pipe.execute()
         self.seen.samples += 1
         for job_id, (state, version) in zip(ids, rows, strict=True):
@@ -150,7 +150,7 @@ class Observer:
 
     def _read(self, block_ms: int | None) -> int:
         answer: Any = self._redis.xread(
-            {EVENTS_KEY: self._last_id}, count=READ_COUNT, block=block_ms
+            {keys.EVENTS: self._last_id}, count=READ_COUNT, block=block_ms
         )
         entries = answer[0][1] if answer else []
         for entry_id, fields in entries:

@@ -31,16 +31,15 @@ import redis
 from chaos.invariants import Check, Evidence, check_all, render
 from chaos.observer import Observer
 from chaos.proxy import ProviderProxy
-from worker import runtime
+from kq.procs import describe_exit
+from kq.stack import Stack, StackConfig, StackError
+from worker import keys, runtime
 from worker.admission import Admission
 from worker.celery_app import configure
 from worker.domain import EditRequest, Job, job_id_for_key
-from worker.procs import describe_exit
 from worker.producer import Item, Producer
 from worker.settings import Settings
 from worker.signing import job_token
-from worker.stack import Stack, StackConfig, StackError
-from worker.store import STATS_KEY
 from worker.tasks import enqueue_submits
 from worker.wavespeed import WaveSpeedClient
 
@@ -293,7 +292,7 @@ class ChaosRun:
                 return bool(client.exists(f"kq:heartbeat:beat:{proc.pid}"))
             return False
 
-        argv = [sys.executable, "-m", "worker.cli", "beat"]
+        argv = [sys.executable, "-m", "kq.cli", "beat"]
         return f"pid {self.stack._spawn('beat2', argv, ready).pid}"
 
     def stop_second_beat(self) -> str:
@@ -387,7 +386,7 @@ class ChaosRun:
         for start in range(0, len(self.ids), 1000):
             chunk = self.ids[start : start + 1000]
             jobs.update(zip(chunk, self.store.get_many(chunk), strict=True))
-        stats: dict[str, str] = self.store.redis.hgetall(STATS_KEY)  # type: ignore[assignment]
+        stats: dict[str, str] = self.store.redis.hgetall(keys.STATS)  # type: ignore[assignment]
         return Evidence(
             ids=self.ids,
             prompts=self.prompts,

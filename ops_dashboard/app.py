@@ -32,10 +32,10 @@ import redis
 from flask import Flask, Response, redirect, request, send_from_directory
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from worker import keys
 from worker.admission import Admission
 from worker.events import decode_event
 from worker.status import StatusConfig, collect
-from worker.store import EVENTS_KEY, job_key
 
 STATIC_DIR = Path(__file__).parent / "static"
 COOKIE = "kq_ops"
@@ -158,7 +158,7 @@ def create_app(
 
 def job_view(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     """A job's record (selected fields), its timeline and its result event."""
-    raw: Any = client.hgetall(job_key(job_id))
+    raw: Any = client.hgetall(keys.job(job_id))
     if not raw or "state" not in raw:
         return None
     record: dict[str, Any] = {k: raw.get(k, "") for k in _JOB_FIELDS if k in raw}
@@ -169,7 +169,7 @@ def job_view(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
             pass
     event = None
     if raw.get("event_id"):
-        entries: Any = client.xrange(EVENTS_KEY, raw["event_id"], raw["event_id"])
+        entries: Any = client.xrange(keys.EVENTS, raw["event_id"], raw["event_id"])
         if entries:
             event = decode_event(*entries[0]).to_dict()
     return {"job": record, "timeline": timeline(raw), "event": event}

@@ -13,8 +13,8 @@ from typing import Any
 
 from werkzeug.serving import make_server
 
+from kq.stack import Stack, StackConfig
 from worker.domain import EditRequest, JobState
-from worker.stack import Stack, StackConfig
 from worker.store import JobStore
 
 PID = "0123456789abcdef0123456789abcdef"

@@ -14,12 +14,12 @@ import httpx
 import pytest
 import redis
 
+from kq.stack import Stack, StackConfig
 from tests.conftest import wait_for
 from worker.admission import Admission
 from worker.domain import EditRequest, JobState
 from worker.runtime import make_producer, make_store
 from worker.settings import Settings
-from worker.stack import Stack, StackConfig
 from worker.store import JobStore
 
 REQ = EditRequest(prompt="p", image="https://example.com/a.jpg")

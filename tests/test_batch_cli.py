@@ -19,7 +19,7 @@ LINE = '{{"prompt": "edit number {i}", "image": "https://example.com/{i}.jpg"}}\
 
 def kq(args: list[str], env: dict[str, str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # type: ignore[call-overload,no-any-return]
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "kq.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -87,7 +87,7 @@ def test_rerun_after_kill_resumes_without_duplicates(
     path = write_lines(tmp_path / "resume.jsonl", n)
     env = cli_env(redis_url, tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "batch", str(path), "--batch-id", "r1"],
+        [sys.executable, "-m", "kq.cli", "batch", str(path), "--batch-id", "r1"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

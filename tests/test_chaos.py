@@ -23,6 +23,7 @@ import pytest
 
 from chaos import ChaosConfig, run
 from chaos.proxy import ProviderProxy
+from kq.stack import Stack, StackConfig
 from tests.conftest import wait_for
 from tests.support import Clock
 from wavespeed_sim.config import SimConfig
@@ -34,7 +35,6 @@ from worker.poller import sweep
 from worker.producer import Item, Producer
 from worker.service import Deps, SubmitOutcome, submit_job, submit_watchdog_s
 from worker.settings import Settings
-from worker.stack import Stack, StackConfig
 from worker.store import QUEUED_CHECK_S, JobStore
 from worker.tasks import CHUNK_THREADS, enqueue_submits
 from worker.wavespeed import WaveSpeedClient

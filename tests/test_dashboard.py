@@ -22,14 +22,14 @@ from typing import Any
 import httpx
 import pytest
 
+from kq.procs import Proc
+from kq.stack import Stack
 from tests.conftest import free_port, wait_for
 from tests.support import fast_stack, is_terminal
 from worker import runtime
 from worker.celery_app import configure
-from worker.procs import Proc
 from worker.producer import Producer
 from worker.settings import Settings
-from worker.stack import Stack
 from worker.store import JobStore
 from worker.tasks import enqueue_submits
 
@@ -92,7 +92,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
 
         stack._spawn(
             "dashboard",
-            [sys.executable, "-m", "worker.cli", "dashboard", "--port", str(port)],
+            [sys.executable, "-m", "kq.cli", "dashboard", "--port", str(port)],
             ready,
         )
         o = Ops(stack, url)

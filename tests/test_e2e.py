@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kq.stack import Stack
 from tests.conftest import wait_for
 from tests.support import fast_stack
 from worker import runtime
@@ -26,7 +27,6 @@ from worker.domain import Job, JobState
 from worker.runtime import make_producer
 from worker.settings import Settings
 from worker.signing import job_token, sign_v3
-from worker.stack import Stack
 from worker.store import JobStore
 from worker.tasks import enqueue_submit
 
@@ -302,7 +302,7 @@ def test_enqueue_a_local_image_through_the_cli(h: Harness, tmp_path: Path) -> No
     picture = tmp_path / "cat.png"
     Image.new("RGB", (32, 24), (200, 120, 40)).save(picture)
     result = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "enqueue", "--prompt", "make it blue",
+        [sys.executable, "-m", "kq.cli", "enqueue", "--prompt", "make it blue",
          "--image", str(picture), "--wait", "--timeout", "60", "--json"],
         env={**os.environ, **h.stack.env},
         capture_output=True,

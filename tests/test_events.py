@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.cli import main as kq_main
+from kq.cli import main as kq_main
+from worker import keys
 from worker.domain import EditRequest, JobState
 from worker.events import (
     EventConsumer,
@@ -29,7 +30,7 @@ from worker.events import (
     replay,
     time_to_id,
 )
-from worker.store import EVENTS_KEY, JobStore
+from worker.store import JobStore
 
 pytestmark = pytest.mark.integration
 
@@ -246,7 +247,7 @@ def test_trimmed_pending_entries_are_dropped(store: JobStore, redis_client: redi
     ids = [finish(store) for _ in range(3)]
     consumer = EventConsumer(redis_client, "g", "c")
     got = consumer.read(count=3)
-    redis_client.xdel(EVENTS_KEY, got[0].id)
+    redis_client.xdel(keys.EVENTS, got[0].id)
     again = EventConsumer(redis_client, "g", "c").read(count=10)
     assert [e.job_id for e in again] == ids[1:]
 
@@ -317,7 +318,7 @@ def test_kq_events_follow_consumer_killed_and_restarted_half_way(
     """A `--follow` group consumer stopped by SIGTERM half-way and restarted prints
     every job's event exactly once across both runs."""
     env = {**os.environ, "KQ_REDIS_URL": redis_url, "KQ_VAR_DIR": str(tmp_path)}
-    argv = [sys.executable, "-m", "worker.cli", "events", "--group", "g", "--consumer", "c"]
+    argv = [sys.executable, "-m", "kq.cli", "events", "--group", "g", "--consumer", "c"]
     argv += ["--follow", "--json"]
     seen: list[str] = []
     ids: list[str] = []

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import redis
 
+from kq.stack import Stack, StackConfig
 from tests.conftest import wait_for
 from tests.support import make_submitted_job as make_job
 from tests.support import prediction_body as body_for
@@ -28,7 +29,6 @@ from webhook_receiver.app import create_app
 from worker.domain import EditRequest, JobState
 from worker.settings import DEFAULT_WEBHOOK_MAX_BYTES, Settings
 from worker.signing import job_token, sign_v3
-from worker.stack import Stack, StackConfig
 from worker.store import JobStore
 
 PID = "0123456789abcdef0123456789abcdef"

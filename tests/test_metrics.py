@@ -25,10 +25,9 @@ from tests.conftest import free_port, wait_for
 from tests.support import serve_in_thread
 from tests.test_receiver import body_for, deliver, make_job
 from webhook_receiver.app import create_app
-from worker import telemetry
+from worker import keys, telemetry
 from worker.domain import EditRequest, JobState
 from worker.metrics import StatusCollector, serve_exporter
-from worker.runtime import HEARTBEATS_KEY
 from worker.settings import Settings
 from worker.status import collect
 from worker.store import JobStore
@@ -102,7 +101,7 @@ def test_exporter_serves_status_and_counters(store: JobStore, redis_client: redi
         store.transition(job_id, state, now=now + 2, fields=fields)
     store.create(uuid.uuid4().hex, request, now=now)
     telemetry.count_many(redis_client, {"submit.retry": 3, "submit.rate_limited": 2})
-    redis_client.zadd(HEARTBEATS_KEY, {"kq:heartbeat:worker:42": now + 15})
+    redis_client.zadd(keys.HEARTBEATS, {"kq:heartbeat:worker:42": now + 15})
 
     collector = StatusCollector(
         lambda: collect(redis_client, deadline_s=3600, webhooks_enabled=True),
@@ -154,7 +153,7 @@ def test_kq_metrics_command(redis_url: str, redis_client: redis.Redis, tmp_path:
     port = free_port()
     env = {**os.environ, "KQ_REDIS_URL": redis_url, "KQ_VAR_DIR": str(tmp_path)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "metrics", "--port", str(port)],
+        [sys.executable, "-m", "kq.cli", "metrics", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -9,13 +9,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kq.stack import Stack, StackConfig
 from tests.conftest import wait_for
 from worker import runtime
 from worker.celery_app import configure
 from worker.domain import JobState
 from worker.producer import Producer
 from worker.settings import Settings
-from worker.stack import Stack, StackConfig
 from worker.tasks import enqueue_submits
 
 pytestmark = pytest.mark.integration

@@ -24,13 +24,14 @@ import pytest
 import redis
 
 from tests.support import Clock
+from worker import keys
 from worker.domain import EditRequest, JobState
 from worker.errors import ValidationError
 from worker.poller import sweep
 from worker.producer import Producer
 from worker.service import Deps, SubmitOutcome, submit_job
 from worker.settings import Settings
-from worker.store import POLL_KEY, JobStore
+from worker.store import JobStore
 from worker.wavespeed import WaveSpeedClient
 
 PID = "0123456789abcdef0123456789abcdef"
@@ -190,7 +191,7 @@ def test_malformed_submit_answers_are_handled_by_rule(
     assert job is not None
     if outcome == "ambiguous":
         assert job.state is JobState.SUBMITTING and job.ambiguous
-        assert store.redis.zscore(POLL_KEY, "job1") is not None  # reconciliation is scheduled
+        assert store.redis.zscore(keys.POLL, "job1") is not None  # reconciliation is scheduled
     elif outcome == "retry":
         assert job.state is JobState.QUEUED and job.attempts == 1
     else:
@@ -242,7 +243,7 @@ def test_malformed_poll_answers_back_off_without_a_crash_loop(
     assert report.claimed == 1 and report.outcomes == Counter({label: 1})
     job = store.get("job1")
     assert job is not None and job.state is JobState.SUBMITTED
-    next_poll = store.redis.zscore(POLL_KEY, "job1")
+    next_poll = store.redis.zscore(keys.POLL, "job1")
     assert next_poll is not None and next_poll >= swept_at + deps.settings.poll_min_interval_s
     assert sweep(deps).claimed == 0
     assert provider.calls["result"] == 1
@@ -264,7 +265,7 @@ def test_a_provider_that_never_answers_well_fails_the_job_at_its_deadline(
     assert job is not None and job.state is JobState.FAILED and job.reason == "deadline"
     assert "HTTP 502" in job.error
     assert [f["state"] for _, f in store.events()] == ["failed"]
-    assert store.redis.zscore(POLL_KEY, "job1") is None
+    assert store.redis.zscore(keys.POLL, "job1") is None
 
 
 def test_a_broken_list_call_keeps_an_ambiguous_job_until_its_deadline(

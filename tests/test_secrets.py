@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kq.stack import Stack, StackConfig
 from tests.conftest import wait_for
 from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
@@ -27,7 +28,6 @@ from worker.errors import ProviderError
 from worker.producer import Producer
 from worker.settings import Settings
 from worker.signing import job_token, webhook_url
-from worker.stack import Stack, StackConfig
 from worker.tasks import enqueue_submits
 from worker.wavespeed import WaveSpeedClient
 

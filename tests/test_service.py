@@ -15,11 +15,12 @@ import pytest
 from tests.support import Clock
 from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
+from worker import keys
 from worker.domain import EditRequest, JobState
 from worker.poller import sweep
 from worker.service import Deps, SubmitOutcome, submit_job, submit_watchdog_s
 from worker.settings import Settings
-from worker.store import POLL_KEY, JobStore
+from worker.store import JobStore
 from worker.wavespeed import WaveSpeedClient
 
 REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
@@ -85,7 +86,7 @@ def test_submit_records_prediction_and_schedules_poll(
     assert job is not None and job.state is JobState.SUBMITTED
     assert job.prediction_id == task["id"] and job.attempts == 1
     assert "job=job1" in task["webhook"] and "t=" in task["webhook"]
-    assert store.redis.zscore(POLL_KEY, job_id) is not None
+    assert store.redis.zscore(keys.POLL, job_id) is not None
 
 
 def test_submitted_or_terminal_jobs_are_never_resubmitted(

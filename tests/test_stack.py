@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import redis
 
-import worker.stack as stack_module
-from worker.procs import Proc, StackError, free_port, wait_ready, wait_until
-from worker.stack import (
+import kq.stack as stack_module
+from kq.procs import Proc, StackError, free_port, wait_ready, wait_until
+from kq.stack import (
     Stack,
     StackConfig,
     find_redis_server,
@@ -143,7 +143,7 @@ def test_redis_restart_keeps_data_and_port(stack: Stack, client: redis.Redis) ->
         assert fresh.get("kq:test:survivor") == "still here"
 
 
-# A stand-in for `python -m worker.cli`: each command records its argv and environment,
+# A stand-in for `python -m kq.cli`: each command records its argv and environment,
 # becomes ready the way the real one must (health URL or heartbeat key), and notes the
 # order in which it was stopped.
 FAKE_CLI = """

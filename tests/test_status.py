@@ -23,18 +23,17 @@ import httpx
 import pytest
 import redis
 
+from kq.cli import main as kq_main
+from kq.stack import Stack
 from tests.conftest import wait_for
 from tests.support import fast_stack, is_terminal
-from worker import runtime
+from worker import keys, runtime
 from worker.celery_app import configure
-from worker.cli import main as kq_main
 from worker.domain import EditRequest, JobState
 from worker.producer import Producer
-from worker.runtime import HEARTBEATS_KEY
 from worker.settings import Settings
-from worker.stack import Stack
 from worker.status import StatusConfig, collect, percentile
-from worker.store import POLL_KEY, JobStore
+from worker.store import JobStore
 from worker.tasks import enqueue_submits
 
 pytestmark = pytest.mark.integration
@@ -74,7 +73,7 @@ class Scenario:
 
     def kq_status_json(self) -> dict[str, Any]:
         out = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "status", "--json"],
+            [sys.executable, "-m", "kq.cli", "status", "--json"],
             env=self.env,
             capture_output=True,
             text=True,
@@ -179,7 +178,7 @@ def test_missed_webhook_alarm_over_threshold(scenario: Scenario) -> None:
 def test_status_text_and_watch_render(scenario: Scenario) -> None:
     """The human form names the counts, the processes and the alarm."""
     out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "status"],
+        [sys.executable, "-m", "kq.cli", "status"],
         env={**scenario.env, "COLUMNS": "160"},
         capture_output=True,
         text=True,
@@ -211,7 +210,7 @@ def test_overdue_jobs_and_dead_processes_raise_alarms(
             expect_prediction_id=f"p-{job_id}",
             poll_at=now + 60,
         )
-    assert redis_client.zcard(POLL_KEY) == 2
+    assert redis_client.zcard(keys.POLL) == 2
     snap = collect(redis_client, deadline_s=3600, webhooks_enabled=True, now=now)
     assert snap["overdue"]["count"] == 1
     (job,) = snap["overdue"]["jobs"]
@@ -224,14 +223,14 @@ def test_overdue_jobs_and_dead_processes_raise_alarms(
 
     stops = [runtime.start_heartbeat(role, redis_client) for role in ("worker", "beat")]
     try:
-        wait_for(lambda: redis_client.zcard(HEARTBEATS_KEY) == 2)
+        wait_for(lambda: redis_client.zcard(keys.HEARTBEATS) == 2)
         snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now)
         assert {a["name"] for a in snap["alarms"]} == {"overdue_jobs"}
         assert snap["heartbeats"]["worker"][0]["pid"] == os.getpid()
     finally:
         for stop in stops:
             stop.set()
-    wait_for(lambda: redis_client.zcard(HEARTBEATS_KEY) == 0)  # a clean stop unregisters
+    wait_for(lambda: redis_client.zcard(keys.HEARTBEATS) == 0)  # a clean stop unregisters
 
 
 def test_status_on_an_empty_redis_and_cli_errors(

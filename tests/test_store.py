@@ -7,8 +7,9 @@ import threading
 
 import redis
 
+from worker import keys
 from worker.domain import EditRequest, JobState
-from worker.store import POLL_KEY, REMOVE, JobStore
+from worker.store import REMOVE, JobStore
 
 REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
 PID = "0123456789abcdef0123456789abcdef"
@@ -57,7 +58,7 @@ def test_terminal_move_appends_exactly_one_event(
 ) -> None:
     """completed writes the result, one event with the documented fields, a TTL, no poll entry."""
     submitted_job(store, batch_id="b1")
-    assert redis_client.zscore(POLL_KEY, "job1") == 200.0
+    assert redis_client.zscore(keys.POLL, "job1") == 200.0
     result = complete(store, "job1")
     assert result.applied and result.state == "completed"
     events = store.events()
@@ -69,7 +70,7 @@ def test_terminal_move_appends_exactly_one_event(
     assert fields["resolved_by"] == "webhook" and fields["schema"] == "1"
     for key in ("error", "reason", "created_at", "submitted_at", "finished_at", "attempts"):
         assert key in fields
-    assert redis_client.zscore(POLL_KEY, "job1") is None
+    assert redis_client.zscore(keys.POLL, "job1") is None
     assert 0 < redis_client.ttl("kq:job:job1") <= 3600
     assert store.batch_counts("b1")["completed"] == 1
 
@@ -154,17 +155,17 @@ def test_claim_due_reschedules_with_backoff(store: JobStore, redis_client: redis
     store.create("b", REQ, now=1.0)
     store.schedule_poll("b", 10_000.0)
     assert store.claim_due(300.0, limit=10, min_interval=2, max_interval=60) == ["a"]
-    assert redis_client.zscore(POLL_KEY, "a") == 302.0
+    assert redis_client.zscore(keys.POLL, "a") == 302.0
     assert store.claim_due(301.0, limit=10, min_interval=2, max_interval=60) == []
     assert store.claim_due(302.0, limit=10, min_interval=2, max_interval=60) == ["a"]
-    assert redis_client.zscore(POLL_KEY, "a") == 306.0
+    assert redis_client.zscore(keys.POLL, "a") == 306.0
 
 
 def test_claim_due_drops_expired_records(store: JobStore, redis_client: redis.Redis) -> None:
     """A scheduled id whose record is gone is removed, not resurrected."""
     store.schedule_poll("gone", 1.0)
     assert store.claim_due(5.0, limit=10, min_interval=2, max_interval=60) == []
-    assert redis_client.zcard(POLL_KEY) == 0
+    assert redis_client.zcard(keys.POLL) == 0
     assert not redis_client.exists("kq:job:gone")
 
 

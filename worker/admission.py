@@ -19,9 +19,9 @@ from typing import Any, Final
 
 import redis
 
+from worker import keys
 from worker.settings import Settings
 
-WAKE_KEY: Final = "kq:adm:wake"
 # A 429 pauses every worker's submits this long before the reduced rate applies.
 RATE_LIMIT_PAUSE_S: Final = 2.0
 # A slot outlives any legitimate holder by this much past the job deadline.
@@ -81,7 +81,7 @@ class Admission:
     def release(self, job_id: str) -> None:
         """Give back a slot taken for a submit that did not happen."""
         if self.redis.zrem("kq:adm:slots", job_id):
-            self.redis.lpush(WAKE_KEY, "1")
+            self.redis.lpush(keys.ADM_WAKE, "1")
 
     def claim(self, limit: int, now: float) -> tuple[list[str], float]:
         """Waiting jobs granted a slot now (round-robin over batches), and how long to
@@ -100,7 +100,7 @@ class Admission:
     def wait_for_wake(self, timeout_s: float) -> None:
         """Sleep until a slot is released somewhere, or `timeout_s` passes."""
         timeout = max(0.01, min(timeout_s, 5.0))
-        self.redis.blpop([WAKE_KEY], timeout=timeout)
+        self.redis.blpop([keys.ADM_WAKE], timeout=timeout)
 
     def snapshot(self, now: float) -> Snapshot:
         used, submits, waiting, factor, backoff, limited = self._call("snapshot", now)

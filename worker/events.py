@@ -28,7 +28,7 @@ from typing import Any, Final
 
 import redis
 
-from worker.store import EVENTS_KEY
+from worker import keys
 
 SCHEMA_VERSION: Final = 1
 # Pending entries idle this long belong to a consumer presumed dead (XAUTOCLAIM).
@@ -161,7 +161,7 @@ def replay(
     *,
     batch_id: str | None = None,
     until: str = "+",
-    stream: str = EVENTS_KEY,
+    stream: str = keys.EVENTS,
 ) -> Iterator[ResultEvent]:
     """Every retained event from stream id `since` (inclusive) to `until`, oldest first.
 
@@ -179,7 +179,7 @@ def replay(
         start = f"({_s(entries[-1][0])}"
 
 
-def latest(client: redis.Redis, count: int, *, stream: str = EVENTS_KEY) -> list[ResultEvent]:
+def latest(client: redis.Redis, count: int, *, stream: str = keys.EVENTS) -> list[ResultEvent]:
     """The newest `count` events, newest first."""
     entries: Any = client.xrevrange(stream, count=count)
     return [decode_event(i, raw) for i, raw in entries]
@@ -191,7 +191,7 @@ def follow(
     *,
     batch_id: str | None = None,
     block_ms: int = 5_000,
-    stream: str = EVENTS_KEY,
+    stream: str = keys.EVENTS,
     stop: Any = None,
 ) -> Iterator[ResultEvent]:
     """Replay from `since` (unless it is `$`), then block for new events until `stop()`.
@@ -243,7 +243,7 @@ class EventConsumer:
         start: str = "0-0",
         batch_id: str | None = None,
         reclaim_idle_ms: int = DEFAULT_RECLAIM_IDLE_MS,
-        stream: str = EVENTS_KEY,
+        stream: str = keys.EVENTS,
     ) -> None:
         if not group or not consumer:
             raise ValueError("group and consumer names must be non-empty")

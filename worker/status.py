@@ -33,12 +33,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from worker import telemetry
+from worker import keys, telemetry
 from worker.admission import Admission
 from worker.domain import PRICE_PER_IMAGE_USD
 from worker.events import ResultEvent, decode_event, time_to_id
-from worker.runtime import HEARTBEATS_KEY
-from worker.store import DLQ_KEY, EVENTS_KEY, POLL_KEY, STATS_KEY, batch_key, job_key
 from worker.telemetry import as_int, as_str
 
 # The Celery queue names (worker/celery_app.py), repeated here so a status reader
@@ -82,10 +80,10 @@ def collect(
     for queue in CELERY_QUEUES:
         pipe.llen(queue)
     pipe.hlen(CELERY_UNACKED)
-    pipe.hgetall(STATS_KEY)
-    pipe.zcount(POLL_KEY, "-inf", ts)
-    pipe.zcard(POLL_KEY)
-    pipe.zcard(DLQ_KEY)
+    pipe.hgetall(keys.STATS)
+    pipe.zcount(keys.POLL, "-inf", ts)
+    pipe.zcard(keys.POLL)
+    pipe.zcard(keys.DLQ)
     *queue_lens, unacked, raw_stats, due, scheduled, dlq = pipe.execute()
     stats = {as_str(k): as_int(v) for k, v in (raw_stats or {}).items()}
 
@@ -182,7 +180,7 @@ def alarms(
 def _recent_events(client: redis.Redis, since: float, cfg: StatusConfig) -> list[ResultEvent]:
     """Events written since `since`, newest first, at most `max_events`."""
     entries: Any = client.xrevrange(
-        EVENTS_KEY, max="+", min=time_to_id(since), count=cfg.max_events
+        keys.EVENTS, max="+", min=time_to_id(since), count=cfg.max_events
     )
     return [decode_event(i, raw) for i, raw in entries]
 
@@ -194,7 +192,7 @@ def _overdue(
 
     Adds the batch ids of the in-flight jobs to `batches` on the way.
     """
-    members: Any = client.zrange(POLL_KEY, 0, cfg.overdue_scan - 1)
+    members: Any = client.zrange(keys.POLL, 0, cfg.overdue_scan - 1)
     ids = [as_str(m) for m in members]
     found: list[dict[str, Any]] = []
     fields = ("state", "submitted_at", "submitting_at", "created_at", "batch_id")
@@ -202,7 +200,7 @@ def _overdue(
         chunk = ids[start : start + 500]
         pipe = client.pipeline(transaction=False)
         for job_id in chunk:
-            pipe.hmget(job_key(job_id), fields)
+            pipe.hmget(keys.job(job_id), fields)
         for job_id, row in zip(chunk, pipe.execute(), strict=True):
             state, submitted, submitting, created, batch = (as_str(v) if v else "" for v in row)
             if state not in ("submitting", "submitted"):
@@ -225,12 +223,12 @@ def _overdue(
 
 def _failures(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
     """The most recent failed jobs, from the dead-letter set, with their reasons."""
-    raw: Any = client.zrevrange(DLQ_KEY, 0, limit - 1, withscores=True)
+    raw: Any = client.zrevrange(keys.DLQ, 0, limit - 1, withscores=True)
     if not raw:
         return []
     pipe = client.pipeline(transaction=False)
     for job_id, _ in raw:
-        pipe.hmget(job_key(as_str(job_id)), ("reason", "error", "batch_id", "task_code"))
+        pipe.hmget(keys.job(as_str(job_id)), ("reason", "error", "batch_id", "task_code"))
     out = []
     for (job_id, score), row in zip(raw, pipe.execute(), strict=True):
         reason, error, batch, code = (as_str(v) if v else "" for v in row)
@@ -345,14 +343,14 @@ def _running_batches(
     chart window) are looked at. A batch whose jobs all still sit in the Celery queue
     shows up with its first submit.
     """
-    keys = [batch_key(b) for b in sorted(active)[: cfg.batch_scan]]
-    if not keys:
+    batch_keys = [keys.batch(b) for b in sorted(active)[: cfg.batch_scan]]
+    if not batch_keys:
         return []
     pipe = client.pipeline(transaction=False)
-    for key in keys:
+    for key in batch_keys:
         pipe.hgetall(key)
     running: list[dict[str, Any]] = []
-    for key, raw in zip(keys, pipe.execute(), strict=True):
+    for key, raw in zip(batch_keys, pipe.execute(), strict=True):
         counts = {as_str(k): as_int(v) for k, v in (raw or {}).items()}
         total, terminal = counts.get("total", 0), counts.get("terminal", 0)
         if total <= terminal:
@@ -373,7 +371,7 @@ def _running_batches(
 
 def _heartbeats(client: redis.Redis, now: float) -> dict[str, list[dict[str, Any]]]:
     """Live processes by role, from the heartbeat index (key -> expiry; see runtime)."""
-    raw: Any = client.zrangebyscore(HEARTBEATS_KEY, now, "+inf", withscores=True)
+    raw: Any = client.zrangebyscore(keys.HEARTBEATS, now, "+inf", withscores=True)
     beats: dict[str, list[dict[str, Any]]] = {role: [] for role in ROLES}
     for key, expires in raw:
         parts = as_str(key).split(":")  # kq:heartbeat:<role>:<pid>

@@ -26,13 +26,9 @@ from typing import Any, Final
 
 import redis
 
+from worker import keys
 from worker.domain import ALLOWED_FROM, EditRequest, Job, JobState
 
-PREFIX: Final = "kq:"
-EVENTS_KEY: Final = "kq:events"
-POLL_KEY: Final = "kq:poll"
-STATS_KEY: Final = "kq:stats"
-DLQ_KEY: Final = "kq:dlq"
 NEW: Final = "new"
 # A WaveSpeed delivery is retried for minutes, not days; a day of memory is plenty.
 WEBHOOK_ID_TTL_S: Final = 24 * 3600
@@ -42,18 +38,6 @@ REMOVE: Final = "rm"
 QUEUED_CHECK_S: Final = 60.0
 
 FieldValue = str | int | float
-
-
-def job_key(job_id: str) -> str:
-    return f"{PREFIX}job:{job_id}"
-
-
-def batch_key(batch_id: str) -> str:
-    return f"{PREFIX}batch:{batch_id}"
-
-
-def batch_members_key(batch_id: str) -> str:
-    return f"{PREFIX}batchjobs:{batch_id}"
 
 
 def _script(name: str) -> str:
@@ -126,53 +110,55 @@ class JobStore:
         for job_id, request, key, priority in jobs:
             payload = json.dumps(request.to_payload(), separators=(",", ":"))
             args.extend((job_id, payload, key, priority))
-        keys = [STATS_KEY, batch_key(batch_id), batch_members_key(batch_id)]
+        script_keys = [keys.STATS, keys.batch(batch_id), keys.batch_jobs(batch_id)]
         pipe = self.redis.pipeline(transaction=True)  # the jobs and their check, atomically
-        self._create_jobs(keys=keys, args=args, client=pipe)
-        pipe.zadd(POLL_KEY, {job[0]: now + QUEUED_CHECK_S for job in jobs}, nx=True)
+        self._create_jobs(keys=script_keys, args=args, client=pipe)
+        pipe.zadd(keys.POLL, {job[0]: now + QUEUED_CHECK_S for job in jobs}, nx=True)
         answers, _ = pipe.execute()
         return [str(a) for a in answers]
 
     def batch_members(self, batch_id: str, start: int = 0, end: int = -1) -> list[str]:
         """Job ids of a batch in enqueue order (a slice of them with start/end)."""
-        members: Any = self.redis.lrange(batch_members_key(batch_id), start, end)
+        members: Any = self.redis.lrange(keys.batch_jobs(batch_id), start, end)
         return [str(x) for x in members]
 
     def set_batch_fields(self, batch_id: str, fields: Mapping[str, FieldValue]) -> None:
-        self.redis.hset(batch_key(batch_id), mapping=_mapping(fields))
+        self.redis.hset(keys.batch(batch_id), mapping=_mapping(fields))
 
     def reserve_budget(self, job_id: str, batch_id: str, price_micros: int) -> bool:
         """Reserve one image's price against the job's batch budget (idempotent per job)."""
         if not batch_id:
             return True
-        ok = self._reserve_budget(keys=[job_key(job_id), batch_key(batch_id)], args=[price_micros])
+        ok = self._reserve_budget(
+            keys=[keys.job(job_id), keys.batch(batch_id)], args=[price_micros]
+        )
         return bool(ok)
 
     def dlq(self, start: int = 0, count: int = 100) -> list[str]:
         """Failed job ids, most recent first; ids whose records expired are pruned."""
-        raw: Any = self.redis.zrevrange(DLQ_KEY, start, start + count - 1)
+        raw: Any = self.redis.zrevrange(keys.DLQ, start, start + count - 1)
         ids = [str(x) for x in raw]
         if not ids:
             return []
         pipe = self.redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.exists(job_key(job_id))
+            pipe.exists(keys.job(job_id))
         alive = pipe.execute()
         gone = [job_id for job_id, ok in zip(ids, alive, strict=True) if not ok]
         if gone:
-            self.redis.zrem(DLQ_KEY, *gone)
+            self.redis.zrem(keys.DLQ, *gone)
         return [job_id for job_id, ok in zip(ids, alive, strict=True) if ok]
 
     def dlq_size(self) -> int:
-        size: Any = self.redis.zcard(DLQ_KEY)
+        size: Any = self.redis.zcard(keys.DLQ)
         return int(size)
 
     def remove_from_dlq(self, job_ids: Sequence[str]) -> None:
         if job_ids:
-            self.redis.zrem(DLQ_KEY, *job_ids)
+            self.redis.zrem(keys.DLQ, *job_ids)
 
     def get(self, job_id: str) -> Job | None:
-        raw: dict[str, str] = self.redis.hgetall(job_key(job_id))  # type: ignore[assignment]
+        raw: dict[str, str] = self.redis.hgetall(keys.job(job_id))  # type: ignore[assignment]
         if not raw or "state" not in raw:
             return None
         return decode_job(raw)
@@ -180,7 +166,7 @@ class JobStore:
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
-            pipe.hgetall(job_key(job_id))
+            pipe.hgetall(keys.job(job_id))
         return [decode_job(raw) if raw and "state" in raw else None for raw in pipe.execute()]
 
     def transition(
@@ -216,62 +202,62 @@ class JobStore:
         for name, value in (fields or {}).items():
             args.extend((name, value))
         outcome, state, version = self._transition(
-            keys=[job_key(job_id), EVENTS_KEY, POLL_KEY], args=args
+            keys=[keys.job(job_id), keys.EVENTS, keys.POLL], args=args
         )
         return TransitionResult(str(outcome), str(state), int(version))
 
     def set_fields(self, job_id: str, fields: Mapping[str, FieldValue]) -> None:
         """Write bookkeeping fields that are not a state change (e.g. the last poll)."""
-        if self.redis.exists(job_key(job_id)):
-            self.redis.hset(job_key(job_id), mapping=_mapping(fields))
+        if self.redis.exists(keys.job(job_id)):
+            self.redis.hset(keys.job(job_id), mapping=_mapping(fields))
 
     def schedule_poll(self, job_id: str, at: float) -> None:
-        self.redis.zadd(POLL_KEY, {job_id: at})
+        self.redis.zadd(keys.POLL, {job_id: at})
 
     def unschedule_poll(self, job_id: str) -> None:
-        self.redis.zrem(POLL_KEY, job_id)
+        self.redis.zrem(keys.POLL, job_id)
 
     def claim_due(
         self, now: float, *, limit: int, min_interval: float, max_interval: float
     ) -> list[str]:
         """Due job ids, each rescheduled with back-off so no other sweep takes it now."""
-        due = self._claim_due(keys=[POLL_KEY], args=[now, limit, min_interval, max_interval])
+        due = self._claim_due(keys=[keys.POLL], args=[now, limit, min_interval, max_interval])
         return [str(x) for x in due]
 
     def poll_backlog(self, now: float) -> tuple[int, int]:
         """(jobs due now, jobs scheduled in all)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.zcount(POLL_KEY, "-inf", now)
-        pipe.zcard(POLL_KEY)
+        pipe.zcount(keys.POLL, "-inf", now)
+        pipe.zcard(keys.POLL)
         due, total = pipe.execute()
         return int(due), int(total)
 
     def mark_webhook_seen(self, webhook_id: str) -> bool:
         """True the first time a webhook-id is seen; False for a redelivery."""
-        return bool(self.redis.set(f"{PREFIX}whid:{webhook_id}", "1", nx=True, ex=WEBHOOK_ID_TTL_S))
+        return bool(self.redis.set(keys.webhook_id(webhook_id), "1", nx=True, ex=WEBHOOK_ID_TTL_S))
 
     def forget_webhook(self, webhook_id: str) -> None:
         """Undo `mark_webhook_seen` when handling failed, so the retry is not dropped."""
-        self.redis.delete(f"{PREFIX}whid:{webhook_id}")
+        self.redis.delete(keys.webhook_id(webhook_id))
 
     def job_for_prediction(self, prediction_id: str) -> str | None:
-        value = self.redis.get(f"{PREFIX}pred:{prediction_id}")
+        value = self.redis.get(keys.prediction(prediction_id))
         return None if value is None else str(value)
 
     def stats(self) -> dict[str, int]:
-        raw: dict[str, str] = self.redis.hgetall(STATS_KEY)  # type: ignore[assignment]
+        raw: dict[str, str] = self.redis.hgetall(keys.STATS)  # type: ignore[assignment]
         return {k: int(v) for k, v in raw.items()}
 
     def batch_counts(self, batch_id: str) -> dict[str, float]:
         """A batch's counters and settings (numbers; created_at is a Unix time)."""
-        raw: dict[str, str] = self.redis.hgetall(batch_key(batch_id))  # type: ignore[assignment]
+        raw: dict[str, str] = self.redis.hgetall(keys.batch(batch_id))  # type: ignore[assignment]
         return {k: float(v) for k, v in raw.items()}
 
     def events(
         self, start: str = "-", count: int | None = None
     ) -> list[tuple[str, dict[str, str]]]:
         """Read the event stream from `start` (inclusive), oldest first."""
-        entries: Any = self.redis.xrange(EVENTS_KEY, min=start, count=count)
+        entries: Any = self.redis.xrange(keys.EVENTS, min=start, count=count)
         return [(str(i), dict(f)) for i, f in entries]
 
 

@@ -9,9 +9,10 @@ from typing import Any
 import structlog
 from celery import Task
 
-from worker import poller, runtime
+from worker import poller
 from worker.celery_app import SUBMIT_QUEUE, app
-from worker.service import SubmitOutcome, submit_job
+from worker.errors import ConfigError
+from worker.service import Deps, SubmitOutcome, submit_job
 
 log = structlog.get_logger("kq.tasks")
 
@@ -22,8 +23,21 @@ RETRY_CAP_S = 60.0
 CHUNK_SIZE = 100
 CHUNK_THREADS = 16
 
+_deps: Deps | None = None
 _poll_pool: ThreadPoolExecutor | None = None
 _chunk_pool: ThreadPoolExecutor | None = None
+
+
+def install(deps: Deps) -> None:
+    """Hand this process's adapters to the task bodies (`kq worker` does, before it starts)."""
+    global _deps
+    _deps = deps
+
+
+def process_deps() -> Deps:
+    if _deps is None:
+        raise ConfigError("the Celery tasks have no adapters: start workers with `kq worker`")
+    return _deps
 
 
 def retry_countdown(retries: int) -> float:
@@ -38,7 +52,7 @@ def submit(self: Task[Any, Any], job_id: str) -> str:
     if not isinstance(job_id, str) or not job_id:
         log.error("submit.bad_message", job_id=repr(job_id))
         return "bad_message"
-    deps = runtime.deps()
+    deps = process_deps()
     retries = int(self.request.retries or 0)
     with structlog.contextvars.bound_contextvars(job_id=job_id, task_retries=retries):
         final = retries >= deps.settings.submit_max_retries
@@ -54,7 +68,7 @@ def poll_due() -> dict[str, int]:
     global _poll_pool
     if _poll_pool is None:
         _poll_pool = ThreadPoolExecutor(poller.POLL_THREADS, thread_name_prefix="kq-poll")
-    report = poller.sweep(runtime.deps(), _poll_pool)
+    report = poller.sweep(process_deps(), _poll_pool)
     return {"claimed": report.claimed, **report.outcomes}
 
 
@@ -70,7 +84,7 @@ def submit_chunk(job_ids: list[str]) -> dict[str, int]:
             "submit_chunk.bad_message", size=len(job_ids) if isinstance(job_ids, list) else -1
         )
         return {"bad_message": 1}
-    deps = runtime.deps()
+    deps = process_deps()
     outcomes = list(submit_pool().map(lambda job_id: submit_job(deps, job_id), job_ids))
     counts: dict[str, int] = {}
     for job_id, result in zip(job_ids, outcomes, strict=True):

@@ -24,8 +24,8 @@ from typing import Any, Final
 
 import redis
 
-TM_PREFIX: Final = "kq:tm:"
-TOTAL_KEY: Final = "kq:tm:total"
+from worker import keys
+
 # Two hours of minute buckets: status windows are minutes, the dashboard chart one hour.
 BUCKET_TTL_S: Final = 2 * 3600
 # "Cost today" needs only today; a week keeps yesterday's numbers for a look back.
@@ -83,11 +83,11 @@ NAMES: Final = frozenset(
 
 
 def minute_key(minute: int) -> str:
-    return f"{TM_PREFIX}{minute}"
+    return f"{keys.TELEMETRY_PREFIX}{minute}"
 
 
 def day_key(ts: float) -> str:
-    return f"{TM_PREFIX}day:{datetime.fromtimestamp(ts, UTC):%Y%m%d}"
+    return f"{keys.TELEMETRY_PREFIX}day:{datetime.fromtimestamp(ts, UTC):%Y%m%d}"
 
 
 def count(client: redis.Redis, name: str, n: int = 1, *, now: float | None = None) -> None:
@@ -107,7 +107,7 @@ def count_many(client: redis.Redis, counts: Mapping[str, int], *, now: float | N
         for name, value in items:
             pipe.hincrby(minute, name, value)
             pipe.hincrby(day, name, value)
-            pipe.hincrby(TOTAL_KEY, name, value)
+            pipe.hincrby(keys.TELEMETRY_TOTAL, name, value)
         pipe.expire(minute, BUCKET_TTL_S)
         pipe.expire(day, DAY_TTL_S)
         pipe.execute()
@@ -145,7 +145,7 @@ def today(client: redis.Redis, *, now: float | None = None) -> Counter[str]:
 
 def totals(client: redis.Redis) -> Counter[str]:
     """Counters since this Redis was new (monotonic; for Prometheus)."""
-    return _sum([client.hgetall(TOTAL_KEY)])
+    return _sum([client.hgetall(keys.TELEMETRY_TOTAL)])
 
 
 def _sum(hashes: Iterable[Any]) -> Counter[str]:

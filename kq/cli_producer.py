@@ -15,12 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from kq.ui import make_console, result_table
 from worker.domain import EditRequest, Job
 from worker.errors import KqError, ValidationError
 from worker.producer import BatchProgress, BatchReceipt, Producer
 from worker.runtime import make_producer
 from worker.settings import Settings
-from worker.ui import make_console, result_table
 
 MAX_ERRORS_SHOWN = 20
 # A finished batch up to this size is listed job by job; larger ones by outcome.
@@ -184,7 +184,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    producer = make_producer()
+    producer = make_producer(Settings.from_env())
     return _show_job(producer.get_job(args.job_id), args.job_id, as_json=args.json)
 
 
@@ -212,7 +212,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from worker.batchfile import BatchFile
 
     console = _console(args.json)
-    producer = make_producer()
+    producer = make_producer(Settings.from_env())
     with BatchFile(args.file, args.format) as batch_file:
         scan = batch_file.scan()
         if scan.invalid and not args.skip_invalid:
@@ -366,7 +366,7 @@ def _progress_table(p: BatchProgress) -> Table:
 
 
 def cmd_batch_status(args: argparse.Namespace) -> int:
-    progress = make_producer().batch_progress(args.batch_id)
+    progress = make_producer(Settings.from_env()).batch_progress(args.batch_id)
     if progress is None:
         print(f"kq: no batch {args.batch_id!r}", file=sys.stderr)
         return 1
@@ -381,7 +381,7 @@ def cmd_batch_status(args: argparse.Namespace) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    producer = make_producer()
+    producer = make_producer(Settings.from_env())
     if producer.batch_progress(args.id) is not None:
         console = _console(args.json)
         progress = _wait_batch_live(console, producer, args.id, args.timeout)
@@ -396,7 +396,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    producer = make_producer()
+    producer = make_producer(Settings.from_env())
     if args.batch:
         if producer.batch_progress(args.id) is None:
             print(f"kq: no batch {args.id!r}", file=sys.stderr)
@@ -419,7 +419,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    return _redrive(make_producer(), args.job_ids, as_json=args.json)
+    return _redrive(make_producer(Settings.from_env()), args.job_ids, as_json=args.json)
 
 
 def _redrive(producer: Producer, job_ids: list[str], *, as_json: bool) -> int:
@@ -436,7 +436,7 @@ def _redrive(producer: Producer, job_ids: list[str], *, as_json: bool) -> int:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
-    producer = make_producer()
+    producer = make_producer(Settings.from_env())
     jobs = producer.dead_letters(limit=args.limit, reason=args.reason)
     if args.json:
         _print_json([job_dict(j) for j in jobs])
@@ -454,7 +454,7 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_redrive(args: argparse.Namespace) -> int:
-    producer = make_producer()
+    producer = make_producer(Settings.from_env())
     ids = list(args.job_ids)
     if args.all or args.reason:
         ids += [j.id for j in producer.dead_letters(limit=args.limit, reason=args.reason)]

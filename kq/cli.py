@@ -82,11 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("sim", help="run the local WaveSpeed simulator (see `kq sim --help`)")
 
-    from worker import cli_producer
+    from kq import cli_producer
 
     cli_producer.register(sub)
 
-    from worker import cli_ops
+    from kq import cli_ops
 
     cli_ops.register(sub)
     return parser
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _process_settings() -> Settings:
-    from worker import logs, runtime
+    from worker import logs
 
     settings = Settings.from_env()
     logs.configure_logging(
@@ -104,7 +104,6 @@ def _process_settings() -> Settings:
         settings.log_level,
         secrets=(settings.wavespeed_api_key, settings.webhook_secret, settings.secret_key),
     )
-    runtime.init(settings)
     return settings
 
 
@@ -132,11 +131,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app = configure(settings)
     stop_events = []
 
+    from worker import dispatcher, tasks
+
+    deps = runtime.make_deps(settings, tasks.enqueue_submit)
+    tasks.install(deps)
+
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
-        from worker import dispatcher, tasks
-
-        deps = runtime.deps()
         stop_events.append(runtime.start_heartbeat("worker", deps.store.redis))
         stop_events.append(dispatcher.start(deps, tasks.submit_pool(), tasks.retry_submit_later))
 
@@ -186,7 +187,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from worker.stack import Stack, StackConfig
+    from kq.stack import Stack, StackConfig
 
     config = StackConfig(
         var_dir=args.var_dir,
@@ -226,7 +227,7 @@ def _write_stack_env(var_dir: Path, env: dict[str, str]) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from worker.demo import run_file
+    from kq.run import run_file
 
     return run_file(
         args.file,

@@ -20,10 +20,10 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from kq.ui import make_console, result_table
 from worker.domain import EditRequest, Job, summary_line
 from worker.errors import FieldError, ValidationError
 from worker.settings import Settings
-from worker.ui import make_console, result_table
 
 # Simulator settings for the demo: quick, seeded, with a few failures and lost webhooks.
 DEMO_SIM_ARGS = (
@@ -74,10 +74,10 @@ def run_file(
     drop_webhooks: float,
     as_json: bool = False,
 ) -> int:
+    from kq.stack import Stack, StackConfig, signals_as_keyboard_interrupt
     from worker import runtime
     from worker.celery_app import configure
     from worker.producer import Producer
-    from worker.stack import Stack, StackConfig, signals_as_keyboard_interrupt
     from worker.tasks import enqueue_submits
 
     console = make_console(stderr=as_json)

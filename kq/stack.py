@@ -18,7 +18,7 @@ key the stack decided on) plus `StackConfig.extra_env`, which wins over both so 
 can point, say, KQ_WEBHOOK_PUBLIC_URL at a fault-injecting proxy.
 
 Process mechanics (sessions, logs, readiness polling, SIGTERM->SIGKILL) live in
-`worker.procs`.
+`kq.procs`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import redis
 
-from worker.procs import (
+from kq.procs import (
     DEFAULT_READY_TIMEOUT_S,
     DEFAULT_STOP_TIMEOUT_S,
     Proc,
@@ -51,6 +51,7 @@ from worker.procs import (
     wait_ready,
     wait_until,
 )
+from worker import keys
 from worker.settings import local_secret_key
 
 __all__ = [
@@ -441,7 +442,7 @@ class Stack:
 
         def check(proc: Proc) -> bool:
             try:
-                return bool(self._redis_client().exists(f"kq:heartbeat:{role}:{proc.pid}"))
+                return bool(self._redis_client().exists(keys.heartbeat(role, proc.pid)))
             except (redis.RedisError, OSError):
                 return False
 
@@ -554,7 +555,7 @@ def redact_url(url: str) -> str:
 
 def _kq(command: str) -> list[str]:
     # The interpreter running us, not whatever `kq` is first on PATH: same venv, same code.
-    return [sys.executable, "-m", "worker.cli", command]
+    return [sys.executable, "-m", "kq.cli", command]
 
 
 def _is_loopback(url: str) -> bool:

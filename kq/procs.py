@@ -1,6 +1,6 @@
 """Child processes of the local stack: spawn, wait until ready, stop the whole group.
 
-`worker.stack` decides *what* runs; this module knows *how* one child is run:
+`kq.stack` decides *what* runs; this module knows *how* one child is run:
 
 - Each child gets its own session, hence its own process group. Ctrl-C in a terminal
   then reaches only the parent, which stops the children in order instead of every

@@ -1,0 +1,80 @@
+"""Every Redis key the product uses, in one place (all under `kq:`; one Redis, not a cluster).
+
+    kq:job:{id}           hash: the job (see `domain.Job`), expires `result_ttl_s` after it ends
+    kq:poll               zset: job id -> when the poller looks at it next
+    kq:pred:{pid}         string: prediction id -> job id
+    kq:events             stream: exactly one entry per job that became terminal
+    kq:whid:{id}          string: a webhook-id whose delivery was applied (dedupe)
+    kq:batch:{id}         hash: per-batch counters and settings
+    kq:batchjobs:{id}     list: a batch's job ids in enqueue order
+    kq:dlq                zset: failed job id -> when it failed (the dead-letter list)
+    kq:stats              hash: state:<s>, resolved_by:<how>, now:<s>, paid
+    kq:adm:*              admission control (slots, submit window, waiting lines; admission.py)
+    kq:tm:*               telemetry counters per minute and day (telemetry.py)
+    kq:heartbeat:{role}:{pid}, kq:heartbeats   liveness of each process
+
+Lua scripts get the fixed keys as KEYS; keys they derive from a job's own fields (its
+batch, its prediction id) are built from the prefixes below, passed in as arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+PREFIX: Final = "kq:"
+
+EVENTS: Final = "kq:events"
+POLL: Final = "kq:poll"
+STATS: Final = "kq:stats"
+DLQ: Final = "kq:dlq"
+HEARTBEATS: Final = "kq:heartbeats"
+
+JOB_PREFIX: Final = "kq:job:"
+BATCH_PREFIX: Final = "kq:batch:"
+BATCH_JOBS_PREFIX: Final = "kq:batchjobs:"
+PREDICTION_PREFIX: Final = "kq:pred:"
+WEBHOOK_ID_PREFIX: Final = "kq:whid:"
+HEARTBEAT_PREFIX: Final = "kq:heartbeat:"
+
+# Admission control (see admission.py and lua/admission.lua).
+ADM_SLOTS: Final = "kq:adm:slots"
+ADM_SUBMITS: Final = "kq:adm:submits"
+ADM_CTL: Final = "kq:adm:ctl"
+ADM_RR: Final = "kq:adm:rr"
+ADM_NWAIT: Final = "kq:adm:nwait"
+ADM_SEQ: Final = "kq:adm:seq"
+ADM_CLAIMED: Final = "kq:adm:claimed"
+ADM_WAKE: Final = "kq:adm:wake"
+ADM_WAIT_PREFIX: Final = "kq:adm:wait:"
+
+# Telemetry counters (see telemetry.py).
+TELEMETRY_PREFIX: Final = "kq:tm:"
+TELEMETRY_TOTAL: Final = "kq:tm:total"
+
+
+def job(job_id: str) -> str:
+    return JOB_PREFIX + job_id
+
+
+def batch(batch_id: str) -> str:
+    return BATCH_PREFIX + batch_id
+
+
+def batch_jobs(batch_id: str) -> str:
+    return BATCH_JOBS_PREFIX + batch_id
+
+
+def prediction(prediction_id: str) -> str:
+    return PREDICTION_PREFIX + prediction_id
+
+
+def webhook_id(delivery_id: str) -> str:
+    return WEBHOOK_ID_PREFIX + delivery_id
+
+
+def admission_wait(batch_id: str) -> str:
+    return ADM_WAIT_PREFIX + batch_id
+
+
+def heartbeat(role: str, pid: int) -> str:
+    return f"{HEARTBEAT_PREFIX}{role}:{pid}"
