@@ -99,11 +99,7 @@ def _process_settings() -> Settings:
     from worker import logs
 
     settings = Settings.from_env()
-    logs.configure_logging(
-        settings.log_format,
-        settings.log_level,
-        secrets=(settings.wavespeed_api_key, settings.webhook_secret, settings.secret_key),
-    )
+    logs.configure_logging(settings.log_format, settings.log_level, secrets=settings.secret_values)
     return settings
 
 
@@ -182,6 +178,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     from webhook_receiver.server import serve
 
     settings = _process_settings()
+    settings.require_secret_key()  # it checks the per-job token of every webhook
     serve(settings, host=args.host, port=args.port, workers=args.workers, threads=args.threads)
     return 0
 
@@ -189,15 +186,17 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from kq.stack import Stack, StackConfig
 
+    # What the user set; the stack starts Redis and creates a secret key for what is not.
+    user = Settings.from_env(local_stack=True)
     config = StackConfig(
         var_dir=args.var_dir,
-        redis_url=os.environ.get("KQ_REDIS_URL") or None,
-        wavespeed_api_key=os.environ.get("WAVESPEED_API_KEY") or None,
-        wavespeed_base_url=os.environ.get("KQ_WAVESPEED_BASE_URL") or None,
+        redis_url=user.redis_url or None,
+        wavespeed_api_key=user.wavespeed_api_key or None,
+        wavespeed_base_url=user.wavespeed_base_url,
         sim_args=tuple(args.sim_arg),
         webhooks=not args.no_webhooks,
         worker_concurrency=args.concurrency,
-        extra_env=_sim_friendly_env(),
+        extra_env=_sim_friendly_env(user),
     )
     with Stack(config) as stack:
         env_file = _write_stack_env(args.var_dir, stack.env)
@@ -210,9 +209,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sim_friendly_env() -> dict[str, str]:
+def _sim_friendly_env(user: Settings) -> dict[str, str]:
     """Against the simulator, poll silent jobs after 10 s instead of production's 120 s."""
-    if os.environ.get("WAVESPEED_API_KEY") or os.environ.get("KQ_POLL_AFTER_S"):
+    if user.wavespeed_api_key or "KQ_POLL_AFTER_S" in user.set_in_env:
         return {}
     return {"KQ_POLL_AFTER_S": "10"}
 

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 import redis
 
 from worker.errors import ConfigError
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from worker.snapshot import StatusSnapshot
 
 DEFAULT_METRICS_PORT = 9808
 DEFAULT_DASHBOARD_PORT = 8090
@@ -209,13 +214,14 @@ def _event_line(event: Any) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from kq.ui import render_status
     from worker.admission import Admission
-    from worker.status import collect, render
+    from worker.status import collect
 
     settings = Settings.from_env()
     client = _client(settings)
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> StatusSnapshot:
         return collect(
             client,
             deadline_s=settings.job_deadline_s,
@@ -227,27 +233,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         if args.json:
             while True:
-                print(json.dumps(snapshot()), flush=True)
+                print(json.dumps(snapshot().to_json()), flush=True)
                 if not args.watch:
                     return 0
                 time.sleep(interval)
         if not args.watch:
             from rich.console import Console
 
-            Console().print(render(snapshot()))
+            Console().print(render_status(snapshot()))
             return 0
     except redis.RedisError as exc:
         print(f"kq: Redis unreachable ({type(exc).__name__})", file=sys.stderr)
         return 2
-    return _watch(snapshot, render, interval)
+    return _watch(snapshot, render_status, interval)
 
 
-def _watch(snapshot: Any, render: Any, interval: float) -> int:
+def _watch(
+    snapshot: Callable[[], StatusSnapshot],
+    render: Callable[[StatusSnapshot], RenderableType],
+    interval: float,
+) -> int:
     """Redraw in place until Ctrl-C; a Redis outage is shown, not fatal."""
     from rich.live import Live
     from rich.text import Text
 
-    def frame() -> Any:
+    def frame() -> RenderableType:
         try:
             return render(snapshot())
         except redis.RedisError as exc:
@@ -289,7 +299,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    token = os.environ.get("KQ_OPS_TOKEN", "")
+    settings = Settings.from_env()
+    token = settings.ops_token
     if len(token) < MIN_OPS_TOKEN_CHARS:
         raise ConfigError(
             "KQ_OPS_TOKEN is not set (or shorter than 16 characters): the dashboard shows "
@@ -297,7 +308,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         )
     from ops_dashboard.server import serve
 
-    settings = Settings.from_env()
     print(
         f"ops dashboard on http://{args.host}:{args.port}/ (log in with KQ_OPS_TOKEN)",
         flush=True,

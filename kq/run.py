@@ -8,7 +8,6 @@ that both result paths (webhook and poll) show in the summary.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -91,23 +90,25 @@ def run_file(
             console.print(f"  ... and {len(exc.errors) - MAX_ERRORS_SHOWN} more")
         return 2
 
-    api_key = os.environ.get("WAVESPEED_API_KEY") or None
+    # What the user set; the stack starts Redis and creates a secret key for what is not.
+    user = Settings.from_env(local_stack=True)
+    api_key = user.wavespeed_api_key or None
     config = StackConfig(
         var_dir=var_dir,
-        redis_url=os.environ.get("KQ_REDIS_URL") or None,
+        redis_url=user.redis_url or None,
         wavespeed_api_key=api_key,
-        wavespeed_base_url=os.environ.get("KQ_WAVESPEED_BASE_URL") or None,
+        wavespeed_base_url=user.wavespeed_base_url,
         sim_args=() if api_key else (*DEMO_SIM_ARGS, "--drop-webhook-rate", str(drop_webhooks)),
         worker_concurrency=concurrency,
         extra_env={} if api_key else DEMO_ENV,
         # The demo runs on one machine: WaveSpeed itself cannot reach a local receiver.
-        webhooks=not api_key or bool(os.environ.get("KQ_WEBHOOK_PUBLIC_URL")),
+        webhooks=not api_key or user.webhooks_enabled,
     )
     console.print(f"[bold]kq run[/bold]: {len(requests)} edits from {path}")
     stack = Stack(config, announce=lambda line: console.print(f"  {line}"))
     # Ctrl-C or SIGTERM mid-run still stops every process the stack started.
     with signals_as_keyboard_interrupt(), stack:
-        settings = Settings.from_env({**os.environ, **stack.env})
+        settings = stack.child_settings()
         configure(settings)
         producer = Producer(store=runtime.make_store(settings), send=enqueue_submits)
         started = time.monotonic()

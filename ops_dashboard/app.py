@@ -34,8 +34,11 @@ from werkzeug.wrappers import Response as WerkzeugResponse
 
 from worker import keys
 from worker.admission import Admission
+from worker.domain import Job
 from worker.events import decode_event
-from worker.status import StatusConfig, collect
+from worker.snapshot import StatusConfig
+from worker.status import collect
+from worker.store import decode_job
 
 STATIC_DIR = Path(__file__).parent / "static"
 COOKIE = "kq_ops"
@@ -44,12 +47,6 @@ _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-# Job fields shown as they are; everything else of the record stays server-side.
-_JOB_FIELDS = (
-    "id", "state", "batch_id", "prediction_id", "attempts", "poll_count", "resolved_by",
-    "reason", "error", "task_code", "outputs", "request", "version", "ambiguous",
-    "idempotency_key", "event_id",
-)  # fmt: skip
 
 
 def create_app(
@@ -136,7 +133,7 @@ def create_app(
             )
         except redis.RedisError as exc:
             return api_error(503, f"Redis unreachable ({type(exc).__name__})")
-        return Response(json.dumps(snap), mimetype="application/json")
+        return Response(json.dumps(snap.to_json()), mimetype="application/json")
 
     @app.get("/api/jobs/<job_id>")
     def api_job(job_id: str) -> Response:
@@ -161,51 +158,76 @@ def job_view(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     raw: Any = client.hgetall(keys.job(job_id))
     if not raw or "state" not in raw:
         return None
-    record: dict[str, Any] = {k: raw.get(k, "") for k in _JOB_FIELDS if k in raw}
-    for name in ("outputs", "request"):
-        try:
-            record[name] = json.loads(record.get(name) or "null")
-        except ValueError:
-            pass
+    job = decode_job(raw)
+    # Bookkeeping on the record that the domain's Job does not carry.
+    event_id: str = raw.get("event_id", "")
+    updated_at = _float(raw.get("updated_at"))
     event = None
-    if raw.get("event_id"):
-        entries: Any = client.xrange(keys.EVENTS, raw["event_id"], raw["event_id"])
+    if event_id:
+        entries: Any = client.xrange(keys.EVENTS, event_id, event_id)
         if entries:
             event = decode_event(*entries[0]).to_dict()
-    return {"job": record, "timeline": timeline(raw), "event": event}
+    return {
+        "job": job_record(job, event_id),
+        "timeline": timeline(job, updated_at),
+        "event": event,
+    }
 
 
-def timeline(raw: dict[str, str]) -> list[dict[str, Any]]:
+def job_record(job: Job, event_id: str) -> dict[str, Any]:
+    """The job fields the page shows (numbers as numbers); the rest stays server-side."""
+    return {
+        "id": job.id,
+        "state": job.state.value,
+        "batch_id": job.batch_id,
+        "prediction_id": job.prediction_id,
+        "attempts": job.attempts,
+        "poll_count": job.poll_count,
+        "resolved_by": job.resolved_by,
+        "reason": job.reason,
+        "error": job.error,
+        "task_code": job.task_code,
+        "outputs": list(job.outputs),
+        "request": dict(job.request),
+        "version": job.version,
+        "ambiguous": job.ambiguous,
+        "idempotency_key": job.idempotency_key,
+        "event_id": event_id,
+    }
+
+
+def timeline(job: Job, updated_at: float) -> list[dict[str, Any]]:
     """The steps a job went through, oldest first, from the times on its record."""
-    steps: list[tuple[str, str, str]] = [
-        ("created_at", "enqueued", f"batch {raw.get('batch_id') or '-'}"),
-        ("submitting_at", "submit started", f"attempt {raw.get('attempts') or '?'}"),
-        ("submitted_at", "accepted by WaveSpeed", f"task {raw.get('prediction_id') or '-'}"),
+    steps: list[tuple[float, str, str]] = [
+        (job.created_at, "enqueued", f"batch {job.batch_id or '-'}"),
+        (job.submitting_at, "submit started", f"attempt {job.attempts or '?'}"),
+        (job.submitted_at, "accepted by WaveSpeed", f"task {job.prediction_id or '-'}"),
     ]
-    state = raw.get("state", "")
-    if state in ("completed", "failed", "cancelled"):
-        detail = f"by {raw.get('resolved_by') or '-'}"
-        if raw.get("reason"):
-            detail += f"; {raw['reason']}: {raw.get('error', '')[:300]}"
-        steps.append(("finished_at", state, detail))
-    out: list[dict[str, Any]] = []
-    for name, what, detail in steps:
-        try:
-            at = float(raw.get(name) or 0)
-        except ValueError:
-            at = 0.0
-        if at > 0:
-            out.append({"t": at, "step": what, "detail": detail})
-    if state not in ("completed", "failed", "cancelled"):
+    if job.terminal:
+        detail = f"by {job.resolved_by or '-'}"
+        if job.reason:
+            detail += f"; {job.reason}: {job.error[:300]}"
+        steps.append((job.finished_at, job.state.value, detail))
+    out: list[dict[str, Any]] = [
+        {"t": at, "step": what, "detail": detail} for at, what, detail in steps if at > 0
+    ]
+    if not job.terminal:
         out.append(
             {
-                "t": float(raw.get("updated_at") or 0),
-                "step": f"now {state}",
-                "detail": f"polled {raw.get('poll_count') or 0} times",
+                "t": updated_at,
+                "step": f"now {job.state.value}",
+                "detail": f"polled {job.poll_count} times",
             }
         )
     out.sort(key=lambda s: float(s["t"]))
     return out
+
+
+def _float(value: str | None) -> float:
+    try:
+        return float(value or 0)
+    except ValueError:
+        return 0.0
 
 
 _LOGIN_HTML = """<!doctype html>

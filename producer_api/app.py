@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -31,10 +30,12 @@ import structlog
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from worker import logs
 from worker.batchfile import BatchFile
 from worker.domain import check_key, is_job_id
 from worker.errors import ValidationError
 from worker.producer import Item, Producer
+from worker.settings import Settings
 
 log = structlog.get_logger("kq.api")
 
@@ -242,12 +243,10 @@ def _to_jsonl(path: Path) -> Path:
     return out
 
 
-def build_from_env() -> Flask:
-    """The gunicorn entry: settings and token from the environment."""
-    from worker import logs
-    from worker.runtime import make_producer
-    from worker.settings import Settings
+def build(settings: Settings) -> Flask:
+    """The app one gunicorn worker serves (built after the fork: its own Redis pool);
+    `settings` are the caller's, token (KQ_API_TOKEN) included."""
+    from worker.runtime import make_producer  # the Celery side, only in a serving process
 
-    settings = Settings.from_env()
-    logs.configure_logging(settings.log_format, settings.log_level, secrets=(settings.secret_key,))
-    return create_app(make_producer(settings), token=os.environ.get("KQ_API_TOKEN", ""))
+    logs.configure_logging(settings.log_format, settings.log_level, secrets=settings.secret_values)
+    return create_app(make_producer(settings), token=settings.api_token)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -41,12 +43,18 @@ def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.05):  # t
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with private_redis_server(tmp_path_factory.mktemp("redis")) as (url, _proc):
+        yield url
+
+
+@contextmanager
+def private_redis_server(workdir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A redis-server of our own on a free port (its URL and process), stopped afterwards."""
     binary = shutil.which("redis-server")
     if binary is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed (CI needs it)")
         pytest.skip("redis-server is not installed")
-    workdir: Path = tmp_path_factory.mktemp("redis")
     port = free_port()
     proc = subprocess.Popen(
         [
@@ -72,10 +80,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     try:
         wait_for(up, timeout_s=10)
-        yield url
+        yield url, proc
     finally:
         client.close()
-        proc.terminate()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+            proc.terminate()
         proc.wait(timeout=10)
 
 

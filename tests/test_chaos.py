@@ -30,10 +30,10 @@ from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
 from worker import runtime
 from worker.celery_app import configure
-from worker.domain import EditRequest, JobState
+from worker.domain import EditRequest, JobState, ResolvedBy
 from worker.poller import sweep
 from worker.producer import Item, Producer
-from worker.service import Deps, SubmitOutcome, submit_job, submit_watchdog_s
+from worker.service import Deps, SubmitOutcome, apply_update, submit_job, submit_watchdog_s
 from worker.settings import Settings
 from worker.store import QUEUED_CHECK_S, JobStore
 from worker.tasks import CHUNK_THREADS, enqueue_submits
@@ -176,7 +176,7 @@ def test_a_queued_job_whose_submit_message_was_lost_is_sent_again(
         sim.stop()
 
 
-# --- found by chaos runs, not fixed here (reported): pinned as a strict xfail -------------
+# --- found by chaos runs: two submits caught by one crash --------------------------------
 
 
 @pytest.fixture
@@ -188,11 +188,6 @@ def lost_webhook_sim() -> Iterator[SimServer]:
     server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconciliation adopts the one unowned task in its window; after a crash that "
-    "task can belong to another job that was also mid-submit (no identity in the list call)",
-)
 def test_a_crashed_submit_never_adopts_another_jobs_task(
     lost_webhook_sim: SimServer, store: JobStore, settings: Settings
 ) -> None:
@@ -222,3 +217,84 @@ def test_a_crashed_submit_never_adopts_another_jobs_task(
         assert a is not None and b is not None
         assert a.prediction_id != task["id"]
         assert b.prediction_id in ("", task["id"])
+
+
+def crashed_pair(
+    store: JobStore, settings: Settings, clock: Clock, provider: WaveSpeedClient, *, task_for: str
+) -> None:
+    """job-a and job-b left `submitting` by a kill -9; the one named by `task_for` (if any)
+    had created a task whose webhooks are all lost."""
+    now = clock()
+    for job_id in ("job-a", "job-b"):
+        store.create(job_id, REQ, now=now)
+        store.transition(
+            job_id,
+            JobState.SUBMITTING,
+            now=now,
+            fields={"attempts": 1, "submitting_at": now},
+            poll_at=now + submit_watchdog_s(settings),
+        )
+        now += 0.01
+    if task_for:
+        hook = f"http://127.0.0.1:9/webhooks/wavespeed?job={task_for}&t=x"
+        provider.submit(REQ, webhook_url=hook)
+
+
+def test_unattributable_submits_fail_within_the_settle_bound_and_pay_once(
+    lost_webhook_sim: SimServer, store: JobStore, settings: Settings
+) -> None:
+    """Two crashed submits, one task, no webhook: neither adopts it; both fail
+    `submit_ambiguous` once the task has been finished for `ambiguous_settle_s` (not at
+    the 1 h deadline), naming the task; nothing is sent again."""
+    clock = Clock()
+    with WaveSpeedClient(lost_webhook_sim.url, "k") as provider:
+        deps = Deps(store=store, provider=provider, settings=settings, clock=clock)
+        crashed_pair(store, settings, clock, provider, task_for="job-b")
+        started = clock()
+        clock.advance(submit_watchdog_s(settings) + 1)
+        sweep(deps)  # marked ambiguous, candidate seen finished
+        clock.advance(settings.ambiguous_grace_s + 1)
+        sweep(deps)
+        clock.advance(settings.ambiguous_settle_s + 1)
+        for _ in range(3):
+            clock.advance(settings.poll_max_interval_s)
+            sweep(deps)
+        (task,) = httpx.get(f"{lost_webhook_sim.url}/_sim/tasks").json()["tasks"]
+        for job_id in ("job-a", "job-b"):
+            job = store.get(job_id)
+            assert job is not None and job.state is JobState.FAILED
+            assert job.reason == "submit_ambiguous" and job.candidates == (task["id"],)
+            assert not job.ambiguous
+            assert job.finished_at - started < settings.job_deadline_s / 2
+        assert len(httpx.get(f"{lost_webhook_sim.url}/_sim/tasks").json()["tasks"]) == 1
+
+
+def test_a_crashed_submit_with_no_task_is_resent_and_the_webhook_settles_the_other(
+    lost_webhook_sim: SimServer, store: JobStore, settings: Settings
+) -> None:
+    """The webhook naming job-b gives it its task; then job-a's window holds no unowned
+    task, which proves job-a created none: it is sent again after the grace."""
+    clock = Clock()
+    with WaveSpeedClient(lost_webhook_sim.url, "k") as provider:
+        resent: list[str] = []
+        deps = Deps(
+            store=store,
+            provider=provider,
+            settings=settings,
+            clock=clock,
+            enqueue_submit=resent.append,
+        )
+        crashed_pair(store, settings, clock, provider, task_for="job-b")
+        clock.advance(submit_watchdog_s(settings) + 1)
+        sweep(deps)
+        (task,) = httpx.get(f"{lost_webhook_sim.url}/_sim/tasks").json()["tasks"]
+        prediction = provider.get_result(task["id"])
+        applied = apply_update(deps, "job-b", prediction, ResolvedBy.WEBHOOK, webhook_id="w-b")
+        assert applied is not None and applied.applied
+        clock.advance(settings.ambiguous_grace_s + 1)
+        clock.advance(settings.poll_max_interval_s)
+        sweep(deps)
+        a, b = store.get("job-a"), store.get("job-b")
+        assert a is not None and b is not None
+        assert b.state is JobState.COMPLETED and b.prediction_id == task["id"]
+        assert a.state is JobState.QUEUED and not a.prediction_id and resent == ["job-a"]

@@ -15,7 +15,6 @@ from worker.domain import (
     Prediction,
     can_move,
     outcome_of,
-    poll_interval,
     summary_line,
 )
 from worker.errors import ValidationError
@@ -169,11 +168,6 @@ def test_malformed_predictions_are_refused(patch: dict[str, object]) -> None:
     """A prediction missing what we rely on is a ValidationError, not a crash later."""
     with pytest.raises(ValidationError):
         Prediction.from_json({**PRED, **patch})
-
-
-def test_poll_interval_doubles_and_caps() -> None:
-    """Polls back off from 2 s, never faster, up to the cap."""
-    assert [poll_interval(n, 2, 60) for n in range(7)] == [2, 4, 8, 16, 32, 60, 60]
 
 
 def test_summary_line_format() -> None:

@@ -2,8 +2,9 @@
 
 Wrong signature version tags, replayed webhook-ids (also raced), 2 MB bodies (sized
 and chunked), JSON of the wrong shape (down to nesting deep enough to break a
-recursive parser), and slow-loris clients against the real gunicorn receiver that
-`kq receiver` starts. Each gets its stated answer and changes nothing stored.
+recursive parser), and, against the real gunicorn receiver that `kq receiver` starts,
+a 413 followed by a delivery on the same kept-alive connection, and slow-loris clients.
+Each gets its stated answer and changes nothing stored.
 """
 
 from __future__ import annotations
@@ -286,6 +287,41 @@ def gunicorn_receiver(
     with Stack(config, announce=lambda line: None) as stack:
         assert stack.receiver_url is not None
         yield stack.receiver_url, settings
+
+
+@pytest.mark.parametrize("sending", ["sized", "chunked"])
+def test_413_then_the_next_delivery_on_the_same_connection(
+    sending: str, gunicorn_receiver: tuple[str, Settings], redis_client: redis.Redis
+) -> None:
+    """After a 413 on a kept-alive connection the sender's next request still gets its
+    answer: the receiver either closes the connection with the 413 (`Connection: close`,
+    so the client opens a new one) or reads past the refused body; it never answers
+    keep-alive and then hangs up."""
+    base, settings = gunicorn_receiver
+    store = JobStore(redis_client, result_ttl_s=3600, events_maxlen=1000)
+    make_job(store)
+    big = b'{"id":"' + PID.encode() + b'","pad":"' + b"x" * (2 * 1024 * 1024) + b'"}'
+
+    def chunks() -> Iterator[bytes]:
+        for start in range(0, len(big), 64 * 1024):
+            yield big[start : start + 64 * 1024]
+
+    fine = body_for()
+    with httpx.Client(timeout=10) as client:
+        refused = client.post(
+            hook_url(base, settings),
+            content=big if sending == "sized" else chunks(),
+            headers=signed_headers(settings, big, "b" * 32),
+        )
+        assert refused.status_code == 413
+        keep_alive = refused.headers.get("connection", "keep-alive").lower() != "close"
+        following = client.post(
+            hook_url(base, settings), content=fine, headers=signed_headers(settings, fine)
+        )
+    assert following.status_code == 200, keep_alive
+    assert following.json()["result"] == "applied"
+    job = store.get("job1")
+    assert job is not None and job.state is JobState.COMPLETED
 
 
 def open_slow_request(base: str, path: str, headers: dict[str, str], length: int) -> socket.socket:

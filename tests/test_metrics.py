@@ -101,7 +101,7 @@ def test_exporter_serves_status_and_counters(store: JobStore, redis_client: redi
         store.transition(job_id, state, now=now + 2, fields=fields)
     store.create(uuid.uuid4().hex, request, now=now)
     telemetry.count_many(redis_client, {"submit.retry": 3, "submit.rate_limited": 2})
-    redis_client.zadd(keys.HEARTBEATS, {"kq:heartbeat:worker:42": now + 15})
+    redis_client.zadd(keys.HEARTBEATS, {keys.heartbeat("worker", 42): now + 15})
 
     collector = StatusCollector(
         lambda: collect(redis_client, deadline_s=3600, webhooks_enabled=True),
@@ -185,5 +185,5 @@ def test_telemetry_never_raises_and_drops_unknown_names(redis_client: redis.Redi
     assert telemetry.totals(redis_client) == {"webhook.applied": 2}
     assert telemetry.recent(redis_client, 5)["webhook.applied"] == 2
     assert telemetry.today(redis_client)["webhook.applied"] == 2
-    minute_keys = redis_client.keys("kq:tm:[0-9]*")
+    minute_keys = redis_client.keys(keys.TELEMETRY_PREFIX + "[0-9]*")
     assert len(minute_keys) == 1 and 0 < redis_client.ttl(minute_keys[0]) <= telemetry.BUCKET_TTL_S

@@ -107,6 +107,12 @@ def test_poller_resolves_and_deadline_fails(
     assert isinstance(deps.clock, Clock)
     done = queued_job(store, "done")
     submit_job(deps, done)
+    # Let the first task finish before inference slows down (the simulator times a task
+    # when it starts running, which a busy machine can delay past the config change).
+    deadline = time.monotonic() + 10
+    while any(t["status"] != "completed" for t in sim_tasks(control)):
+        assert time.monotonic() < deadline, "the simulator never finished the first task"
+        time.sleep(0.02)
     control.post("/_sim/config", json={"inference_time_s": 3600}).raise_for_status()
     slow = queued_job(store, "slow")
     submit_job(deps, slow)

@@ -558,10 +558,38 @@ def test_webhook_is_signed_and_sent_to_the_exact_url(api: Api, receiver: Receive
     )
     body = call.json()
     assert call.body == json.dumps(body, separators=(",", ":")).encode()
-    assert body == data(api.result(task_id)) and body["status"] == "completed"
+    # The webhook body is the prediction plus the echoed `input` (see the identity test).
+    without_input = {k: v for k, v in body.items() if k != "input"}
+    assert without_input == data(api.result(task_id)) and body["status"] == "completed"
     assert api.requests("submit")[0]["query"]["webhook"] == receiver.url + path
     truth = wait_for(lambda: (t := api.task(task_id))["deliveries_acknowledged"] == 1 and t)
     assert truth["webhook"] == receiver.url + path and truth["deliveries_attempted"] == 1
+
+
+def test_only_the_webhook_says_which_job_a_task_is(api: Api, receiver: Receiver) -> None:
+    """Identity as the provider shows it: the webhook body echoes ``input`` (the parameters
+    as submitted); list items and GET result carry neither ``input`` nor the webhook URL."""
+    submitted = {
+        "prompt": "make the sky purple",
+        "image": IMAGE,
+        "seed": 42,
+        "guidance_scale": 4.5,
+        "aspect_ratio": "16:9",
+    }
+    hook = f"{receiver.url}/webhooks/wavespeed?job=job-identity&t=tok"
+    task_id = api.created(submitted, webhook=hook)["id"]
+    [call] = receiver.received(1)
+    body = call.json()
+    assert body["id"] == task_id and body["status"] == "completed"
+    assert body["input"] == submitted
+
+    result = data(api.result(task_id))
+    listed = data(api.http.post("/api/v3/predictions", json={"page": 1, "page_size": 100}))
+    [item] = [p for p in listed["items"] if p["id"] == task_id]
+    for prediction in (result, item):
+        assert "input" not in prediction
+        assert "webhook" not in json.dumps(prediction)
+        assert {k: v for k, v in body.items() if k != "input"} == prediction
 
 
 def test_failed_task_webhook_is_sent_too(api: Api, receiver: Receiver) -> None:

@@ -32,7 +32,8 @@ from worker.celery_app import configure
 from worker.domain import EditRequest, JobState
 from worker.producer import Producer
 from worker.settings import Settings
-from worker.status import StatusConfig, collect, percentile
+from worker.snapshot import StatusConfig
+from worker.status import collect, percentile
 from worker.store import JobStore
 from worker.tasks import enqueue_submits
 
@@ -112,7 +113,7 @@ def _snap(client: redis.Redis, settings: Settings, **kw: Any) -> dict[str, Any]:
         deadline_s=settings.job_deadline_s,
         webhooks_enabled=settings.webhooks_enabled,
         **kw,
-    )
+    ).to_json()
 
 
 def test_status_json_counts_the_scenario(scenario: Scenario) -> None:
@@ -211,7 +212,7 @@ def test_overdue_jobs_and_dead_processes_raise_alarms(
             poll_at=now + 60,
         )
     assert redis_client.zcard(keys.POLL) == 2
-    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=True, now=now)
+    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=True, now=now).to_json()
     assert snap["overdue"]["count"] == 1
     (job,) = snap["overdue"]["jobs"]
     assert job["job_id"] == late and job["age_s"] == pytest.approx(7200)
@@ -224,7 +225,7 @@ def test_overdue_jobs_and_dead_processes_raise_alarms(
     stops = [runtime.start_heartbeat(role, redis_client) for role in ("worker", "beat")]
     try:
         wait_for(lambda: redis_client.zcard(keys.HEARTBEATS) == 2)
-        snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now)
+        snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now).to_json()
         assert {a["name"] for a in snap["alarms"]} == {"overdue_jobs"}
         assert snap["heartbeats"]["worker"][0]["pid"] == os.getpid()
     finally:
@@ -237,7 +238,7 @@ def test_status_on_an_empty_redis_and_cli_errors(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fresh Redis gives zeros, not errors; an unreachable one exits 2 with a message."""
-    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False)
+    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False).to_json()
     assert snap["jobs"]["completed"] == 0 and snap["latency"]["p50_s"] is None
     assert snap["resolution"]["missed_webhook_rate"] is None
     monkeypatch.setenv("KQ_VAR_DIR", str(tmp_path))

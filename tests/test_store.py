@@ -8,7 +8,7 @@ import threading
 import redis
 
 from worker import keys
-from worker.domain import EditRequest, JobState
+from worker.domain import EditRequest, JobState, TransitionOutcome
 from worker.store import REMOVE, JobStore
 
 REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
@@ -161,6 +161,21 @@ def test_claim_due_reschedules_with_backoff(store: JobStore, redis_client: redis
     assert redis_client.zscore(keys.POLL, "a") == 306.0
 
 
+def test_poll_interval_doubles_and_caps(store: JobStore, redis_client: redis.Redis) -> None:
+    """Polls back off from 2 s, never faster, up to the cap (claim_due.lua keeps the one
+    back-off there is)."""
+
+    def poll_interval(n: int, minimum: float, maximum: float) -> float:
+        # The interval claim_due gives a job polled n times before.
+        store.schedule_poll("c", 0.0)
+        redis_client.hset(keys.job("c"), mapping={"id": "c", "state": "submitted"})
+        redis_client.hset(keys.job("c"), "poll_count", n)
+        assert store.claim_due(1000.0, limit=10, min_interval=minimum, max_interval=maximum)
+        return float(redis_client.zscore(keys.POLL, "c") or 0) - 1000.0
+
+    assert [poll_interval(n, 2, 60) for n in range(7)] == [2, 4, 8, 16, 32, 60, 60]
+
+
 def test_claim_due_drops_expired_records(store: JobStore, redis_client: redis.Redis) -> None:
     """A scheduled id whose record is gone is removed, not resurrected."""
     store.schedule_poll("gone", 1.0)
@@ -169,12 +184,50 @@ def test_claim_due_drops_expired_records(store: JobStore, redis_client: redis.Re
     assert not redis_client.exists("kq:job:gone")
 
 
-def test_webhook_id_dedupe(store: JobStore) -> None:
-    """A webhook-id is new once; forgetting it lets a retry through."""
-    assert store.mark_webhook_seen("w1")
-    assert not store.mark_webhook_seen("w1")
-    store.forget_webhook("w1")
-    assert store.mark_webhook_seen("w1")
+def test_webhook_id_counts_as_seen_only_with_its_result_applied(store: JobStore) -> None:
+    """Dedupe and apply are one step: a delivery id is marked exactly when its move is
+    applied (or found stale), and a redelivery of it then changes nothing."""
+    submitted_job(store)
+    assert not store.webhook_seen("w1")
+    first = store.transition(
+        "job1",
+        JobState.COMPLETED,
+        now=150.0,
+        fields={"prediction_id": PID, "outputs": "[]"},
+        expect_prediction_id=PID,
+        poll_at=REMOVE,
+        webhook_id="w1",
+    )
+    assert first.outcome is TransitionOutcome.APPLIED and store.webhook_seen("w1")
+    again = store.transition(
+        "job1", JobState.FAILED, now=151.0, expect_prediction_id=PID, webhook_id="w1"
+    )
+    assert again.outcome is TransitionOutcome.DUPLICATE and again.state == "completed"
+    stale = store.transition(
+        "job1", JobState.FAILED, now=152.0, expect_prediction_id=PID, webhook_id="w2"
+    )
+    assert stale.outcome is TransitionOutcome.REJECTED and store.webhook_seen("w2")
+    assert len(store.events()) == 1
+
+
+def test_open_submit_attempts_close_when_the_task_is_known(store: JobStore) -> None:
+    """A submit is an open attempt from `submitting` until its prediction id is recorded,
+    or until it is known to have created no task; a lost answer keeps it open."""
+    for job_id in ("a", "b", "c"):
+        store.create(job_id, REQ, now=1.0)
+        store.transition(job_id, JobState.SUBMITTING, now=10.0, fields={"attempts": 1})
+    assert {m for m, _ in store.open_attempts(0, 100)} == {"a:1", "b:1", "c:1"}
+    store.transition(
+        "a",
+        JobState.SUBMITTED,
+        now=11.0,
+        fields={"prediction_id": PID},
+        expect_prediction_id=PID,
+    )
+    store.transition("b", JobState.QUEUED, now=11.0, attempt_created_no_task=True)
+    assert [m for m, _ in store.open_attempts(0, 100)] == ["c:1"]
+    store.forget_attempts_before(11.0)
+    assert store.open_attempts(0, 100) == []
 
 
 def test_live_state_gauges(store: JobStore) -> None:

@@ -13,7 +13,8 @@ Modules:
     params    validation of request bodies per the spec's tables
     state     tasks, uploads, request log, rate limiter, sim clock
     faults    FaultDice: every seeded random decision
-    engine    Simulator: submits, lifecycle scheduler, queries, control
+    lifecycle the task lifecycle: queue, concurrency cap, ending a task
+    engine    Simulator: submits, the scheduler thread, queries, control
     delivery  webhook sender: signed POSTs, retries with backoff, thread pool
     images    output JPEGs drawn with Pillow
     app       create_app(sim): the v3 API, uploads and outputs over HTTP

@@ -57,7 +57,7 @@ class Message:
 def task_messages(task: Task) -> tuple[Message, Message | None]:
     """The webhook of an ended task, and the contradictory late one if it drew that fault."""
     assert task.webhook is not None
-    prediction = task.prediction()
+    prediction = task.webhook_body()
     message = Message(
         webhook_id=new_id(),
         task_id=task.id,

@@ -1,10 +1,9 @@
-"""The simulator's engine: submits, the lifecycle scheduler, queries, faults and control.
+"""The simulator's engine: submits, the scheduler thread, queries, faults and control.
 
 All state sits behind one re-entrant lock (``self._cond``). A scheduler thread moves tasks
-``created -> processing -> completed | failed``: a task leaves the queue once its queue
-delay is over and fewer than ``concurrency`` tasks are processing (FIFO), and ends after
-``inference_time_s``. Ending a task hands its webhook to the ``Deliverer`` (lock order is
-always engine, then deliverer; the deliverer never calls back into the engine).
+``created -> processing -> completed | failed`` (the rules are in ``lifecycle.py``).
+Ending a task hands its webhook to the ``Deliverer`` (lock order is always engine, then
+deliverer; the deliverer never calls back into the engine).
 
 Every random decision is drawn from ``FaultDice`` under the lock at submit time (see
 ``faults.py``), so the faults of a task are fixed, and visible in ``/_sim/tasks``, from
@@ -19,6 +18,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from wavespeed_sim import lifecycle
 from wavespeed_sim.config import SimConfig, new_webhook_secret
 from wavespeed_sim.delivery import Deliverer, DeliverySettings, task_messages
 from wavespeed_sim.faults import FaultDice
@@ -32,8 +32,6 @@ from wavespeed_sim.state import (
     iso_ns,
     new_id,
 )
-
-MAX_IDLE_S = 0.5  # the scheduler re-checks at least this often, whatever it was told
 
 
 def _micros(dollars: float) -> int:
@@ -362,55 +360,12 @@ class Simulator:
         with self._cond:
             while not self._stopping:
                 now = time.monotonic()
-                wake = self._step(now)
-                self._cond.wait(max(0.0, min(wake - now, MAX_IDLE_S)))
-
-    def _step(self, now: float) -> float:
-        """Apply every transition due at ``now``; return when the next one is due."""
-        cfg = self._config
-        wake = now + MAX_IDLE_S
-        moved = True
-        while moved:  # a task started with zero inference time ends in the same step
-            moved = False
-            processing = 0
-            for task in list(self._active.values()):
-                if task.status != "processing":
-                    continue
-                assert task.finish_mono is not None
-                if task.finish_mono <= now:
-                    self._finish(task, now)
-                else:
-                    processing += 1
-                    wake = min(wake, task.finish_mono)
-            for task in list(self._active.values()):
-                if task.status != "created":
-                    continue
-                if task.ready_mono > now:
-                    wake = min(wake, task.ready_mono)
-                    continue
-                if cfg.concurrency and processing >= cfg.concurrency:
-                    break  # FIFO: the head of the queue waits for a free slot
-                task.status = "processing"
-                task.started_mono = now
-                task.started_unix = time.time()
-                task.finish_mono = now + cfg.inference_time_s
-                processing += 1
-                moved = moved or task.finish_mono <= now
-                wake = min(wake, task.finish_mono)
-        return wake
-
-    def _finish(self, task: Task, now: float) -> None:
-        assert task.started_mono is not None
-        task.execution_ms = round((now - task.started_mono) * 1000)
-        task.finished_unix = time.time()
-        self._active.pop(task.id, None)
-        if task.faults.fail_code is not None:
-            task.fail(task.faults.fail_code)
-        else:
-            task.status = "completed"
-            task.outputs = [f"{task.base_url}/outputs/{task.id}.jpeg"]
-        self._cond.notify_all()  # sync-mode waiters
-        self._send_webhook(task)
+                ended, wake = lifecycle.step(self._active, self._config, now)
+                if ended:
+                    self._cond.notify_all()  # sync-mode waiters
+                for task in ended:
+                    self._send_webhook(task)
+                self._cond.wait(max(0.0, min(wake - now, lifecycle.MAX_IDLE_S)))
 
     def _send_webhook(self, task: Task) -> None:
         if task.webhook is None or task.faults.drop_webhook:

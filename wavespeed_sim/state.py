@@ -11,6 +11,7 @@ engine guards tasks and the limiter with its one lock. Two clocks are in play on
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import secrets
 import threading
@@ -127,7 +128,7 @@ class Task:
         self.outputs = []
 
     def prediction(self) -> dict[str, object]:
-        """The prediction object, as ``data`` of a GET and as the webhook body.
+        """The prediction object, as ``data`` of a GET, a list item or a submit answer.
 
         Key order follows the spec's example. ``code`` appears only on failed tasks.
         """
@@ -146,6 +147,21 @@ class Task:
         }
         if self.status == "failed" and self.code is not None:
             body["code"] = self.code
+        return body
+
+    def webhook_body(self) -> dict[str, object]:
+        """The webhook body: the prediction plus ``input``, the parameters as submitted.
+
+        Identity as the provider shows it: only a webhook says which request a task
+        belongs to (``input`` here, the job in its URL). ``prediction()``, the GET result
+        and list items, never carries ``input`` or the webhook URL. ``input`` holds the
+        accepted parameters exactly as sent (unknown fields were dropped at submit).
+        """
+        body: dict[str, object] = {}
+        for key, value in self.prediction().items():
+            body[key] = value
+            if key == "model":
+                body["input"] = copy.deepcopy(self.params)
         return body
 
     def as_dict(self, *, expired: bool) -> dict[str, object]:

@@ -25,7 +25,7 @@ from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 from webhook_receiver.body_deadline import BodyDeadline
 from webhook_receiver.signing_secret import SecretSource
 from worker import runtime, telemetry
-from worker.domain import Prediction, ResolvedBy
+from worker.domain import Prediction, ResolvedBy, TransitionOutcome
 from worker.errors import ProviderError, ValidationError
 from worker.metrics import receiver_metrics
 from worker.service import Deps, apply_update
@@ -37,22 +37,22 @@ log = structlog.get_logger("kq.receiver")
 
 
 def create_app(
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     store: JobStore | None = None,
     secret_source: SecretSource | None = None,
     clock: Callable[[], float] = time.time,
     heartbeat: bool | None = None,
 ) -> Flask:
-    """Build the receiver; settings default to the environment, adapters to real ones.
+    """Build the receiver on these settings; adapters default to real ones.
 
     `heartbeat`: keep `kq:heartbeat:receiver:{pid}` alive for `kq status`; by default
     only when the app builds its own store (a serving process, not a test).
     """
-    settings = settings or Settings.from_env()
     if heartbeat is None:
         heartbeat = store is None
-    store = store or runtime.make_store(settings)
+    # Fail fast: a stalled Redis must give WaveSpeed a prompt 503, within its own timeout.
+    store = store or runtime.make_store(settings, runtime.make_redis(settings, fail_fast=True))
     if heartbeat:
         runtime.start_heartbeat("receiver", store.redis)
     provider = runtime.make_provider(settings)
@@ -78,6 +78,8 @@ def create_app(
         response.status_code = status
         return response
 
+    # The refused body is never read, so BodyDeadline has the server close the
+    # connection with this answer (a kept-alive one would hang up on the next request).
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(_: RequestEntityTooLarge) -> Response:
         return answer(413, "too_large", limit_bytes=settings.webhook_max_bytes)
@@ -135,26 +137,20 @@ def create_app(
             )
         bound = bound.bind(prediction_id=prediction.id, status=prediction.status)
         assert webhook_id is not None  # verify_v3 refused a delivery without one
-        if not store.mark_webhook_seen(webhook_id):
-            bound.info("receiver.duplicate")
-            return answer(200, "duplicate")
-        try:
-            result = apply_update(deps, job_id, prediction, ResolvedBy.WEBHOOK)
-        except BaseException:
-            # Let WaveSpeed's retry through: this delivery was not handled.
-            try:
-                store.forget_webhook(webhook_id)
-            except redis.RedisError:
-                pass
-            raise
+        # Dedupe and apply are one atomic step: a delivery counts as seen only once its
+        # result is applied (or found stale), so a retry after any failure is applied.
+        result = apply_update(deps, job_id, prediction, ResolvedBy.WEBHOOK, webhook_id=webhook_id)
         if result is None:
             return answer(200, "not_final")
         if result.applied:
             return answer(200, "applied", state=result.state)
-        if result.outcome == "missing":
+        if result.outcome is TransitionOutcome.DUPLICATE:
+            bound.info("receiver.duplicate")
+            return answer(200, "duplicate")
+        if result.outcome is TransitionOutcome.MISSING:
             bound.warning("receiver.unknown_job")
             return answer(200, "unknown_job")
-        if result.outcome == "mismatch":
+        if result.outcome is TransitionOutcome.MISMATCH:
             bound.warning("receiver.prediction_mismatch")
         return answer(200, "stale", state=result.state)
 

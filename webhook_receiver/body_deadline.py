@@ -11,6 +11,14 @@ of a request's socket once `seconds` have passed since the request began and it 
 not finished; the blocked read then returns at once, and the wrapped body stream turns
 that into `RequestTimeout` (408). Writing the answer still works (only reading is
 shut). A request that finishes in time costs one heap entry, nothing more.
+
+A request answered before its body was read to its end (413 without reading, a
+chunked body cut at the limit, a 408) also closes its connection. Otherwise gunicorn
+announces `Connection: keep-alive`, then drains at most 64 KiB of what is left and
+hangs up: the sender's next request on that connection fails with no answer at all
+(and a provider loses one of its few delivery attempts). A WSGI app may not send
+hop-by-hop headers itself, so the middleware asks gunicorn's response to close (its
+`Connection: close`); werkzeug's server closes every connection anyway.
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ _SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 class _Watch:
     """One request under watch: its socket, and whether the deadline cut it."""
 
-    __slots__ = ("done", "fired", "sock")
+    __slots__ = ("done", "fired", "seconds", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
         self.sock = sock
+        self.seconds = seconds
         self.done = False
         self.fired = False
 
@@ -53,7 +62,7 @@ class _Watchdog:
         self._pid = 0  # the thread belongs to this process (gunicorn forks after import)
 
     def watch(self, sock: socket.socket, seconds: float) -> _Watch:
-        entry = _Watch(sock)
+        entry = _Watch(sock, seconds)
         with self._cond:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
@@ -76,46 +85,91 @@ class _Watchdog:
                 self._cond.wait(self._heap[0][0] - now if self._heap else None)
 
 
-class _DeadlineInput:
-    """`wsgi.input`, turning a read cut short by the watchdog into a 408."""
+class _BodyInput:
+    """`wsgi.input`, turning a read cut short by the watchdog into a 408, and knowing
+    whether the body was read to its end."""
 
-    def __init__(self, stream: Any, watch: _Watch, seconds: float) -> None:
+    def __init__(self, stream: Any, environ: dict[str, Any], watch: _Watch | None) -> None:
         self._stream = stream
         self._watch = watch
-        self._seconds = seconds
+        self._length = _content_length(environ)
+        self._chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        self._read = 0
+        self._eof = False
+
+    @property
+    def finished(self) -> bool:
+        """True when nothing of the body is left on the connection."""
+        if self._eof:
+            return True
+        if self._length is not None:
+            return self._read >= self._length
+        return not self._chunked  # neither a length nor chunked: there is no body
 
     def _timeout(self) -> RequestTimeout:
-        return RequestTimeout(f"the request body did not arrive within {self._seconds:g} s")
+        assert self._watch is not None
+        return RequestTimeout(f"the request body did not arrive within {self._watch.seconds:g} s")
 
     def _call(self, method: str, *args: Any) -> Any:
         try:
             data = getattr(self._stream, method)(*args)
         except Exception:
-            if self._watch.fired:
+            if self._watch is not None and self._watch.fired:
                 raise self._timeout() from None
             raise
-        if self._watch.fired:
+        if self._watch is not None and self._watch.fired:
             raise self._timeout()
         return data
 
     def read(self, *args: Any) -> bytes:
         data: bytes = self._call("read", *args)
+        self._read += len(data)
+        size = args[0] if args else None
+        if size is None or size < 0 or (size > 0 and not data):
+            self._eof = True  # read() reads to the end; an empty read is the end
         return data
 
     def readline(self, *args: Any) -> bytes:
         data: bytes = self._call("readline", *args)
+        self._read += len(data)
+        if not data and (not args or args[0] != 0):
+            self._eof = True
         return data
 
     def readlines(self, *args: Any) -> list[bytes]:
         data: list[bytes] = self._call("readlines", *args)
+        self._read += sum(len(line) for line in data)
+        hint = args[0] if args else None
+        if hint is None or hint <= 0 or not data:
+            self._eof = True  # without a hint, readlines() reads to the end
         return data
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self.readline, b"")
 
 
+def _content_length(environ: dict[str, Any]) -> int | None:
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or "")
+    except ValueError:
+        return None
+    return length if length >= 0 else None
+
+
+def _close_connection(start_response: Callable[..., Any]) -> None:
+    """Make the server close the connection after this answer.
+
+    gunicorn's `start_response` is a method of its response object, whose
+    `force_close()` is what gunicorn itself calls to answer `Connection: close`.
+    """
+    force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
+    if callable(force_close):
+        force_close()
+
+
 class BodyDeadline:
-    """WSGI middleware: a request still running `seconds` after it began can read no more."""
+    """WSGI middleware: a request still running `seconds` after it began can read no more;
+    one answered before its body was read to its end closes its connection."""
 
     def __init__(self, app: WSGIApp, seconds: float) -> None:
         self.app = app
@@ -124,11 +178,19 @@ class BodyDeadline:
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         sock = next((environ[k] for k in _SOCKET_KEYS if k in environ), None)
-        if self.seconds <= 0 or not isinstance(sock, socket.socket):
-            return self.app(environ, start_response)  # e.g. Flask's test client: no socket
-        watch = self._watchdog.watch(sock, self.seconds)
-        environ["wsgi.input"] = _DeadlineInput(environ["wsgi.input"], watch, self.seconds)
+        watch = None
+        if self.seconds > 0 and isinstance(sock, socket.socket):  # e.g. Flask's test client
+            watch = self._watchdog.watch(sock, self.seconds)
+        body = _BodyInput(environ["wsgi.input"], environ, watch)
+        environ["wsgi.input"] = body
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if not body.finished:
+                _close_connection(start_response)
+            return start_response(status, headers, exc_info)
+
         try:
-            return self.app(environ, start_response)
+            return self.app(environ, start)
         finally:
-            watch.done = True
+            if watch is not None:
+                watch.done = True

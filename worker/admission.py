@@ -51,6 +51,17 @@ class Snapshot:
     rate_limited_total: int
 
 
+_SCRIPT_KEYS = [
+    keys.ADM_SLOTS,
+    keys.ADM_SUBMITS,
+    keys.ADM_CTL,
+    keys.ADM_RR,
+    keys.ADM_NWAIT,
+    keys.ADM_SEQ,
+    keys.ADM_CLAIMED,
+]
+
+
 class Admission:
     """The Redis side of admission control (see the module docstring)."""
 
@@ -64,8 +75,10 @@ class Admission:
         )
 
     def _call(self, op: str, now: float, *extra: Any) -> Any:
-        args = [op, now, self.max_in_flight, self.max_per_minute, self.lease_s, *extra]
-        return self._script(keys=[], args=args)
+        padded = [*extra, "", "", ""][:3]
+        args = [op, now, self.max_in_flight, self.max_per_minute, self.lease_s, *padded]
+        args += [keys.ADM_WAIT_PREFIX, keys.JOB_PREFIX]
+        return self._script(keys=_SCRIPT_KEYS, args=args)
 
     def acquire(self, job_id: str, batch_id: str, priority: int, now: float) -> Decision:
         """Take a slot for this job, or put it in the waiting line."""
@@ -77,11 +90,6 @@ class Admission:
     def wait(self, job_id: str, batch_id: str, priority: int, now: float) -> None:
         """Give back this job's slot (if any) and line it up again (e.g. after a 429)."""
         self._call("wait", now, job_id, batch_id, priority)
-
-    def release(self, job_id: str) -> None:
-        """Give back a slot taken for a submit that did not happen."""
-        if self.redis.zrem("kq:adm:slots", job_id):
-            self.redis.lpush(keys.ADM_WAKE, "1")
 
     def claim(self, limit: int, now: float) -> tuple[list[str], float]:
         """Waiting jobs granted a slot now (round-robin over batches), and how long to
@@ -95,7 +103,7 @@ class Admission:
 
     def is_waiting(self, job_id: str, batch_id: str) -> bool:
         """Whether the job sits in the waiting line (a dispatcher will hand it on)."""
-        return self.redis.zscore(f"kq:adm:wait:{batch_id}", job_id) is not None
+        return self.redis.zscore(keys.admission_wait(batch_id), job_id) is not None
 
     def wait_for_wake(self, timeout_s: float) -> None:
         """Sleep until a slot is released somewhere, or `timeout_s` passes."""

@@ -5,10 +5,12 @@
     ├── ConfigError              a setting is missing or malformed
     └── ProviderError            anything the WaveSpeed client raises
         ├── TransientError       retry later with backoff (429, 5xx, connect errors)
-        │   └── RateLimited      429: no task was created
+        │   ├── RateLimited      429: no task was created
+        │   └── ProviderResponseError  a read answered, but not in the documented shape
         ├── PermanentError       retrying cannot help (400, 401, 402, 403, 404)
-        ├── AmbiguousError       the submit may or may not have created a task
-        └── ProviderResponseError the answer did not have the documented shape
+        └── AmbiguousError       the submit may or may not have created a task
+
+    (kq.procs.StackError, a KqError, is the local stack's: a child that failed to start.)
 
 Messages never carry secrets: the client builds them from status codes and the
 provider's own message, never from request headers.

@@ -8,6 +8,8 @@
     kq:batch:{id}         hash: per-batch counters and settings
     kq:batchjobs:{id}     list: a batch's job ids in enqueue order
     kq:dlq                zset: failed job id -> when it failed (the dead-letter list)
+    kq:attempts           zset: "{job id}:{attempt}" -> when its submit began, for each
+                          submit whose task is not known yet (reconciliation reads it)
     kq:stats              hash: state:<s>, resolved_by:<how>, now:<s>, paid
     kq:adm:*              admission control (slots, submit window, waiting lines; admission.py)
     kq:tm:*               telemetry counters per minute and day (telemetry.py)
@@ -27,6 +29,7 @@ EVENTS: Final = "kq:events"
 POLL: Final = "kq:poll"
 STATS: Final = "kq:stats"
 DLQ: Final = "kq:dlq"
+ATTEMPTS: Final = "kq:attempts"
 HEARTBEATS: Final = "kq:heartbeats"
 
 JOB_PREFIX: Final = "kq:job:"

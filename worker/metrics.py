@@ -30,16 +30,15 @@ from prometheus_client.metrics_core import (
 from prometheus_client.registry import Collector
 
 from worker import telemetry
-from worker.status import CELERY_QUEUES, LIVE_STATES, ROLES, TERMINAL
-
-ALARMS: Final = (
-    "overdue_jobs",
-    "missed_webhooks",
-    "webhook_rejections",
-    "worker_down",
-    "beat_down",
-    "receiver_down",
+from worker.snapshot import (
+    LIVE_STATES,
+    RESOLVERS,
+    ROLES,
+    TERMINAL,
+    AlarmName,
+    StatusSnapshot,
 )
+
 _TELEMETRY_FAMILIES: Final = (
     # (name prefix in telemetry, metric name, label, help, vocabulary)
     (
@@ -109,7 +108,7 @@ class StatusCollector(Collector):
     """Everything in a `worker.status` snapshot, as gauges and counters."""
 
     def __init__(
-        self, snapshot: Callable[[], dict[str, Any]], totals: Callable[[], Counter[str]]
+        self, snapshot: Callable[[], StatusSnapshot], totals: Callable[[], Counter[str]]
     ) -> None:
         self.snapshot = snapshot
         self.totals = totals
@@ -129,44 +128,40 @@ class StatusCollector(Collector):
         yield from telemetry_metrics(totals, ("webhook.", "submit.", "poll."))
 
 
-def status_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
+def status_metrics(snap: StatusSnapshot) -> Iterator[Metric]:
     """The metric families for one status snapshot."""
     jobs = GaugeMetricFamily("kq_jobs", "Jobs currently in each live state", labels=["state"])
     for state in LIVE_STATES:
-        jobs.add_metric([state], snap["jobs"][state])
+        jobs.add_metric([state.value], snap.jobs.of(state))
     yield jobs
     yield CounterMetricFamily(
-        "kq_jobs_enqueued", "Jobs enqueued (live + terminal)", value=sum(snap["jobs"].values())
+        "kq_jobs_enqueued", "Jobs enqueued (live + terminal)", value=snap.jobs.total
     )
     ended = CounterMetricFamily(
         "kq_jobs_terminal", "Jobs that reached each terminal state", labels=["state"]
     )
     for state in TERMINAL:
-        ended.add_metric([state], snap["jobs"][state])
+        ended.add_metric([state.value], snap.jobs.of(state))
     yield ended
     resolved = CounterMetricFamily(
         "kq_jobs_resolved", "Terminal jobs by the path that delivered the result", labels=["by"]
     )
-    for by in ("webhook", "poll", "worker", "user"):
-        resolved.add_metric([by], snap["resolution"][by])
+    for by in RESOLVERS:
+        resolved.add_metric([by], snap.resolution.of(by))
     yield resolved
     queues = GaugeMetricFamily(
         "kq_celery_queue_length",
         "Messages waiting in each Celery queue (reserved: delivered, not yet acked)",
         labels=["queue"],
     )
-    for queue in (*CELERY_QUEUES, "reserved"):
-        queues.add_metric([queue], snap["queues"][queue])
+    for queue, length in snap.queues.by_name().items():
+        queues.add_metric([queue], length)
     yield queues
-    yield _gauge("kq_poll_due", "In-flight jobs due for a poll now", snap["polling"]["due"])
-    yield _gauge(
-        "kq_poll_scheduled", "In-flight jobs on the poll schedule", snap["polling"]["scheduled"]
-    )
-    yield _gauge(
-        "kq_jobs_overdue", "In-flight jobs past KQ_JOB_DEADLINE_S", snap["overdue"]["count"]
-    )
-    yield _gauge("kq_dead_letters", "Failed jobs in the dead-letter set", snap["dlq"])
-    window = snap["resolution"]["window"]["missed_webhook_rate"]
+    yield _gauge("kq_poll_due", "In-flight jobs due for a poll now", snap.polling.due)
+    yield _gauge("kq_poll_scheduled", "In-flight jobs on the poll schedule", snap.polling.scheduled)
+    yield _gauge("kq_jobs_overdue", "In-flight jobs past KQ_JOB_DEADLINE_S", snap.overdue.count)
+    yield _gauge("kq_dead_letters", "Failed jobs in the dead-letter set", snap.dlq)
+    window = snap.resolution.window.missed_webhook_rate
     yield _gauge(
         "kq_missed_webhook_ratio",
         "Share of recent results that came by polling instead of webhook",
@@ -177,37 +172,36 @@ def status_metrics(snap: dict[str, Any]) -> Iterator[Metric]:
         "Enqueue-to-result latency over the recent window",
         labels=["quantile"],
     )
-    for quantile, key in (("0.5", "p50_s"), ("0.95", "p95_s")):
-        value = snap["latency"][key]
+    for quantile, value in (("0.5", snap.latency.p50_s), ("0.95", snap.latency.p95_s)):
         latency.add_metric([quantile], float("nan") if value is None else value)
     yield latency
-    cost = snap["cost"]
+    cost = snap.cost
     yield CounterMetricFamily(
-        "kq_paid_tasks", "Jobs that got a (billed) provider task", value=cost["paid_jobs"]
+        "kq_paid_tasks", "Jobs that got a (billed) provider task", value=cost.paid_jobs
     )
     yield CounterMetricFamily(
-        "kq_cost_usd", "Estimated spend at the per-image price", value=cost["total_usd"]
+        "kq_cost_usd", "Estimated spend at the per-image price", value=cost.total_usd
     )
-    yield _gauge("kq_cost_today_usd", "Estimated spend today (UTC)", cost["today_usd"])
-    adm = snap.get("admission")
+    yield _gauge("kq_cost_today_usd", "Estimated spend today (UTC)", cost.today_usd)
+    adm = snap.admission
     if adm:
-        yield _gauge("kq_provider_slots_used", "Provider slots held (admission)", adm["slots_used"])
-        yield _gauge("kq_provider_slots_total", "KQ_MAX_IN_FLIGHT", adm["slots_total"])
-        yield _gauge("kq_admission_waiting", "Jobs waiting for a provider slot", adm["waiting"])
+        yield _gauge("kq_provider_slots_used", "Provider slots held (admission)", adm.slots_used)
+        yield _gauge("kq_provider_slots_total", "KQ_MAX_IN_FLIGHT", adm.slots_total)
+        yield _gauge("kq_admission_waiting", "Jobs waiting for a provider slot", adm.waiting)
         yield _gauge(
-            "kq_submits_last_minute", "Submits in the last minute", adm["submits_last_minute"]
+            "kq_submits_last_minute", "Submits in the last minute", adm.submits_last_minute
         )
-        yield _gauge("kq_submit_rate_factor", "Share of the rate limit in use", adm["rate_factor"])
+        yield _gauge("kq_submit_rate_factor", "Share of the rate limit in use", adm.rate_factor)
     beats = GaugeMetricFamily(
         "kq_process_heartbeats", "Live processes by role (heartbeat keys)", labels=["role"]
     )
     for role in ROLES:
-        beats.add_metric([role], len(snap["heartbeats"][role]))
+        beats.add_metric([role], len(snap.heartbeats.of(role)))
     yield beats
-    firing = {a["name"] for a in snap["alarms"]}
+    firing = {a.name for a in snap.alarms}
     alarm = GaugeMetricFamily("kq_alarm", "1 while the named alarm fires", labels=["name"])
-    for name in ALARMS:
-        alarm.add_metric([name], 1 if name in firing else 0)
+    for name in AlarmName:
+        alarm.add_metric([name.value], 1 if name in firing else 0)
     yield alarm
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,10 +20,14 @@ from worker.domain import Job, JobState, Prediction, Reason, ResolvedBy
 from worker.errors import PermanentError, ProviderError, TransientError, ValidationError
 from worker.service import (
     Deps,
+    adopt_task,
     apply_update,
     best_effort_delete,
+    fail_ambiguous,
     fail_job,
-    record_submitted,
+    mark_ambiguous,
+    note_candidates_final,
+    requeue_unsent,
     submit_watchdog_s,
 )
 from worker.store import QUEUED_CHECK_S
@@ -36,6 +40,8 @@ POLL_THREADS = 16
 RECONCILE_BEFORE_S = 30.0  # tolerates clock skew between us and the provider
 RECONCILE_AFTER_S = 60.0
 RECONCILE_MAX_PAGES = 10
+# Another submit attempt that began this close to ours may own a task in our window.
+RECONCILE_OVERLAP_S = RECONCILE_BEFORE_S + RECONCILE_AFTER_S
 
 
 @dataclass
@@ -58,6 +64,10 @@ def sweep(deps: Deps, pool: ThreadPoolExecutor | None = None) -> SweepReport:
     report = SweepReport(claimed=len(due))
     if not due:
         return report
+    # Attempts older than any reconciliation still running can no longer matter.
+    deps.store.forget_attempts_before(
+        deps.clock() - settings.job_deadline_s - 2 * RECONCILE_OVERLAP_S
+    )
     jobs = [j for j in deps.store.get_many(due) if j is not None]
     if pool is None:
         outcomes = [poll_job(deps, job) for job in jobs]
@@ -83,8 +93,13 @@ def poll_job(deps: Deps, job: Job) -> str:
                 if deps.clock() - job.submitting_at < submit_watchdog_s(deps.settings):
                     return "submit_in_progress"
                 # The watchdog fired: the worker that claimed this submit is gone.
-                deps.store.set_fields(job.id, {"ambiguous": "1"})
                 bound.warning("poll.stuck_submit")
+                marked = mark_ambiguous(
+                    deps, job.id, "submit never recorded", expect_version=job.version
+                )
+                if not marked.applied:
+                    return f"stuck_submit_{marked.outcome.value}"
+                job = replace(job, ambiguous=True, version=marked.version)
             return reconcile_ambiguous(deps, job)
         if job.state is JobState.QUEUED:
             return _check_queued(deps, job)
@@ -148,47 +163,48 @@ def _past_deadline(deps: Deps, job: Job, now: float) -> bool:
 
 
 def reconcile_ambiguous(deps: Deps, job: Job) -> str:
-    """Find out whether an ambiguous submit created a task, without paying twice.
+    """Find out whether an ambiguous submit created a task, without ever paying twice or
+    giving a job another job's task (the argument is in the README, "How a job moves").
 
-    Looks in the provider's list for tasks created around our submit that belong to
-    no job. Exactly one match: adopt it. None for `ambiguous_grace_s`: no task was
-    created, so the job is queued again. Several: wait (a webhook carrying our job id
-    settles it), and fail with `submit_ambiguous` at the deadline.
+    List items carry no job identity, so the list is read for tasks created around our
+    submit that no job owns, and for the other submits still open around it:
+    - no such task once `ambiguous_grace_s` has passed: none was created, send again;
+    - exactly one, and no other open submit that could own it: it is ours, adopt it;
+    - otherwise only the webhook (our job id in its URL) can tell: wait for it, and fail
+      `submit_ambiguous` once every candidate task has been finished for
+      `ambiguous_settle_s` (the provider's webhook retries are over by then), naming
+      the candidates. A job past its deadline fails the same way.
     """
     now = deps.clock()
     candidates = _unowned_candidates(deps, job)
-    if len(candidates) == 1:
-        prediction = candidates[0]
-        recorded = record_submitted(deps, job.id, prediction.id)
-        if prediction.final:
-            apply_update(deps, job.id, prediction, ResolvedBy.POLL)
-        if recorded.applied:
-            log.warning("reconcile.adopted", job_id=job.id, prediction_id=prediction.id)
-        return f"adopted_{recorded.outcome}"
-    if not candidates and now - job.submitting_at > deps.settings.ambiguous_grace_s:
-        requeued = deps.store.transition(
-            job.id,
-            JobState.QUEUED,
-            now=now,
-            fields={"ambiguous": "0"},
-            expect_version=job.version,
-            poll_at=now + QUEUED_CHECK_S,
-        )
-        if requeued.applied:
-            deps.enqueue_submit(job.id)
-            log.warning("reconcile.requeued", job_id=job.id)
-            return "requeued"
+    others = _other_open_attempts(deps, job)
+    ids = [c.id for c in candidates]
+    if len(candidates) == 1 and not others:
+        return f"adopted_{adopt_task(deps, job, candidates[0]).outcome.value}"
+    if not candidates:
+        if now - job.submitting_at > deps.settings.ambiguous_grace_s:
+            return f"requeued_{requeue_unsent(deps, job).outcome.value}"
+    elif all(c.final for c in candidates):
+        if not job.candidates_final_at:
+            note_candidates_final(deps, job, now)
+        elif now - job.candidates_final_at >= deps.settings.ambiguous_settle_s:
+            why = f"{len(candidates)} unowned tasks and {len(others)} other open submits"
+            fail_ambiguous(deps, job, ids, why + " around it; no webhook named the job")
+            return "ambiguous_failed"
     if _past_deadline(deps, job, now):
-        fail_job(
-            deps,
-            job.id,
-            Reason.SUBMIT_AMBIGUOUS,
-            f"submit answer lost and {len(candidates)} unclaimed tasks matched; "
-            "not resubmitted to avoid paying twice",
-            ResolvedBy.POLL,
-        )
+        fail_ambiguous(deps, job, ids, f"no attribution within the job deadline ({len(ids)} tasks)")
         return "ambiguous_failed"
     return "ambiguous_waiting"
+
+
+def _other_open_attempts(deps: Deps, job: Job) -> list[str]:
+    """Open submit attempts, other than this job's current one, whose task could fall in
+    this job's list window."""
+    own = f"{job.id}:{job.attempts}"
+    around = deps.store.open_attempts(
+        job.submitting_at - RECONCILE_OVERLAP_S, job.submitting_at + RECONCILE_OVERLAP_S
+    )
+    return [member for member, _ in around if member != own]
 
 
 def _unowned_candidates(deps: Deps, job: Job) -> list[Prediction]:

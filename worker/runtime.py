@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from worker import keys
 from worker.admission import Admission
@@ -25,10 +27,24 @@ from worker.tasks import enqueue_submits
 from worker.wavespeed import WaveSpeedClient
 
 HEARTBEAT_TTL_S = 15
+# The receiver answers within the provider's 5 s webhook timeout even when Redis stalls.
+FAIL_FAST_TIMEOUT_S = 1.0
 HEARTBEAT_EVERY_S = 5.0
 
 
-def make_redis(settings: Settings) -> redis.Redis:
+def make_redis(settings: Settings, *, fail_fast: bool = False) -> redis.Redis:
+    """A client for the job store. `fail_fast` (the receiver): short timeouts and no
+    retries, so a stalled Redis gives a prompt error (a 503 the provider retries) instead
+    of holding the request past the provider's own timeout."""
+    if fail_fast:
+        return redis.Redis.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            health_check_interval=30,
+            socket_connect_timeout=FAIL_FAST_TIMEOUT_S,
+            socket_timeout=FAIL_FAST_TIMEOUT_S,
+            retry=Retry(NoBackoff(), 0),
+        )
     return redis.Redis.from_url(
         settings.redis_url,
         decode_responses=True,

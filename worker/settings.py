@@ -1,15 +1,16 @@
 """One frozen Settings, built from the environment in one place (`from_env`).
 
 Entry points call `Settings.from_env()` once and hand the result down; nothing
-else reads os.environ. Tests build Settings directly or through `from_env(env)`.
+else reads os.environ or any KQ_* variable. Tests build Settings directly or through
+`from_env(env)`. Reading is all it does: the local secret key in var/secret_key is
+created by the local stack (`kq up`, `kq run`), never here.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from worker.errors import ConfigError
@@ -37,10 +38,16 @@ DEFAULT_WEBHOOK_BODY_TIMEOUT_S = 10.0
 # An ambiguous submit (answer lost) is reconciled through the list call; if no task
 # shows up there for this long, none was created and resubmitting cannot pay twice.
 DEFAULT_AMBIGUOUS_GRACE_S = 120.0
+# When tasks that could be an ambiguous submit's are all finished and no webhook has named
+# the job this long after, none will (WaveSpeed retries a delivery 3 times with back-off
+# within a few minutes): the job fails `submit_ambiguous` instead of waiting for its deadline.
+DEFAULT_AMBIGUOUS_SETTLE_S = 300.0
 # A submit message a worker took and never acked (it was killed) is delivered again
 # after this long: above the longest task, retry countdowns (60 s) included.
 DEFAULT_VISIBILITY_TIMEOUT_S = 3600.0
 STACK_ENV_FILE = "stack.env"
+# The per-checkout key the local stack creates in var_dir (0600) when KQ_SECRET_KEY is unset.
+SECRET_KEY_FILE = "secret_key"  # noqa: S105 (a file name, not a secret)
 # WaveSpeed's limits per account tier (2026): (concurrent tasks, images per minute).
 TIERS: dict[str, tuple[int, int]] = {
     "bronze": (2, 2),
@@ -55,12 +62,14 @@ DEFAULT_TIER = "silver"
 class Settings:
     """Everything a process needs to know, read once at its entry point."""
 
-    redis_url: str
-    wavespeed_api_key: str = ""
+    redis_url: str  # "" only in Settings read for a local stack, which starts its own Redis
+    wavespeed_api_key: str = field(default="", repr=False)
     wavespeed_base_url: str = DEFAULT_BASE_URL
     webhook_public_url: str = ""
-    webhook_secret: str = ""
-    secret_key: str = ""
+    webhook_secret: str = field(default="", repr=False)
+    secret_key: str = field(default="", repr=False)
+    api_token: str = field(default="", repr=False)  # the bearer token `kq api` checks
+    ops_token: str = field(default="", repr=False)  # the `kq dashboard` login
     poll_after_s: float = DEFAULT_POLL_AFTER_S
     poll_min_interval_s: float = DEFAULT_POLL_MIN_INTERVAL_S
     poll_max_interval_s: float = DEFAULT_POLL_MAX_INTERVAL_S
@@ -75,6 +84,7 @@ class Settings:
     webhook_tolerance_s: int = DEFAULT_WEBHOOK_TOLERANCE_S
     webhook_body_timeout_s: float = DEFAULT_WEBHOOK_BODY_TIMEOUT_S
     ambiguous_grace_s: float = DEFAULT_AMBIGUOUS_GRACE_S
+    ambiguous_settle_s: float = DEFAULT_AMBIGUOUS_SETTLE_S
     visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
     tier: str = DEFAULT_TIER
     max_in_flight: int = TIERS[DEFAULT_TIER][0]
@@ -82,25 +92,48 @@ class Settings:
     log_format: str = "console"
     log_level: str = "INFO"
     var_dir: Path = Path("var")
+    # Which variables the environment set (non-empty): `kq up` / `kq run` fill in local
+    # defaults (shorter polling, no simulated account limits) only where the user did not.
+    set_in_env: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
     @property
     def webhooks_enabled(self) -> bool:
         return bool(self.webhook_public_url)
 
+    @property
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret this process knows, for the log redactor."""
+        values = (
+            self.wavespeed_api_key,
+            self.webhook_secret,
+            self.secret_key,
+            self.api_token,
+            self.ops_token,
+        )
+        return tuple(value for value in values if value)
+
     def with_overrides(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read KQ_* and WAVESPEED_API_KEY; fall back to ./var/stack.env left by `kq up`."""
+    def from_env(
+        cls, env: Mapping[str, str] | None = None, *, local_stack: bool = False
+    ) -> Settings:
+        """Read KQ_* and WAVESPEED_API_KEY; fall back to ./var/stack.env left by `kq up`
+        and to the key in ./var/secret_key. Reads, never writes.
+
+        `local_stack=True` is for `kq up` / `kq run`, which start their own Redis and hand
+        their children a secret key: KQ_REDIS_URL and KQ_SECRET_KEY may then be unset,
+        and nothing under var/ is read (a stale stack.env must not point them elsewhere).
+        """
         source = dict(os.environ if env is None else env)
         var_dir = Path(source.get("KQ_VAR_DIR", "var"))
-        if not source.get("KQ_REDIS_URL"):
+        if not source.get("KQ_REDIS_URL") and not local_stack:
             # `kq up` writes where its private stack lives, so `kq job` etc. find it.
             for key, value in _read_env_file(var_dir / STACK_ENV_FILE).items():
                 source.setdefault(key, value)
         redis_url = source.get("KQ_REDIS_URL", "")
-        if not redis_url:
+        if not redis_url and not local_stack:
             raise ConfigError(
                 "KQ_REDIS_URL is not set (and no running `kq up` stack was found in "
                 f"{var_dir}/{STACK_ENV_FILE}); set it, e.g. redis://127.0.0.1:6379/0"
@@ -110,15 +143,22 @@ class Settings:
             raise ConfigError("KQ_WEBHOOK_PUBLIC_URL: expected an http(s) URL")
         base_url = (source.get("KQ_WAVESPEED_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         secret_key = source.get("KQ_SECRET_KEY", "")
-        if not secret_key:
+        if not secret_key and not local_stack:
             if public and base_url == DEFAULT_BASE_URL:
-                # Every worker and receiver must share one key, so a generated one is
+                # Every worker and receiver must share one key, so a per-checkout one is
                 # only safe on a single machine talking to the simulator.
                 raise ConfigError(
                     "KQ_SECRET_KEY is required with the real API and a public webhook URL; "
                     "set the same random value (e.g. `openssl rand -hex 32`) on every process"
                 )
-            secret_key = local_secret_key(var_dir)
+            secret_key = read_local_secret_key(var_dir)
+            if public and not secret_key:
+                raise ConfigError(
+                    f"KQ_SECRET_KEY is not set and there is no {var_dir / SECRET_KEY_FILE}: "
+                    "webhook URLs are signed with it. Set the same random value (e.g. "
+                    "`openssl rand -hex 32`) on every process, or start them with `kq up`, "
+                    "which creates one"
+                )
         log_format = source.get("KQ_LOG_FORMAT", "console")
         if log_format not in ("console", "json"):
             raise ConfigError(f"KQ_LOG_FORMAT: expected console or json, got {log_format!r}")
@@ -167,9 +207,17 @@ class Settings:
             ambiguous_grace_s=_num(
                 source, "KQ_AMBIGUOUS_GRACE_S", DEFAULT_AMBIGUOUS_GRACE_S, minimum=0
             ),
+            ambiguous_settle_s=_num(
+                source, "KQ_AMBIGUOUS_SETTLE_S", DEFAULT_AMBIGUOUS_SETTLE_S, minimum=0
+            ),
             log_format=log_format,
             log_level=source.get("KQ_LOG_LEVEL", "INFO").upper(),
             var_dir=var_dir,
+            api_token=source.get("KQ_API_TOKEN", ""),
+            ops_token=source.get("KQ_OPS_TOKEN", ""),
+            set_in_env=frozenset(
+                name for name, value in source.items() if value and name.startswith(_OURS)
+            ),
         )
 
     def require_provider(self) -> None:
@@ -179,8 +227,19 @@ class Settings:
                 "WAVESPEED_API_KEY is not set: export your key, or use `kq up` / `kq run`, "
                 "which start the local simulator when it is unset"
             )
+        if self.webhooks_enabled:
+            self.require_secret_key()
+
+    def require_secret_key(self) -> None:
+        """Webhook URLs carry a per-job token signed with it; the receiver checks it."""
         if not self.secret_key:
-            raise ConfigError("KQ_SECRET_KEY is not set (it signs the per-job webhook token)")
+            raise ConfigError(
+                "KQ_SECRET_KEY is not set (it signs the per-job webhook token): set the "
+                "value every worker uses, or start the processes with `kq up`"
+            )
+
+
+_OURS = ("KQ_", "WAVESPEED_")
 
 
 def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
@@ -205,24 +264,10 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs if not k.startswith("#")}
 
 
-def local_secret_key(var_dir: Path) -> str:
-    """A per-checkout key in var_dir/secret_key (created 0600 if absent) for local use;
-    production sets KQ_SECRET_KEY. "" when the folder cannot be read or written."""
-    path = var_dir / "secret_key"
+def read_local_secret_key(var_dir: Path) -> str:
+    """The per-checkout key the local stack keeps in var_dir/secret_key; "" if there is
+    none (or it cannot be read). Production sets KQ_SECRET_KEY instead."""
     try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return ""
-    try:
-        var_dir.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(key)
-        return key
-    except FileExistsError:
-        return path.read_text().strip()
+        return (var_dir / SECRET_KEY_FILE).read_text().strip()
     except OSError:
         return ""

@@ -1,4 +1,4 @@
-"""One read-only snapshot of the whole system, for `kq status`, `kq metrics` and the dashboard.
+"""Read one snapshot of the whole system, for `kq status`, `kq metrics` and the dashboard.
 
 Everything comes from Redis, so any process (or a laptop with the Redis URL) can
 show it and it survives restarts (unlike Flower, which forgets on restart):
@@ -15,53 +15,59 @@ show it and it survives restarts (unlike Flower, which forgets on restart):
                           today from telemetry; per running batch from kq:batch:{id}
     heartbeats            kq:heartbeats, the index of kq:heartbeat:{role}:{pid} keys
 
-`collect` returns a JSON-ready dict (the `kq status --json` format); `render` draws it
-with rich. Every read is bounded (capped ranges, no keyspace SCAN), so a large backlog
-costs a status call milliseconds. No secrets are read.
+`collect` returns a `worker.snapshot.StatusSnapshot` (its `to_json()` is the
+`kq status --json` format; `kq.ui` draws it, `worker.metrics` exports it) with the
+alarms of `worker.alarms` attached. Job records are decoded by `worker.store.decode_job`
+(only the fields a part needs are read). Every read is bounded (capped ranges, no
+keyspace SCAN), so a large backlog costs a status call milliseconds. No secrets are read.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Final
 
 import redis
-from rich.console import Group, RenderableType
-from rich.table import Table
-from rich.text import Text
 
 from worker import keys, telemetry
 from worker.admission import Admission
-from worker.domain import PRICE_PER_IMAGE_USD
+from worker.alarms import find_alarms
+from worker.domain import PRICE_PER_IMAGE_USD, Job, JobState
 from worker.events import ResultEvent, decode_event, time_to_id
+from worker.snapshot import (
+    CELERY_QUEUES,
+    CELERY_UNACKED,
+    LIVE_STATES,
+    RESOLVERS,
+    ROLES,
+    TERMINAL,
+    CeleryQueues,
+    Cost,
+    Failure,
+    Heartbeat,
+    Heartbeats,
+    JobCounts,
+    Latency,
+    Minute,
+    Overdue,
+    OverdueJob,
+    Polling,
+    Recent,
+    Resolution,
+    ResolutionWindow,
+    RunningBatch,
+    StatusConfig,
+    StatusSnapshot,
+)
+from worker.store import decode_job
 from worker.telemetry import as_int, as_str
 
-# The Celery queue names (worker/celery_app.py), repeated here so a status reader
-# never imports Celery; the Redis transport keeps delivered-unacked messages in `unacked`.
-CELERY_QUEUES: Final = ("kq", "kq.poll")
-CELERY_UNACKED: Final = "unacked"
-LIVE_STATES: Final = ("queued", "submitting", "submitted")
-TERMINAL: Final = ("completed", "failed", "cancelled")
-ROLES: Final = ("worker", "beat", "receiver")
-
-
-@dataclass(frozen=True)
-class StatusConfig:
-    """Windows, caps and alarm thresholds (defaults suit a queue of a few thousand jobs/h)."""
-
-    window_s: float = 900.0  # latency, missed-webhook rate, retries: the last 15 minutes
-    chart_minutes: int = 30  # throughput/latency series length
-    max_events: int = 20_000  # at most this many recent events are read per snapshot
-    overdue_scan: int = 10_000  # at most this many in-flight jobs are checked for overdue
-    list_limit: int = 20  # overdue / failed jobs listed
-    missed_webhook_rate: float = 0.25  # alarm above this share of results arriving by poll
-    missed_webhook_min: int = 10  # ... once at least this many results were resolved
-    rejected_window_min: int = 5  # alarm on bad signatures/tokens in the last minutes
-    rejected_min: int = 3
-    batch_scan: int = 200  # at most this many batches looked at for "running batches"
+IN_FLIGHT: Final = (JobState.SUBMITTING, JobState.SUBMITTED)
+# Job records read per pipeline round trip.
+CHUNK: Final = 500
 
 
 def collect(
@@ -72,7 +78,7 @@ def collect(
     now: float | None = None,
     config: StatusConfig | None = None,
     admission: Admission | None = None,
-) -> dict[str, Any]:
+) -> StatusSnapshot:
     """Read a snapshot; raises redis.RedisError when Redis is unreachable."""
     cfg = config or StatusConfig()
     ts = time.time() if now is None else now
@@ -84,11 +90,13 @@ def collect(
     pipe.zcount(keys.POLL, "-inf", ts)
     pipe.zcard(keys.POLL)
     pipe.zcard(keys.DLQ)
-    *queue_lens, unacked, raw_stats, due, scheduled, dlq = pipe.execute()
+    submit_len, poll_len, unacked, raw_stats, due, scheduled, dlq = pipe.execute()
     stats = {as_str(k): as_int(v) for k, v in (raw_stats or {}).items()}
 
-    jobs = {s: max(0, stats.get(f"now:{s}", 0)) for s in LIVE_STATES}
-    jobs.update({s: stats.get(f"state:{s}", 0) for s in TERMINAL})
+    jobs = JobCounts(
+        **{s.value: max(0, stats.get(f"now:{s.value}", 0)) for s in LIVE_STATES},
+        **{s.value: stats.get(f"state:{s.value}", 0) for s in TERMINAL},
+    )
     resolved = {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("resolved_by:")}
     events = _recent_events(client, ts - max(cfg.window_s, cfg.chart_minutes * 60), cfg)
     window = [e for e in events if e.time >= ts - cfg.window_s]
@@ -98,80 +106,26 @@ def collect(
     active: set[str] = set()  # batches with a job in flight or a recent result
     overdue = _overdue(client, ts, deadline_s, cfg, active)
     active.update(e.batch_id for e in events if e.batch_id)
-    heartbeats = _heartbeats(client, ts)
-    snapshot: dict[str, Any] = {
-        "time": ts,
-        "queues": {
-            **{q: int(n) for q, n in zip(CELERY_QUEUES, queue_lens, strict=True)},
-            "reserved": int(unacked),
-        },
-        "jobs": jobs,
-        "in_flight": jobs["submitted"],
-        "polling": {"due": int(due), "scheduled": int(scheduled)},
-        "overdue": overdue,
-        "dlq": int(dlq),
-        "failures": _failures(client, cfg.list_limit),
-        "resolution": _resolution(resolved, window),
-        "recent": _recent(recent, cfg),
-        "latency": _latency(window, cfg.window_s),
-        "throughput": _series(events, ts, cfg.chart_minutes),
-        "cost": _cost(client, stats, today, active, cfg),
-        "heartbeats": heartbeats,
-        "webhooks_enabled": webhooks_enabled,
-        "deadline_s": deadline_s,
-        "admission": None if admission is None else asdict(admission.snapshot(ts)),
-    }
-    snapshot["alarms"] = alarms(snapshot, rejected_recent, cfg)
-    return snapshot
-
-
-def alarms(
-    snapshot: dict[str, Any], rejected_recent: Counter[str], cfg: StatusConfig
-) -> list[dict[str, str]]:
-    """The conditions worth waking someone for, from a snapshot."""
-    found: list[dict[str, str]] = []
-
-    def alarm(name: str, severity: str, message: str) -> None:
-        found.append({"name": name, "severity": severity, "message": message})
-
-    overdue = snapshot["overdue"]["count"]
-    if overdue:
-        alarm(
-            "overdue_jobs",
-            "critical",
-            f"{overdue} job(s) in flight past the {snapshot['deadline_s']:.0f} s deadline",
-        )
-    window = snapshot["resolution"]["window"]
-    settled = window["webhook"] + window["poll"]
-    rate = window["missed_webhook_rate"]
-    if (
-        snapshot["webhooks_enabled"]
-        and rate is not None
-        and settled >= cfg.missed_webhook_min
-        and rate > cfg.missed_webhook_rate
-    ):
-        alarm(
-            "missed_webhooks",
-            "warning",
-            f"{rate:.0%} of the last {settled} results came by polling, not webhook "
-            f"(threshold {cfg.missed_webhook_rate:.0%}): is the receiver reachable?",
-        )
-    rejected = rejected_recent["webhook.bad_signature"] + rejected_recent["webhook.bad_token"]
-    if rejected >= cfg.rejected_min:
-        alarm(
-            "webhook_rejections",
-            "critical",
-            f"the receiver refused {rejected} webhook(s) (bad signature or token) in the last "
-            f"{cfg.rejected_window_min} min: rotated or leaked secret?",
-        )
-    beats = snapshot["heartbeats"]
-    if not beats["worker"]:
-        alarm("worker_down", "critical", "no worker heartbeat: nothing submits or polls")
-    if not beats["beat"]:
-        alarm("beat_down", "critical", "no beat heartbeat: lost webhooks are not polled")
-    if snapshot["webhooks_enabled"] and not beats["receiver"]:
-        alarm("receiver_down", "warning", "no receiver heartbeat: webhooks may be refused")
-    return found
+    snapshot = StatusSnapshot(
+        time=ts,
+        queues=CeleryQueues(submit=int(submit_len), poll=int(poll_len), reserved=int(unacked)),
+        jobs=jobs,
+        in_flight=jobs.submitted,
+        polling=Polling(due=int(due), scheduled=int(scheduled)),
+        overdue=overdue,
+        dlq=int(dlq),
+        failures=_failures(client, cfg.list_limit),
+        resolution=_resolution(resolved, window),
+        recent=_recent(recent, cfg),
+        latency=_latency(window, cfg.window_s),
+        throughput=_series(events, ts, cfg.chart_minutes),
+        cost=_cost(client, stats, today, active, cfg),
+        heartbeats=_heartbeats(client, ts),
+        webhooks_enabled=webhooks_enabled,
+        deadline_s=deadline_s,
+        admission=None if admission is None else admission.snapshot(ts),
+    )
+    return replace(snapshot, alarms=find_alarms(snapshot, rejected_recent, cfg))
 
 
 # --- the parts ----------------------------------------------------------------------
@@ -185,105 +139,112 @@ def _recent_events(client: redis.Redis, since: float, cfg: StatusConfig) -> list
     return [decode_event(i, raw) for i, raw in entries]
 
 
+def _jobs(
+    client: redis.Redis, job_ids: Sequence[str], fields: Sequence[str]
+) -> Iterator[tuple[str, Job | None]]:
+    """(id, job) for each id, decoded from only `fields` of its record; None once expired."""
+    names = ("state", *fields)
+    for start in range(0, len(job_ids), CHUNK):
+        chunk = job_ids[start : start + CHUNK]
+        pipe = client.pipeline(transaction=False)
+        for job_id in chunk:
+            pipe.hmget(keys.job(job_id), names)
+        for job_id, row in zip(chunk, pipe.execute(), strict=True):
+            raw = {n: as_str(v) for n, v in zip(names, row, strict=True) if v is not None}
+            yield job_id, decode_job({**raw, "id": job_id}) if "state" in raw else None
+
+
 def _overdue(
     client: redis.Redis, now: float, deadline_s: float, cfg: StatusConfig, batches: set[str]
-) -> dict[str, Any]:
+) -> Overdue:
     """In-flight jobs (the poll schedule holds them) whose deadline has passed.
 
     Adds the batch ids of the in-flight jobs to `batches` on the way.
     """
     members: Any = client.zrange(keys.POLL, 0, cfg.overdue_scan - 1)
     ids = [as_str(m) for m in members]
-    found: list[dict[str, Any]] = []
-    fields = ("state", "submitted_at", "submitting_at", "created_at", "batch_id")
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        pipe = client.pipeline(transaction=False)
-        for job_id in chunk:
-            pipe.hmget(keys.job(job_id), fields)
-        for job_id, row in zip(chunk, pipe.execute(), strict=True):
-            state, submitted, submitting, created, batch = (as_str(v) if v else "" for v in row)
-            if state not in ("submitting", "submitted"):
-                continue
-            if batch:
-                batches.add(batch)
-            started = _float(submitted) or _float(submitting) or _float(created)
-            if started and now - started > deadline_s:
-                found.append(
-                    {"job_id": job_id, "state": state, "batch_id": batch, "age_s": now - started}
-                )
-    found.sort(key=lambda j: -j["age_s"])
-    return {
-        "count": len(found),
-        "jobs": found[: cfg.list_limit],
-        "scanned": len(ids),
-        "truncated": len(ids) >= cfg.overdue_scan,
-    }
+    found: list[OverdueJob] = []
+    fields = ("submitted_at", "submitting_at", "created_at", "batch_id")
+    for job_id, job in _jobs(client, ids, fields):
+        if job is None or job.state not in IN_FLIGHT:
+            continue
+        if job.batch_id:
+            batches.add(job.batch_id)
+        started = job.submitted_at or job.submitting_at or job.created_at
+        if started and now - started > deadline_s:
+            found.append(OverdueJob(job_id, job.state, job.batch_id, now - started))
+    found.sort(key=lambda j: -j.age_s)
+    return Overdue(
+        count=len(found),
+        jobs=tuple(found[: cfg.list_limit]),
+        scanned=len(ids),
+        truncated=len(ids) >= cfg.overdue_scan,
+    )
 
 
-def _failures(client: redis.Redis, limit: int) -> list[dict[str, Any]]:
+def _failures(client: redis.Redis, limit: int) -> tuple[Failure, ...]:
     """The most recent failed jobs, from the dead-letter set, with their reasons."""
     raw: Any = client.zrevrange(keys.DLQ, 0, limit - 1, withscores=True)
     if not raw:
-        return []
-    pipe = client.pipeline(transaction=False)
-    for job_id, _ in raw:
-        pipe.hmget(keys.job(as_str(job_id)), ("reason", "error", "batch_id", "task_code"))
-    out = []
-    for (job_id, score), row in zip(raw, pipe.execute(), strict=True):
-        reason, error, batch, code = (as_str(v) if v else "" for v in row)
-        out.append(
-            {
-                "job_id": as_str(job_id),
-                "time": float(score),
-                "reason": reason,
-                "error": error[:300],
-                "batch_id": batch,
-                "task_code": code,
-            }
+        return ()
+    when = {as_str(job_id): float(score) for job_id, score in raw}
+    fields = ("reason", "error", "batch_id", "task_code")
+    return tuple(
+        Failure(
+            job_id=job_id,
+            time=when[job_id],
+            reason=job.reason if job else "",
+            error=job.error[:300] if job else "",
+            batch_id=job.batch_id if job else "",
+            task_code=job.task_code if job else None,
         )
-    return out
+        for job_id, job in _jobs(client, list(when), fields)
+    )
 
 
-def _resolution(totals: dict[str, int], window: list[ResultEvent]) -> dict[str, Any]:
+def _resolution(totals: dict[str, int], window: list[ResultEvent]) -> Resolution:
     in_window = Counter(e.resolved_by for e in window if e.resolved_by)
-    return {
-        **{k: totals.get(k, 0) for k in ("webhook", "poll", "worker", "user")},
-        "missed_webhook_rate": _rate(totals.get("poll", 0), totals.get("webhook", 0)),
-        "window": {
-            "webhook": in_window["webhook"],
-            "poll": in_window["poll"],
-            "missed_webhook_rate": _rate(in_window["poll"], in_window["webhook"]),
-        },
-    }
+    by = {k: totals.get(k, 0) for k in RESOLVERS}
+    return Resolution(
+        webhook=by["webhook"],
+        poll=by["poll"],
+        worker=by["worker"],
+        user=by["user"],
+        missed_webhook_rate=_rate(by["poll"], by["webhook"]),
+        window=ResolutionWindow(
+            webhook=in_window["webhook"],
+            poll=in_window["poll"],
+            missed_webhook_rate=_rate(in_window["poll"], in_window["webhook"]),
+        ),
+    )
 
 
 def _rate(poll: int, webhook: int) -> float | None:
     return poll / (poll + webhook) if poll + webhook else None
 
 
-def _recent(recent: Counter[str], cfg: StatusConfig) -> dict[str, Any]:
-    return {
-        "window_min": max(1, round(cfg.window_s / 60)),
-        "submitted": recent["submit.submitted"],
-        "submit_retries": recent["submit.retry"],
-        "rate_limited_429": recent["submit.rate_limited"],
-        "ambiguous": recent["submit.ambiguous"],
-        "polls": sum(v for k, v in recent.items() if k.startswith("poll.")),
-        "webhooks": {
+def _recent(recent: Counter[str], cfg: StatusConfig) -> Recent:
+    return Recent(
+        window_min=max(1, round(cfg.window_s / 60)),
+        submitted=recent["submit.submitted"],
+        submit_retries=recent["submit.retry"],
+        rate_limited_429=recent["submit.rate_limited"],
+        ambiguous=recent["submit.ambiguous"],
+        polls=sum(v for k, v in recent.items() if k.startswith("poll.")),
+        webhooks={
             k.split(".", 1)[1]: v for k, v in sorted(recent.items()) if k.startswith("webhook.")
         },
-    }
+    )
 
 
-def _latency(window: list[ResultEvent], window_s: float) -> dict[str, Any]:
+def _latency(window: list[ResultEvent], window_s: float) -> Latency:
     values = sorted(v for v in (e.latency_s for e in window) if v is not None)
-    return {
-        "window_s": window_s,
-        "count": len(values),
-        "p50_s": percentile(values, 0.50),
-        "p95_s": percentile(values, 0.95),
-    }
+    return Latency(
+        window_s=window_s,
+        count=len(values),
+        p50_s=percentile(values, 0.50),
+        p95_s=percentile(values, 0.95),
+    )
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -294,7 +255,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[int(rank) - 1]
 
 
-def _series(events: list[ResultEvent], now: float, minutes: int) -> list[dict[str, Any]]:
+def _series(events: list[ResultEvent], now: float, minutes: int) -> tuple[Minute, ...]:
     """Per minute, oldest first: results by terminal state and the median latency."""
     current = int(now // 60)
     counts: dict[int, Counter[str]] = defaultdict(Counter)
@@ -304,16 +265,14 @@ def _series(events: list[ResultEvent], now: float, minutes: int) -> list[dict[st
         counts[minute][event.state] += 1
         if event.latency_s is not None:
             latencies[minute].append(event.latency_s)
-    series = []
-    for minute in range(current - minutes + 1, current + 1):
-        series.append(
-            {
-                "t": minute * 60,
-                **{s: counts[minute][s] for s in TERMINAL},
-                "p50_s": percentile(sorted(latencies[minute]), 0.5),
-            }
+    return tuple(
+        Minute(
+            t=minute * 60,
+            **{s.value: counts[minute][s.value] for s in TERMINAL},
+            p50_s=percentile(sorted(latencies[minute]), 0.5),
         )
-    return series
+        for minute in range(current - minutes + 1, current + 1)
+    )
 
 
 def _cost(
@@ -322,20 +281,20 @@ def _cost(
     today: Counter[str],
     active: set[str],
     cfg: StatusConfig,
-) -> dict[str, Any]:
+) -> Cost:
     paid = stats.get("paid", 0)
-    return {
-        "price_usd": PRICE_PER_IMAGE_USD,
-        "paid_jobs": paid,
-        "total_usd": round(paid * PRICE_PER_IMAGE_USD, 2),
-        "today_usd": round(today["submit.submitted"] * PRICE_PER_IMAGE_USD, 2),
-        "running_batches": _running_batches(client, active, cfg),
-    }
+    return Cost(
+        price_usd=PRICE_PER_IMAGE_USD,
+        paid_jobs=paid,
+        total_usd=round(paid * PRICE_PER_IMAGE_USD, 2),
+        today_usd=round(today["submit.submitted"] * PRICE_PER_IMAGE_USD, 2),
+        running_batches=_running_batches(client, active, cfg),
+    )
 
 
 def _running_batches(
     client: redis.Redis, active: set[str], cfg: StatusConfig
-) -> list[dict[str, Any]]:
+) -> tuple[RunningBatch, ...]:
     """Batches with jobs not yet terminal, with their progress and what they cost so far.
 
     There is no index of batches, and a SCAN of the keyspace costs as much as the number
@@ -343,158 +302,40 @@ def _running_batches(
     chart window) are looked at. A batch whose jobs all still sit in the Celery queue
     shows up with its first submit.
     """
-    batch_keys = [keys.batch(b) for b in sorted(active)[: cfg.batch_scan]]
-    if not batch_keys:
-        return []
+    batch_ids = sorted(active)[: cfg.batch_scan]
+    if not batch_ids:
+        return ()
     pipe = client.pipeline(transaction=False)
-    for key in batch_keys:
-        pipe.hgetall(key)
-    running: list[dict[str, Any]] = []
-    for key, raw in zip(batch_keys, pipe.execute(), strict=True):
+    for batch_id in batch_ids:
+        pipe.hgetall(keys.batch(batch_id))
+    running: list[RunningBatch] = []
+    for batch_id, raw in zip(batch_ids, pipe.execute(), strict=True):
         counts = {as_str(k): as_int(v) for k, v in (raw or {}).items()}
         total, terminal = counts.get("total", 0), counts.get("terminal", 0)
         if total <= terminal:
             continue
         running.append(
-            {
-                "batch_id": key.split(":", 2)[2],
-                "total": total,
-                "terminal": terminal,
-                **{s: counts.get(s, 0) for s in TERMINAL},
-                "paid": counts.get("paid", 0),
-                "cost_usd": round(counts.get("paid", 0) * PRICE_PER_IMAGE_USD, 2),
-            }
+            RunningBatch(
+                batch_id=batch_id,
+                total=total,
+                terminal=terminal,
+                **{s.value: counts.get(s.value, 0) for s in TERMINAL},
+                paid=counts.get("paid", 0),
+                cost_usd=round(counts.get("paid", 0) * PRICE_PER_IMAGE_USD, 2),
+            )
         )
-    running.sort(key=lambda b: str(b["batch_id"]))
-    return running[: cfg.list_limit]
+    return tuple(running[: cfg.list_limit])  # in batch id order already
 
 
-def _heartbeats(client: redis.Redis, now: float) -> dict[str, list[dict[str, Any]]]:
+def _heartbeats(client: redis.Redis, now: float) -> Heartbeats:
     """Live processes by role, from the heartbeat index (key -> expiry; see runtime)."""
     raw: Any = client.zrangebyscore(keys.HEARTBEATS, now, "+inf", withscores=True)
-    beats: dict[str, list[dict[str, Any]]] = {role: [] for role in ROLES}
+    beats: dict[str, list[Heartbeat]] = {role: [] for role in ROLES}
     for key, expires in raw:
-        parts = as_str(key).split(":")  # kq:heartbeat:<role>:<pid>
-        if len(parts) == 4 and parts[2] in beats:
-            beats[parts[2]].append({"pid": as_int(parts[3]), "ttl_s": round(expires - now, 1)})
-    for entries in beats.values():
-        entries.sort(key=lambda e: int(str(e["pid"])))
-    return beats
-
-
-# --- rendering ------------------------------------------------------------------------
-
-
-def render(snap: dict[str, Any]) -> RenderableType:
-    """The snapshot as rich tables (for `kq status` and `--watch`)."""
-    when = datetime.fromtimestamp(snap["time"], UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    head = Text.assemble(("kontext-queue status", "bold"), f"  {when}")
-
-    jobs = snap["jobs"]
-    overview = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for name in ("queued", "submitting", "in flight", "completed", "failed", "cancelled"):
-        overview.add_column(name, justify="right")
-    overview.add_row(
-        str(jobs["queued"]),
-        str(jobs["submitting"]),
-        str(jobs["submitted"]),
-        Text(str(jobs["completed"]), style="green"),
-        Text(str(jobs["failed"]), style="red" if jobs["failed"] else ""),
-        str(jobs["cancelled"]),
-    )
-
-    res, lat, recent, cost = snap["resolution"], snap["latency"], snap["recent"], snap["cost"]
-    q, p = snap["queues"], snap["polling"]
-    facts = Table(show_header=False, box=None, pad_edge=False)
-    facts.add_column(style="bold")
-    facts.add_column()
-    facts.add_row(
-        "celery queues",
-        f"kq {q['kq']}  kq.poll {q['kq.poll']}  reserved by workers {q['reserved']}",
-    )
-    adm = snap.get("admission")
-    if adm:
-        backoff = max(0.0, adm["backoff_until"] - snap["time"])
-        facts.add_row(
-            "provider slots",
-            f"{adm['slots_used']}/{adm['slots_total']} in use, {adm['waiting']} waiting; "
-            f"submits last minute {adm['submits_last_minute']}/{adm['submits_per_minute_limit']}"
-            f" (rate x{adm['rate_factor']:.1f}"
-            + (f", paused {backoff:.0f}s after a 429" if backoff else "")
-            + f"; 429s so far {adm['rate_limited_total']})",
-        )
-    facts.add_row(
-        "polling",
-        f"{p['due']} due now, {p['scheduled']} scheduled; "
-        f"{snap['overdue']['count']} overdue; dead letters {snap['dlq']}",
-    )
-    facts.add_row(
-        "resolved by",
-        f"webhook {res['webhook']}  poll {res['poll']}  worker {res['worker']}  "
-        f"user {res['user']}; missed-webhook rate {_pct(res['missed_webhook_rate'])} "
-        f"(last {recent['window_min']} min: {_pct(res['window']['missed_webhook_rate'])})",
-    )
-    facts.add_row(
-        "latency",
-        f"p50 {_secs(lat['p50_s'])}  p95 {_secs(lat['p95_s'])}  "
-        f"over {lat['count']} results in {recent['window_min']} min",
-    )
-    webhooks = ", ".join(f"{k} {v}" for k, v in recent["webhooks"].items()) or "none"
-    facts.add_row(
-        f"last {recent['window_min']} min",
-        f"submitted {recent['submitted']}, retries {recent['submit_retries']} "
-        f"(429s {recent['rate_limited_429']}), ambiguous {recent['ambiguous']}, "
-        f"polls {recent['polls']}; webhooks: {webhooks}",
-    )
-    batches = "  ".join(
-        f"{b['batch_id']} {b['terminal']}/{b['total']} ${b['cost_usd']:.2f}"
-        for b in cost["running_batches"]
-    )
-    facts.add_row(
-        "cost",
-        f"${cost['total_usd']:.2f} in all ({cost['paid_jobs']} paid tasks), "
-        f"${cost['today_usd']:.2f} today" + (f"; running: {batches}" if batches else ""),
-    )
-    beats = snap["heartbeats"]
-    facts.add_row(
-        "processes",
-        "  ".join(f"{role} {len(beats[role])}" + (" ✓" if beats[role] else " ✗") for role in ROLES),
-    )
-
-    parts: list[RenderableType] = [head, overview, Text(""), facts]
-    if snap["alarms"]:
-        parts.append(Text(""))
-        for a in snap["alarms"]:
-            style = "bold red" if a["severity"] == "critical" else "bold yellow"
-            parts.append(Text.assemble((f"ALARM {a['name']}", style), f": {a['message']}"))
-    if snap["overdue"]["jobs"]:
-        parts.append(_jobs_table("overdue", snap["overdue"]["jobs"], ("state", "age_s")))
-    if snap["failures"]:
-        parts.append(_jobs_table("recent failures", snap["failures"][:5], ("reason", "error")))
-    return Group(*parts)
-
-
-def _jobs_table(title: str, rows: list[dict[str, Any]], cols: tuple[str, ...]) -> Table:
-    table = Table(title=title, title_justify="left", box=None, header_style="bold")
-    table.add_column("job")
-    for col in cols:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        values = [_secs(row[c]) if c.endswith("_s") else str(row[c]) for c in cols]
-        table.add_row(row["job_id"], *values)
-    return table
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0%}"
-
-
-def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} s"
-
-
-def _float(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        return 0.0
+        name = as_str(key)
+        if not name.startswith(keys.HEARTBEAT_PREFIX):
+            continue
+        role, _, pid = name[len(keys.HEARTBEAT_PREFIX) :].partition(":")  # <role>:<pid>
+        if role in beats and pid and ":" not in pid:
+            beats[role].append(Heartbeat(pid=as_int(pid), ttl_s=round(expires - now, 1)))
+    return Heartbeats(**{role: tuple(sorted(b, key=lambda e: e.pid)) for role, b in beats.items()})

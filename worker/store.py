@@ -1,19 +1,6 @@
 """The Redis job store: job records, the one atomic transition, the poll schedule.
 
-Keys (all under `kq:`; a single Redis, not a cluster — the Lua scripts build some
-key names themselves):
-
-    kq:job:{id}        hash: the job (see `Job`), expires `result_ttl_s` after it ends
-    kq:poll            zset: job id -> when to poll it next (submitted or ambiguous jobs)
-    kq:pred:{pid}      string: prediction id -> job id
-    kq:events          stream: exactly one entry per job that became terminal
-    kq:whid:{id}       string: a webhook-id already handled (dedupe)
-    kq:batch:{id}      hash: per-batch counters (total, now:<state>, <terminal state>,
-                       paid, reserved_micros) and settings (budget_micros, created_at)
-    kq:batchjobs:{id}  list: a batch's job ids in enqueue order
-    kq:dlq             zset: failed job id -> when it failed (the dead-letter list)
-    kq:stats           hash: counters: state:<s> (terminal totals), resolved_by:<how>,
-                       now:<s> (jobs currently queued / submitting / submitted)
+Key names live in `worker.keys`; the Lua scripts beside this module get them from here.
 """
 
 from __future__ import annotations
@@ -27,11 +14,29 @@ from typing import Any, Final
 import redis
 
 from worker import keys
-from worker.domain import ALLOWED_FROM, EditRequest, Job, JobState
+from worker.domain import ALLOWED_FROM, EditRequest, Job, JobState, TransitionOutcome
 
 NEW: Final = "new"
 # A WaveSpeed delivery is retried for minutes, not days; a day of memory is plenty.
 WEBHOOK_ID_TTL_S: Final = 24 * 3600
+# Fixed keys the transition script touches, in its KEYS order (see lua/transition.lua).
+_TRANSITION_KEYS: Final = (
+    keys.EVENTS,
+    keys.POLL,
+    keys.STATS,
+    keys.DLQ,
+    keys.ADM_SLOTS,
+    keys.ADM_CLAIMED,
+    keys.ADM_NWAIT,
+    keys.ADM_WAKE,
+    keys.ATTEMPTS,
+)
+_TRANSITION_PREFIXES: Final = (
+    keys.PREDICTION_PREFIX,
+    keys.BATCH_PREFIX,
+    keys.BATCH_JOBS_PREFIX,
+    keys.ADM_WAIT_PREFIX,
+)
 REMOVE: Final = "rm"
 # A job still `queued` this long after it was written (or put back) is looked at by the
 # poller: its submit message may be gone (see poller.poll_job), so it gets another.
@@ -46,20 +51,20 @@ def _script(name: str) -> str:
 
 @dataclass(frozen=True)
 class TransitionResult:
-    """What the store did with a requested move.
+    """What the store did with a requested move, and where the job is now."""
 
-    outcome: applied | rejected (the table forbids it from the current state, e.g. the
-    job is already terminal) | conflict (version moved on) | mismatch (another
-    prediction id) | missing (no such job).
-    """
-
-    outcome: str
+    outcome: TransitionOutcome
     state: str
     version: int
 
     @property
     def applied(self) -> bool:
-        return self.outcome == "applied"
+        return self.outcome is TransitionOutcome.APPLIED
+
+
+def _result(answer: Any) -> TransitionResult:
+    outcome, state, version = answer
+    return TransitionResult(TransitionOutcome(str(outcome)), str(state), int(version))
 
 
 class JobStore:
@@ -73,6 +78,7 @@ class JobStore:
         self._claim_due = client.register_script(_script("claim_due.lua"))
         self._create_jobs = client.register_script(_script("create_jobs.lua"))
         self._reserve_budget = client.register_script(_script("reserve_budget.lua"))
+        self._flag = client.register_script(_script("flag.lua"))
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -111,6 +117,7 @@ class JobStore:
             payload = json.dumps(request.to_payload(), separators=(",", ":"))
             args.extend((job_id, payload, key, priority))
         script_keys = [keys.STATS, keys.batch(batch_id), keys.batch_jobs(batch_id)]
+        script_keys.extend(keys.job(job[0]) for job in jobs)
         pipe = self.redis.pipeline(transaction=True)  # the jobs and their check, atomically
         self._create_jobs(keys=script_keys, args=args, client=pipe)
         pipe.zadd(keys.POLL, {job[0]: now + QUEUED_CHECK_S for job in jobs}, nx=True)
@@ -179,6 +186,8 @@ class JobStore:
         expect_version: int | None = None,
         expect_prediction_id: str = "",
         poll_at: float | str | None = None,
+        attempt_created_no_task: bool = False,
+        webhook_id: str = "",
     ) -> TransitionResult:
         """Move a job to `target` if the transition table allows it from where it is now.
 
@@ -186,6 +195,10 @@ class JobStore:
         target) the event append happen in one Lua call, so racing callers (webhook,
         poller, retries, duplicates) can never produce two results or a step back.
         `poll_at` is a time to (re)schedule the job's next poll, REMOVE, or None.
+        `attempt_created_no_task`: the submit attempt being left is known to have created
+        no task at the provider (it stops counting as an open attempt).
+        `webhook_id`: the move applies that webhook delivery; it is marked as seen in the
+        same step, and a delivery seen before comes back DUPLICATE with nothing done.
         """
         allowed = ",".join(sorted(s.value for s in ALLOWED_FROM[target]))
         args: list[FieldValue] = [
@@ -198,18 +211,36 @@ class JobStore:
             self.events_maxlen,
             "1" if target.terminal else "0",
             "" if poll_at is None else poll_at,
+            "1" if attempt_created_no_task else "0",
+            WEBHOOK_ID_TTL_S if webhook_id else "",
+            *_TRANSITION_PREFIXES,
         ]
         for name, value in (fields or {}).items():
             args.extend((name, value))
-        outcome, state, version = self._transition(
-            keys=[keys.job(job_id), keys.EVENTS, keys.POLL], args=args
-        )
-        return TransitionResult(str(outcome), str(state), int(version))
+        script_keys = [keys.job(job_id), *_TRANSITION_KEYS, keys.webhook_id(webhook_id)]
+        return _result(self._transition(keys=script_keys, args=args))
 
-    def set_fields(self, job_id: str, fields: Mapping[str, FieldValue]) -> None:
-        """Write bookkeeping fields that are not a state change (e.g. the last poll)."""
-        if self.redis.exists(keys.job(job_id)):
-            self.redis.hset(keys.job(job_id), mapping=_mapping(fields))
+    def flag(
+        self,
+        job_id: str,
+        state: JobState,
+        fields: Mapping[str, FieldValue],
+        *,
+        now: float,
+        expect_version: int | None = None,
+        poll_at: float | None = None,
+    ) -> TransitionResult:
+        """Set fields on a job that stays where it is, as one compare-and-set on its state
+        (and version, if given); the version moves on. Use cases call this, nothing else."""
+        args: list[FieldValue] = [
+            state.value,
+            "" if expect_version is None else expect_version,
+            "" if poll_at is None else poll_at,
+            now,
+        ]
+        for name, value in fields.items():
+            args.extend((name, value))
+        return _result(self._flag(keys=[keys.job(job_id), keys.POLL], args=args))
 
     def schedule_poll(self, job_id: str, at: float) -> None:
         self.redis.zadd(keys.POLL, {job_id: at})
@@ -217,11 +248,22 @@ class JobStore:
     def unschedule_poll(self, job_id: str) -> None:
         self.redis.zrem(keys.POLL, job_id)
 
+    def open_attempts(self, start: float, end: float) -> list[tuple[str, float]]:
+        """Open submit attempts ("{job id}:{attempt}", began at) that began in [start, end]."""
+        raw: Any = self.redis.zrangebyscore(keys.ATTEMPTS, start, end, withscores=True)
+        return [(str(member), float(score)) for member, score in raw]
+
+    def forget_attempts_before(self, before: float) -> None:
+        """Drop open attempts too old to matter to any reconciliation still running."""
+        self.redis.zremrangebyscore(keys.ATTEMPTS, "-inf", f"({before}")
+
     def claim_due(
         self, now: float, *, limit: int, min_interval: float, max_interval: float
     ) -> list[str]:
         """Due job ids, each rescheduled with back-off so no other sweep takes it now."""
-        due = self._claim_due(keys=[keys.POLL], args=[now, limit, min_interval, max_interval])
+        due = self._claim_due(
+            keys=[keys.POLL], args=[now, limit, min_interval, max_interval, keys.JOB_PREFIX]
+        )
         return [str(x) for x in due]
 
     def poll_backlog(self, now: float) -> tuple[int, int]:
@@ -232,13 +274,9 @@ class JobStore:
         due, total = pipe.execute()
         return int(due), int(total)
 
-    def mark_webhook_seen(self, webhook_id: str) -> bool:
-        """True the first time a webhook-id is seen; False for a redelivery."""
-        return bool(self.redis.set(keys.webhook_id(webhook_id), "1", nx=True, ex=WEBHOOK_ID_TTL_S))
-
-    def forget_webhook(self, webhook_id: str) -> None:
-        """Undo `mark_webhook_seen` when handling failed, so the retry is not dropped."""
-        self.redis.delete(keys.webhook_id(webhook_id))
+    def webhook_seen(self, webhook_id: str) -> bool:
+        """Whether a delivery with this webhook-id was applied already (read only)."""
+        return bool(self.redis.exists(keys.webhook_id(webhook_id)))
 
     def job_for_prediction(self, prediction_id: str) -> str | None:
         value = self.redis.get(keys.prediction(prediction_id))
@@ -305,4 +343,6 @@ def decode_job(raw: Mapping[str, str]) -> Job:
         task_code=int(code) if code.lstrip("-").isdigit() else None,
         resolved_by=raw.get("resolved_by", ""),
         poll_count=int(num("poll_count")),
+        candidates_final_at=num("candidates_final_at"),
+        candidates=tuple(c for c in (raw.get("candidates") or "").split(",") if c),
     )

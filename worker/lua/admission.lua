@@ -3,18 +3,22 @@
 -- (60 s plus a second for clock skew and latency), scaled down after a 429.
 -- Waiting jobs sit in per-batch sorted sets (priority, then arrival) served round-robin.
 --
--- KEYS: none (fixed names under kq:adm:, built here; one WaveSpeed account per Redis)
+-- KEYS[1] slots  KEYS[2] submits  KEYS[3] control  KEYS[4] round-robin  KEYS[5] waiter count
+-- KEYS[6] id sequence  KEYS[7] claims   (one WaveSpeed account per Redis; see worker/keys.py)
+-- The per-batch waiting lines and job hashes are named from prefixes: ARGV[9], ARGV[10].
 -- ARGV[1] op: 'acquire' | 'claim' | 'wait' | 'penalize' | 'snapshot'
 -- ARGV[2] now   ARGV[3] max_in_flight   ARGV[4] max_per_minute   ARGV[5] lease seconds
 -- acquire:  ARGV[6] job id  ARGV[7] batch id  ARGV[8] priority
 -- claim:    ARGV[6] how many at most
 -- wait:     ARGV[6] job id  ARGV[7] batch id  ARGV[8] priority
 -- penalize: ARGV[6] back-off seconds
-local SLOTS, SUBMITS, CTL = 'kq:adm:slots', 'kq:adm:submits', 'kq:adm:ctl'
-local RR, NWAIT, SEQ = 'kq:adm:rr', 'kq:adm:nwait', 'kq:adm:seq'
+-- (ARGV[6..8] are padded with '' where an op takes fewer)
+local SLOTS, SUBMITS, CTL = KEYS[1], KEYS[2], KEYS[3]
+local RR, NWAIT, SEQ = KEYS[4], KEYS[5], KEYS[6]
+local WAIT_PREFIX, JOB_PREFIX = ARGV[9], ARGV[10]
 -- Jobs handed to a dispatcher but not yet submitting: if their process dies, they
 -- go back in line when this short lease runs out (the transition to submitting ends it).
-local CLAIMED, CLAIM_LEASE = 'kq:adm:claimed', 60
+local CLAIMED, CLAIM_LEASE = KEYS[7], 60
 local WINDOW = 61
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
@@ -57,7 +61,7 @@ local function take(job_id)
 end
 
 local function enqueue_wait(job_id, batch_id, priority)
-  local key = 'kq:adm:wait:' .. batch_id
+  local key = WAIT_PREFIX .. batch_id
   if redis.call('ZSCORE', key, job_id) then return end
   local seq = redis.call('INCR', SEQ)
   -- Higher priority first, then first come first served.
@@ -86,7 +90,7 @@ elseif op == 'claim' then
   for _, job_id in ipairs(redis.call('ZRANGEBYSCORE', CLAIMED, '-inf', now, 'LIMIT', 0, 1000)) do
     redis.call('ZREM', CLAIMED, job_id)
     redis.call('ZREM', SLOTS, job_id)
-    local f = redis.call('HMGET', 'kq:job:' .. job_id, 'state', 'batch_id', 'priority')
+    local f = redis.call('HMGET', JOB_PREFIX .. job_id, 'state', 'batch_id', 'priority')
     if f[1] == 'queued' then enqueue_wait(job_id, f[2] or '', tonumber(f[3] or '0') or 0) end
   end
   local claimed = {}
@@ -98,7 +102,7 @@ elseif op == 'claim' then
     if wait > 0 then break end
     local batch_id = redis.call('LMOVE', RR, RR, 'LEFT', 'RIGHT')
     if not batch_id then break end
-    local key = 'kq:adm:wait:' .. batch_id
+    local key = WAIT_PREFIX .. batch_id
     local popped = redis.call('ZPOPMIN', key)
     if #popped == 0 then
       redis.call('LREM', RR, 0, batch_id)

@@ -1,6 +1,7 @@
 -- Write new queued jobs, each only if its id is free; answer per job 'new' or the
 -- state the existing job is in (so a resumed batch can re-send the queued ones).
 -- KEYS[1] stats hash  KEYS[2] batch hash  KEYS[3] batch member list
+-- KEYS[4..] the job hashes, one per job in ARGV order
 -- ARGV[1] batch id ('' for none)  ARGV[2] now
 -- ARGV[3..] per job, 4 values: job id, request JSON, idempotency key, priority
 local answers = {}
@@ -8,7 +9,7 @@ local created = 0
 local batch_id = ARGV[1]
 for i = 3, #ARGV, 4 do
   local job_id = ARGV[i]
-  local key = 'kq:job:' .. job_id
+  local key = KEYS[4 + (i - 3) / 4]
   local state = redis.call('HGET', key, 'state')
   if state then
     table.insert(answers, state)

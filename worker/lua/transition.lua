@@ -1,76 +1,104 @@
--- One atomic, forward-only move of a job (see worker/store.py for the arguments).
--- KEYS[1] job hash, KEYS[2] events stream, KEYS[3] poll schedule (zset)
+-- One atomic, forward-only move of a job (see JobStore.transition for the arguments).
+-- KEYS[1] job hash      KEYS[2] events stream  KEYS[3] poll schedule (zset)
+-- KEYS[4] stats hash    KEYS[5] dead letters   KEYS[6] admission slots  KEYS[7] admission claims
+-- KEYS[8] waiter count  KEYS[9] wake list      KEYS[10] open submit attempts (zset)
+-- KEYS[11] this webhook delivery's dedupe key (used when ARGV[11] is not '')
 -- ARGV[1] target state          ARGV[2] comma list of states it may come from
 -- ARGV[3] expected version or '' ARGV[4] prediction id the job must have (or none) or ''
 -- ARGV[5] now                    ARGV[6] record TTL once terminal (s)
 -- ARGV[7] events MAXLEN (~)      ARGV[8] terminal: '1' or '0'
 -- ARGV[9] poll: '' keep, 'rm' remove, else the score to schedule at
--- ARGV[10..] field, value pairs to write with the move
+-- ARGV[10] '1': this attempt is known to have created no task (close it in KEYS[10])
+-- ARGV[11] webhook dedupe TTL (s), or '' when the move does not come from a webhook
+-- ARGV[12..15] key prefixes: prediction owner, batch counters, batch members, admission line
+-- ARGV[16..] field, value pairs to write with the move
+--
+-- With ARGV[11], a delivery counts as seen exactly when this call has applied it or found
+-- it stale: the mark and the move happen together, or (on any error) neither does.
 local job = KEYS[1]
+local dedupe = ARGV[11] ~= ''
+local function finish(outcome, state, version)
+  if dedupe then redis.call('SET', KEYS[11], '1', 'EX', tonumber(ARGV[11])) end
+  return {outcome, state, tostring(version)}
+end
+if dedupe and redis.call('EXISTS', KEYS[11]) == 1 then
+  local st = redis.call('HGET', job, 'state') or ''
+  return {'duplicate', st, redis.call('HGET', job, 'version') or '0'}
+end
+
+local PRED, BATCH, BATCH_JOBS, ADM_WAIT = ARGV[12], ARGV[13], ARGV[14], ARGV[15]
 local state = redis.call('HGET', job, 'state')
-if not state then return {'missing', '', '0'} end
+if not state then return finish('missing', '', '0') end
 local version = tonumber(redis.call('HGET', job, 'version') or '0')
 
 local allowed = false
 for s in string.gmatch(ARGV[2], '[^,]+') do
   if s == state then allowed = true end
 end
-if not allowed then return {'rejected', state, tostring(version)} end
+if not allowed then return finish('rejected', state, version) end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= version then
   return {'conflict', state, tostring(version)}
 end
 local job_id = redis.call('HGET', job, 'id')
 if ARGV[4] ~= '' then
   local pid = redis.call('HGET', job, 'prediction_id')
-  if pid and pid ~= '' and pid ~= ARGV[4] then return {'mismatch', state, tostring(version)} end
+  if pid and pid ~= '' and pid ~= ARGV[4] then return finish('mismatch', state, version) end
   if not pid or pid == '' then
     -- Adopting an id (a webhook for an ambiguous submit): it must not belong to another job.
-    local owner = redis.call('GET', 'kq:pred:' .. ARGV[4])
-    if owner and owner ~= job_id then return {'mismatch', state, tostring(version)} end
+    local owner = redis.call('GET', PRED .. ARGV[4])
+    if owner and owner ~= job_id then return finish('mismatch', state, version) end
   end
 end
 
 local old_pid = redis.call('HGET', job, 'prediction_id') or ''
 local batch_id = redis.call('HGET', job, 'batch_id') or ''
-local batch = 'kq:batch:' .. batch_id
+local batch = BATCH .. batch_id
 version = version + 1
 redis.call('HSET', job, 'state', ARGV[1], 'version', version, 'updated_at', ARGV[5])
-for i = 10, #ARGV, 2 do
+for i = 16, #ARGV, 2 do
   redis.call('HSET', job, ARGV[i], ARGV[i + 1])
 end
 
 -- Live gauges of jobs per non-terminal state (terminal totals are counted below).
-redis.call('HINCRBY', 'kq:stats', 'now:' .. state, -1)
-if ARGV[8] ~= '1' then redis.call('HINCRBY', 'kq:stats', 'now:' .. ARGV[1], 1) end
+redis.call('HINCRBY', KEYS[4], 'now:' .. state, -1)
+if ARGV[8] ~= '1' then redis.call('HINCRBY', KEYS[4], 'now:' .. ARGV[1], 1) end
 if batch_id ~= '' then
   redis.call('HINCRBY', batch, 'now:' .. state, -1)
   if ARGV[8] ~= '1' then redis.call('HINCRBY', batch, 'now:' .. ARGV[1], 1) end
 end
 
+-- Open submit attempts: from the moment a POST may go out until its task is known (the
+-- job records a prediction id) or it is known that no task came of it. Reconciliation
+-- through the list call adopts a task only when no other open attempt could own it.
+local attempt = job_id .. ':' .. (redis.call('HGET', job, 'attempts') or '0')
+if ARGV[1] == 'submitting' then redis.call('ZADD', KEYS[10], tonumber(ARGV[5]), attempt) end
+if ARGV[10] == '1' then redis.call('ZREM', KEYS[10], attempt) end
+
 local ttl = tonumber(ARGV[6])
 local pid = redis.call('HGET', job, 'prediction_id') or ''
 if pid ~= '' then
-  redis.call('SET', 'kq:pred:' .. pid, job_id, 'EX', ttl)
+  redis.call('SET', PRED .. pid, job_id, 'EX', ttl)
   if old_pid == '' then
     -- A task now exists at the provider for this job: that is what gets billed.
-    redis.call('HINCRBY', 'kq:stats', 'paid', 1)
+    redis.call('HINCRBY', KEYS[4], 'paid', 1)
     if batch_id ~= '' then redis.call('HINCRBY', batch, 'paid', 1) end
+    redis.call('ZREM', KEYS[10], attempt)
   end
 end
 
 -- Any move ends a dispatcher's claim on the job (admission.lua).
-redis.call('ZREM', 'kq:adm:claimed', job_id)
+redis.call('ZREM', KEYS[7], job_id)
 -- Back to queued, or finished: the job no longer occupies a provider slot (admission).
 if ARGV[1] == 'queued' or ARGV[8] == '1' then
   -- Wake a dispatcher only when someone waits for the slot (saves a round trip per job).
-  if redis.call('ZREM', 'kq:adm:slots', job_id) == 1
-      and tonumber(redis.call('GET', 'kq:adm:nwait') or '0') > 0 then
-    redis.call('LPUSH', 'kq:adm:wake', '1')
-    redis.call('LTRIM', 'kq:adm:wake', 0, 63)
+  if redis.call('ZREM', KEYS[6], job_id) == 1
+      and tonumber(redis.call('GET', KEYS[8]) or '0') > 0 then
+    redis.call('LPUSH', KEYS[9], '1')
+    redis.call('LTRIM', KEYS[9], 0, 63)
   end
 end
-if ARGV[8] == '1' and redis.call('ZREM', 'kq:adm:wait:' .. batch_id, job_id) == 1 then
-  redis.call('DECR', 'kq:adm:nwait')
+if ARGV[8] == '1' and redis.call('ZREM', ADM_WAIT .. batch_id, job_id) == 1 then
+  redis.call('DECR', KEYS[8])
 end
 
 if ARGV[9] == 'rm' then
@@ -91,23 +119,23 @@ if ARGV[8] == '1' then
   redis.call('HSET', job, 'event_id', event_id)
   redis.call('EXPIRE', job, ttl)
   redis.call('ZREM', KEYS[3], job_id)
-  redis.call('HINCRBY', 'kq:stats', 'state:' .. ARGV[1], 1)
+  redis.call('HINCRBY', KEYS[4], 'state:' .. ARGV[1], 1)
   if f[7] and f[7] ~= '' then
-    redis.call('HINCRBY', 'kq:stats', 'resolved_by:' .. f[7], 1)
+    redis.call('HINCRBY', KEYS[4], 'resolved_by:' .. f[7], 1)
   end
   if ARGV[1] == 'failed' then
-    redis.call('ZADD', 'kq:dlq', tonumber(ARGV[5]), job_id)
+    redis.call('ZADD', KEYS[5], tonumber(ARGV[5]), job_id)
     -- Entries outlive their records by nothing: drop those whose job has expired.
-    redis.call('ZREMRANGEBYSCORE', 'kq:dlq', '-inf', tonumber(ARGV[5]) - ttl)
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', tonumber(ARGV[5]) - ttl)
   end
   if batch_id ~= '' then
     -- A batch's counters and member list live as long as its newest finished job.
     redis.call('EXPIRE', batch, ttl)
-    redis.call('EXPIRE', 'kq:batchjobs:' .. batch_id, ttl)
+    redis.call('EXPIRE', BATCH_JOBS .. batch_id, ttl)
     redis.call('HINCRBY', batch, ARGV[1], 1)
     redis.call('HINCRBY', batch, 'terminal', 1)
     redis.call('HSET', batch, 'last_finished_at', ARGV[5])
     if f[7] and f[7] ~= '' then redis.call('HINCRBY', batch, 'by_' .. f[7], 1) end
   end
 end
-return {'applied', ARGV[1], tostring(version)}
+return finish('applied', ARGV[1], version)

@@ -1,0 +1,199 @@
+"""`kq` commands that put edits in: enqueue (one edit), batch (a JSONL or CSV file) and
+api (the same over HTTP, for producers elsewhere)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kq.producer_views import (
+    console_for,
+    print_batch_result,
+    print_json,
+    show_job,
+    wait_batch_live,
+)
+from worker.domain import EditRequest
+from worker.errors import ValidationError
+from worker.producer import BatchReceipt, Producer
+from worker.runtime import make_producer
+from worker.settings import Settings
+
+MAX_ERRORS_SHOWN = 20
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    """Add enqueue, batch and api to the `kq` parser."""
+    p = sub.add_parser("enqueue", help="enqueue one edit")
+    p.add_argument("--prompt", required=True, help="the edit instruction")
+    p.add_argument("--image", required=True, help="http(s) URL, or a local file to upload")
+    p.add_argument("--seed", type=int, help="-1 … 2147483647 (default: random)")
+    p.add_argument("--guidance-scale", type=float, help="1.0 … 20.0 (default 3.5)")
+    p.add_argument("--aspect-ratio", help="21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21")
+    p.add_argument("--batch-id", default="")
+    p.add_argument("--idempotency-key", help="enqueueing the same key again returns the same job")
+    p.add_argument("--wait", action="store_true", help="wait for the result and show it")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_enqueue)
+
+    p = sub.add_parser("batch", help="enqueue a JSONL or CSV file of edits as one batch")
+    p.add_argument("file", help="path, or - for standard input")
+    p.add_argument("--format", choices=("jsonl", "csv"), help="default: by file extension")
+    p.add_argument("--batch-id", help="default: derived from the file, so a re-run resumes")
+    p.add_argument("--budget", type=float, help="USD; submitting stops once it would be exceeded")
+    p.add_argument("--skip-invalid", action="store_true", help="enqueue the valid lines only")
+    p.add_argument("--rejects", type=Path, help="where --skip-invalid writes refused lines")
+    p.add_argument("--wait", action="store_true", help="show live progress until all are done")
+    p.add_argument("--timeout", type=float, default=24 * 3600.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("api", help="serve the HTTP API for producers (needs KQ_API_TOKEN)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=8)
+    p.set_defaults(func=cmd_api)
+
+
+def cmd_enqueue(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    image = args.image
+    if not image.startswith(("http://", "https://")):
+        image = _upload(settings, Path(image))
+    request = EditRequest(
+        prompt=args.prompt,
+        image=image,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        aspect_ratio=args.aspect_ratio,
+    )
+    producer = make_producer(settings)
+    job_id = producer.enqueue(request, batch_id=args.batch_id, idempotency_key=args.idempotency_key)
+    if not args.wait:
+        print_json({"job_id": job_id}) if args.json else print(job_id)
+        return 0
+    job = producer.wait_job(job_id, timeout_s=args.timeout)
+    return show_job(job, job_id, as_json=args.json)
+
+
+def _upload(settings: Settings, path: Path) -> str:
+    from worker import runtime
+
+    if not path.is_file():
+        raise ValidationError.single(
+            "--image", f"expected an http(s) URL or a local image file; {path} does not exist"
+        )
+    settings.require_provider()
+    with runtime.make_provider(settings) as provider:
+        url = provider.upload(path)
+    print(f"uploaded {path} -> {url}", file=sys.stderr)
+    return url
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    from producer_api.app import build
+    from worker.errors import ConfigError
+    from worker.wsgi_server import serve
+
+    settings = Settings.from_env()  # here, readably, rather than in every gunicorn worker
+    if not settings.api_token:
+        raise ConfigError("KQ_API_TOKEN is not set: the API needs a bearer token to check")
+    print(f"kq api listening on http://{args.host}:{args.port} (docs/openapi.yaml)")
+    serve(
+        lambda: build(settings),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        threads=args.threads,
+    )
+    return 0
+
+
+def cmd_batch(args: argparse.Namespace) -> int:
+    from worker.batchfile import BatchFile
+
+    console = console_for(args.json)
+    settings = Settings.from_env()
+    producer = make_producer(settings)
+    with BatchFile(args.file, args.format) as batch_file:
+        scan = batch_file.scan()
+        if scan.invalid and not args.skip_invalid:
+            console.print(
+                f"[red]{args.file}: {scan.invalid} of {scan.lines} lines are invalid; "
+                "nothing was enqueued.[/red] Fix them, or pass --skip-invalid."
+            )
+            for error in scan.errors[:MAX_ERRORS_SHOWN]:
+                console.print(f"  {error}")
+            if scan.invalid > MAX_ERRORS_SHOWN:
+                console.print(f"  ... and {scan.invalid - MAX_ERRORS_SHOWN} more")
+            return 2
+        if scan.valid == 0:
+            console.print(f"[red]{args.file}: no valid edit requests; nothing was enqueued[/red]")
+            return 2
+        skip: frozenset[int] = frozenset()
+        if scan.invalid:
+            rejects = args.rejects or Path(f"{args.file}.rejects.jsonl")
+            if args.file == "-":
+                rejects = args.rejects or Path("stdin.rejects.jsonl")
+            with rejects.open("w", encoding="utf-8") as out:
+                for error in scan.errors:
+                    out.write(json.dumps(error.as_dict()) + "\n")
+            skip = frozenset(e.line for e in scan.errors)
+            console.print(
+                f"[yellow]{scan.invalid} invalid lines skipped; reasons in {rejects}[/yellow]"
+            )
+        batch_id = args.batch_id or batch_file.default_batch_id
+        receipt = _enqueue_with_progress(
+            console, producer, batch_file.items(batch_id, skip=skip), batch_id, scan.valid,
+            args.budget,
+        )  # fmt: skip
+    console.print(
+        f"batch [bold]{receipt.batch_id}[/bold]: {receipt.created} new jobs, "
+        f"{receipt.existing} already enqueued before"
+        + (f" ({receipt.resent} of those still queued, sent again)" if receipt.resent else "")
+    )
+    if not args.wait:
+        if args.json:
+            print_json(asdict(receipt))
+        return 0
+    progress = wait_batch_live(console, producer, receipt.batch_id, args.timeout)
+    if args.json:
+        print_json(progress.as_dict() if progress else None)
+    else:
+        print_batch_result(console, producer, receipt.batch_id, progress)
+    return 0 if progress is not None and progress.done else 1
+
+
+def _enqueue_with_progress(
+    console: Console,
+    producer: Producer,
+    items: Any,
+    batch_id: str,
+    total: int,
+    budget: float | None,
+) -> BatchReceipt:
+    with Progress(
+        TextColumn("[bold]enqueue"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=total < 5000,
+    ) as progress:
+        task = progress.add_task("enqueue", total=total)
+        return producer.enqueue_batch(
+            items,
+            batch_id=batch_id,
+            budget_usd=budget,
+            on_chunk=lambda r: progress.update(task, completed=r.total),
+        )

@@ -1,0 +1,67 @@
+"""The receiver when Redis stalls: a prompt 503 (so WaveSpeed retries), and the retry applied.
+
+A Redis of its own per test, frozen with SIGSTOP as a hung primary or a network partition
+would leave it; the receiver builds its own fail-fast client, as `kq receiver` does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.conftest import private_redis_server
+from tests.support import make_submitted_job, prediction_body, serve_in_thread
+from tests.test_receiver import deliver
+from webhook_receiver.app import create_app
+from worker.domain import JobState
+from worker.settings import Settings
+from worker.store import JobStore
+
+# WaveSpeed waits this long for an answer before it counts a delivery as failed.
+PROVIDER_WEBHOOK_TIMEOUT_S = 5.0
+
+
+@pytest.fixture
+def frozen_redis(tmp_path: Path, settings: Settings) -> Iterator[tuple[Settings, JobStore, int]]:
+    with private_redis_server(tmp_path) as (url, proc):
+        client = redis.Redis.from_url(url, decode_responses=True)
+        store = JobStore(client, result_ttl_s=3600, events_maxlen=10_000)
+        yield replace(settings, redis_url=url), store, proc.pid
+        client.close()
+
+
+def test_a_stalled_redis_gets_a_prompt_503_and_the_retry_is_applied(
+    frozen_redis: tuple[Settings, JobStore, int],
+) -> None:
+    """While Redis is frozen the receiver answers 503 well within the provider's timeout;
+    once it is back, the provider's retry of that same delivery completes the job (it is
+    never answered "duplicate" without its result applied)."""
+    settings, store, redis_pid = frozen_redis
+    make_submitted_job(store)
+    app = create_app(settings, heartbeat=False)
+    with serve_in_thread(app) as url:
+        assert deliver(url, settings, b"{}", webhook_id="warm").status_code == 400  # connected
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            frozen = deliver(url, settings, prediction_body(), webhook_id="w1")
+            elapsed = time.monotonic() - started
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        assert frozen.status_code == 503 and frozen.json()["result"] == "unavailable"
+        assert elapsed < PROVIDER_WEBHOOK_TIMEOUT_S - 1
+        retry = deliver(url, settings, prediction_body(), webhook_id="w1")
+        assert retry.status_code == 200
+        job = store.get("job1")
+        assert job is not None and job.state is JobState.COMPLETED
+        # "duplicate" only if the frozen attempt's script ran when Redis woke: then it
+        # was applied, which the job's state above proves.
+        assert retry.json()["result"] in ("applied", "duplicate")
+        assert len(store.events()) == 1
