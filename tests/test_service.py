@@ -16,9 +16,16 @@ from tests.support import Clock
 from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
 from worker import keys
-from worker.domain import EditRequest, JobState
+from worker.domain import EditRequest, JobState, TransitionOutcome
 from worker.poller import sweep
-from worker.service import Deps, SubmitOutcome, submit_job, submit_watchdog_s
+from worker.service import (
+    Deps,
+    SubmitOutcome,
+    cancel_job,
+    mark_ambiguous,
+    submit_job,
+    submit_watchdog_s,
+)
 from worker.settings import Settings
 from worker.store import JobStore
 from worker.wavespeed import WaveSpeedClient
@@ -220,3 +227,54 @@ def test_ambiguous_submit_that_created_nothing_is_requeued_after_grace(
     assert submits(control) == []
     assert submit_job(deps, job_id).outcome is SubmitOutcome.SUBMITTED
     assert len(sim_tasks(control)) == 1
+
+
+class _SubmitLandsFirst(JobStore):
+    """A store on which the worker's record of the prediction id lands just before a
+    cancel's move: the interleaving where a cancel read the job one step too early."""
+
+    def __init__(self, base: JobStore, prediction_id: str) -> None:
+        super().__init__(base.redis, result_ttl_s=base.result_ttl_s, events_maxlen=10_000)
+        self.prediction_id = prediction_id
+
+    def transition(self, job_id: str, target: JobState, **kw: Any) -> Any:
+        if target is JobState.CANCELLED and self.prediction_id:
+            pid, self.prediction_id = self.prediction_id, ""
+            now = kw["now"]
+            super().transition(
+                job_id,
+                JobState.SUBMITTED,
+                now=now,
+                fields={"prediction_id": pid, "submitted_at": now},
+                expect_prediction_id=pid,
+            )
+        return super().transition(job_id, target, **kw)
+
+
+def test_cancel_racing_the_submit_record_still_deletes_the_task(
+    deps: Deps, control: httpx.Client, store: JobStore
+) -> None:
+    """A job that moves submitting -> submitted while it is being cancelled is cancelled
+    and its task deleted at the provider (nothing runs, or bills, for a cancelled job)."""
+    job_id = queued_job(store)
+    control.post("/_sim/config", json={"inference_time_s": 3600}).raise_for_status()
+    task = deps.provider.submit(REQ, webhook_url=None)
+    store.transition(job_id, JobState.SUBMITTING, now=deps.clock(), fields={"attempts": 1})
+    racing = replace(deps, store=_SubmitLandsFirst(store, task.id))
+    assert cancel_job(racing, job_id).applied
+    job = store.get(job_id)
+    assert job is not None and job.state is JobState.CANCELLED and job.prediction_id == task.id
+    (sim_task,) = [t for t in sim_tasks(control) if t["id"] == task.id]
+    assert sim_task["status"] == "deleted"
+
+
+def test_marking_ambiguous_never_touches_a_job_that_moved_on(deps: Deps, store: JobStore) -> None:
+    """A lost submit answer arriving after the webhook finished the job leaves the job as
+    the webhook left it: the flag is one compare-and-set on `submitting`."""
+    job_id = queued_job(store)
+    store.transition(job_id, JobState.SUBMITTING, now=deps.clock(), fields={"attempts": 1})
+    store.transition(job_id, JobState.FAILED, now=deps.clock(), fields={"reason": "nsfw"})
+    before = store.get(job_id)
+    assert mark_ambiguous(deps, job_id, "read timeout").outcome is TransitionOutcome.REJECTED
+    after = store.get(job_id)
+    assert after == before and after is not None and not after.ambiguous
