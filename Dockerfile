@@ -3,6 +3,7 @@ FROM python:3.11-slim
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY kq ./kq
 COPY worker ./worker
 COPY webhook_receiver ./webhook_receiver
 COPY wavespeed_sim ./wavespeed_sim
