@@ -79,14 +79,20 @@ class Observer:
         with self._lock:
             self._ids.extend(job_ids)
 
-    def states_now(self) -> dict[str, str]:
-        """Every watched job's state right now (for the harness, e.g. just after a kill)."""
+    def in_submit_now(self) -> list[str]:
+        """The watched jobs in `submitting` right now and not yet flagged ambiguous: the
+        ones a worker is (or was, if it just died) posting."""
         with self._lock:
             ids = list(self._ids)
         pipe = self._redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hget(keys.job(job_id), "state")
-        return {j: str(s) for j, s in zip(ids, pipe.execute(), strict=True) if s is not None}
+            pipe.hmget(keys.job(job_id), "state", "ambiguous")
+        rows: list[Any] = pipe.execute()
+        return [
+            j
+            for j, (state, ambiguous) in zip(ids, rows, strict=True)
+            if state == "submitting" and ambiguous != "1"
+        ]
 
     # --- sampling -------------------------------------------------------------------------
 

@@ -2,17 +2,17 @@
 then every invariant checked against the simulator's ground truth.
 
 Timeline: the stack starts (private Redis with AOF, the simulator with seeded provider
-faults behind `ProviderProxy`, the gunicorn receiver, a Celery worker, beat); jobs are
-pushed at a steady pace over `push_s`; at fixed shares of the jobs pushed the process
-faults fire, one after another (kill -9 the worker while it holds a submit's answer,
-restart the receiver, run a second beat, restart beat, restart Redis, kill -9 the
-worker again, 429 and 5xx bursts); then the run waits until every job is terminal and
-the simulator has no webhook left to send, and checks (see `chaos.invariants`).
+faults behind `ProviderProxy`, the gunicorn receiver behind `WebhookProxy`, a Celery
+worker, beat); jobs are pushed at a steady pace over `push_s` on their own thread; at
+fixed shares of the jobs pushed the process faults fire, one after another (see
+`chaos.faults`); then the run waits until every job is terminal and the simulator has
+no webhook left to send, and checks (see `chaos.invariants`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import sys
@@ -21,16 +21,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 
-from chaos.invariants import Check, Evidence, check_all, render
+from chaos.faults import Fault, schedule
+from chaos.invariants import Check, Evidence, Outage, Timing, check_all, render
 from chaos.observer import Observer
-from chaos.proxy import ProviderProxy
+from chaos.proxy import ProviderProxy, WebhookProxy
 from kq.procs import describe_exit
 from kq.stack import Stack, StackConfig, StackError
 from worker import keys, runtime
@@ -52,6 +53,7 @@ SECRET_KEY = "chaos-token-key-8a1f3e6d4c2b"  # noqa: S105
 POLL_AFTER_S = 3.0
 BATCH_ID = "chaos"
 PROGRESS_EVERY_S = 5.0
+PUSH_STEP_S = 0.05
 # The processes a deployment's process manager would bring back if they died.
 SUPERVISED = ("worker", "receiver", "beat")
 SUPERVISE_EVERY_S = 0.5
@@ -65,7 +67,7 @@ class ChaosConfig:
     jobs: int = 2000
     seed: int = 7
     push_s: float = 40.0  # jobs are pushed at a steady pace over this long
-    quick: bool = False  # the CI variant: every fault but the worker kills
+    quick: bool = False  # the CI variant: the faults that cost little time (faults.schedule)
     soak: bool = False  # short TTLs and memory sampling (see chaos.soak)
     var_dir: Path | None = None  # None: a fresh temporary directory
     # After the last push every job must end within this: past the job deadline (120 s)
@@ -73,23 +75,44 @@ class ChaosConfig:
     # runs it out.
     settle_timeout_s: float = 300.0
     worker_concurrency: int = 8
+    # An ambiguous submit no webhook has named fails `submit_ambiguous` this long after
+    # every task that could be its own finished: past the simulator's webhook retries
+    # (4 attempts with a 3 s timeout, 0.5 + 1 + 2 s apart) and its 9 s delayed webhooks.
+    ambiguous_settle_s: float = 30.0
+    ambiguous_grace_s: float = 5.0
+    job_deadline_s: float = 120.0
+    # Polls back off up to this (the default 60 s would dwarf the settle time above).
+    poll_max_interval_s: float = 10.0
 
     @classmethod
     def small(cls, **changes: Any) -> ChaosConfig:
-        """The version in `make test`: ~180 jobs, no worker kills, well under a minute."""
-        base: dict[str, Any] = {"jobs": 180, "push_s": 6.0, "quick": True, "settle_timeout_s": 90.0}
+        """The version in `make test`: ~180 jobs, worker kills included, under a minute."""
+        base: dict[str, Any] = {
+            "jobs": 180,
+            "push_s": 8.0,
+            "quick": True,
+            "settle_timeout_s": 90.0,
+            # Shorter waits, still past the webhook retries here (the receiver answers
+            # or refuses at once in the small run: 9 s delay + 3.5 s of retries).
+            "ambiguous_settle_s": 15.0,
+            "poll_max_interval_s": 5.0,
+        }
         return cls(**{**base, **changes})
 
-    def stack_env(self, proxy_url: str) -> dict[str, str]:
+    def stack_env(self, proxy_url: str, webhook_url: str) -> dict[str, str]:
         env = {
             "WAVESPEED_API_KEY": API_KEY,
             "KQ_WAVESPEED_BASE_URL": proxy_url,
+            # Webhooks reach the receiver through the recording proxy.
+            "KQ_WEBHOOK_PUBLIC_URL": webhook_url,
             "KQ_SECRET_KEY": SECRET_KEY,
             "KQ_POLL_AFTER_S": str(POLL_AFTER_S),
+            "KQ_POLL_MAX_INTERVAL_S": f"{self.poll_max_interval_s:g}",
             "KQ_SWEEP_INTERVAL_S": "0.5",
             "KQ_HTTP_TIMEOUT_S": "5",
-            "KQ_AMBIGUOUS_GRACE_S": "5",
-            "KQ_JOB_DEADLINE_S": "120",
+            "KQ_AMBIGUOUS_GRACE_S": f"{self.ambiguous_grace_s:g}",
+            "KQ_AMBIGUOUS_SETTLE_S": f"{self.ambiguous_settle_s:g}",
+            "KQ_JOB_DEADLINE_S": f"{self.job_deadline_s:g}",
             "KQ_SUBMIT_MAX_RETRIES": "12",
             # Few enough slots that jobs wait in line and slots are handed on all the time.
             "KQ_MAX_IN_FLIGHT": "60",
@@ -111,6 +134,7 @@ class ChaosConfig:
             "--queue-delay", "0",
             "--webhook-timeout", "3",
             "--webhook-retry-base", "0.5",
+            "--webhook-workers", "32",  # deliveries go out side by side: bursts happen
             "--drop-webhook-rate", "0.10",
             "--duplicate-webhook-rate", "0.10",
             "--delay-webhook-rate", "0.05",
@@ -123,6 +147,15 @@ class ChaosConfig:
             "--bad-signature-rate", "0.01",
             "--stale-timestamp-rate", "0.01",
         )  # fmt: skip
+
+    def describe(self) -> str:
+        """The settings that decide how long a lost submit may take to end."""
+        return (
+            f"chaos settings: job deadline {self.job_deadline_s:g} s, ambiguous grace "
+            f"{self.ambiguous_grace_s:g} s, ambiguous settle {self.ambiguous_settle_s:g} s "
+            f"(KQ_AMBIGUOUS_SETTLE_S), polls back off to {self.poll_max_interval_s:g} s: an "
+            "unattributable submit fails submit_ambiguous within the run"
+        )
 
 
 @dataclass
@@ -145,66 +178,23 @@ class ChaosResult:
             f"chaos run: {self.config.jobs} jobs, seed {self.config.seed}, "
             f"{self.seconds:.0f} s, logs in {self.var_dir / 'logs'}"
         )
-        parts = [head, "faults:", *(f"  {line}" for line in self.timeline)]
+        parts = [head, self.config.describe(), "faults:", *(f"  {line}" for line in self.timeline)]
         parts += self.extra
         parts += ["invariants:", render(self.checks)]
         parts.append("ALL INVARIANTS HELD" if self.ok else "SOME INVARIANTS FAILED")
         return "\n".join(parts)
 
 
-@dataclass(frozen=True)
-class Fault:
-    at: float  # share of the jobs pushed when it fires
-    name: str
-    action: Callable[[ChaosRun], str]
-
-
-def _burst(knob: str, seconds: float) -> Callable[[ChaosRun], str]:
-    def act(run: ChaosRun) -> str:
-        run.sim.post("/_sim/config", json={knob: seconds}).raise_for_status()
-        return f"every submit refused for {seconds:g} s"
-
-    return act
-
-
-def _restart(name: str) -> Callable[[ChaosRun], str]:
-    def act(run: ChaosRun) -> str:
-        return f"pid {run.stack.restart(name).pid}"
-
-    return act
-
-
-def schedule(config: ChaosConfig) -> list[Fault]:
-    """The process and burst faults, by the share of jobs pushed when each fires."""
-    faults = [
-        Fault(0.08, "429 burst", _burst("burst_429_s", 2.0)),
-        Fault(0.15, "kill -9 worker between POST and record", ChaosRun.kill_mid_submit),
-        Fault(0.25, "restart receiver", _restart("receiver")),
-        Fault(0.35, "start a second beat", ChaosRun.start_second_beat),
-        Fault(0.45, "restart beat", _restart("beat")),
-        Fault(0.55, "restart redis (AOF)", _restart("redis")),
-        Fault(0.65, "kill -9 worker", ChaosRun.kill_worker),
-        Fault(0.75, "stop the second beat", ChaosRun.stop_second_beat),
-        Fault(0.85, "5xx burst", _burst("burst_5xx_s", 1.5)),
-        Fault(0.92, "429 burst", _burst("burst_429_s", 2.0)),
-    ]
-    if config.quick:
-        # CI leaves the worker kills out: an unlucky one can hit a known core fault (see
-        # tests/test_chaos.py) or wait out a slot lease, and a test must not flake on them.
-        faults = [f for f in faults if not f.name.startswith("kill")]
-    if config.soak:
-        # Memory is the subject: restarts would reset the worker's RSS under the samples.
-        faults = [f for f in faults if "burst" in f.name]
-    return faults
-
-
 class ChaosRun:
-    """One run in progress: the stack, the proxy, the observer and the pushed jobs."""
+    """One run in progress: the stack, the proxies, the observer and the pushed jobs."""
 
-    def __init__(self, config: ChaosConfig, stack: Stack, proxy: ProviderProxy) -> None:
+    def __init__(
+        self, config: ChaosConfig, stack: Stack, proxy: ProviderProxy, hooks: WebhookProxy
+    ) -> None:
         self.config = config
         self.stack = stack
         self.proxy = proxy
+        self.hooks = hooks
         assert stack.sim_url is not None
         self.sim = httpx.Client(base_url=stack.sim_url, timeout=60, trust_env=False)
         with WaveSpeedClient(stack.sim_url, API_KEY) as provider:
@@ -218,9 +208,13 @@ class ChaosRun:
         )
         self.ids: list[str] = []
         self.prompts: dict[str, str] = {}
-        self.killed_in_flight: set[str] = set()
+        # Jobs in `submitting` when a worker died (kill -9, or on its own), and when.
+        self.killed_in_flight: dict[str, list[float]] = {}
+        self.outages: list[Outage] = []
         self.timeline: list[str] = []
+        self.push_errors = 0
         self._t0 = time.monotonic()
+        self._paused_s = 0.0
         # Faults and the supervisor never touch the processes at the same time.
         self._lock = threading.Lock()
         self._supervising = threading.Event()
@@ -248,14 +242,16 @@ class ChaosRun:
                         continue
                     began = self.elapsed()
                     how = describe_exit(proc.poll())
+                    caught = self.note_in_flight("died") if name == "worker" else 0
                     try:
                         pid = self.stack.restart(name).pid
                     except StackError as exc:
                         self.timeline.append(f"{began:6.1f}s  supervisor: cannot restart {exc}")
                         self._supervising.clear()
                         return
+                    held = f", {caught} jobs were mid-submit" if name == "worker" else ""
                     self.timeline.append(
-                        f"{began:6.1f}s  supervisor: {name} died on its own ({how}); "
+                        f"{began:6.1f}s  supervisor: {name} died on its own ({how}{held}); "
                         f"restarted as pid {pid}"
                     )
 
@@ -263,55 +259,43 @@ class ChaosRun:
         self.sim.close()
         self.store.redis.close()
 
-    # --- faults ---------------------------------------------------------------------------
+    # --- what faults use and note -----------------------------------------------------------
 
-    def kill_mid_submit(self) -> str:
-        """kill -9 the worker while the proxy holds a submit's answer (task created)."""
-        self.proxy.arm_hold()
-        held = self.proxy.held.wait(30)
-        self.stack.kill("worker")
-        self._note_in_flight()
-        self.proxy.release()
-        self.stack.restart("worker")
-        if not held:
-            return "no submit came to hold; killed anyway"
-        return f"held the answer for job {self.proxy.held_job}; worker restarted"
-
-    def kill_worker(self) -> str:
-        """kill -9 the worker wherever it is, and start it again."""
-        self.stack.kill("worker")
-        caught = self._note_in_flight()
-        pid = self.stack.restart("worker").pid
-        return f"{caught} jobs were mid-submit; restarted as pid {pid}"
-
-    def start_second_beat(self) -> str:
+    def start_second_beat(self) -> int:
         client = self.store.redis
 
         def ready(proc: Any) -> bool:
             with contextlib.suppress(redis.RedisError):
-                return bool(client.exists(f"kq:heartbeat:beat:{proc.pid}"))
+                return bool(client.exists(keys.heartbeat("beat", proc.pid)))
             return False
 
         argv = [sys.executable, "-m", "kq.cli", "beat"]
-        return f"pid {self.stack._spawn('beat2', argv, ready).pid}"
+        return self.stack._spawn("beat2", argv, ready).pid
 
-    def stop_second_beat(self) -> str:
-        self.stack.procs["beat2"].stop()
-        return "stopped"
-
-    def _note_in_flight(self) -> int:
-        # Only one worker runs: every job in `submitting` now was in the dead one's hands.
-        for attempt in range(50):
+    def note_in_flight(self, cause: str) -> int:
+        """Note every job mid-submit now (`submitting`, not yet flagged ambiguous): the
+        one worker, which just died, held them."""
+        when = time.time()
+        for attempt in range(30):
             try:
-                states = self.observer.states_now()
+                caught = self.observer.in_submit_now()
                 break
             except redis.RedisError:
-                time.sleep(0.1 * attempt)
+                time.sleep(min(0.1 * attempt, 1.0))
         else:
+            self.timeline.append(f"{self.elapsed():6.1f}s  ({cause}: job states unreadable)")
             return 0
-        caught = {j for j, s in states.items() if s == "submitting"}
-        self.killed_in_flight |= caught
+        for job_id in caught:
+            self.killed_in_flight.setdefault(job_id, []).append(when)
         return len(caught)
+
+    def note_outage(self, kind: str, start: float, end: float) -> None:
+        """Redis was away (stopped or frozen) from `start` to `end` (wall clock)."""
+        self.outages.append(Outage(kind, start, end))
+
+    def pause_pushing(self, seconds: float) -> None:
+        """Shift the push schedule by `seconds` (Redis was frozen: nobody could push)."""
+        self._paused_s += seconds
 
     # --- the run --------------------------------------------------------------------------
 
@@ -319,28 +303,36 @@ class ChaosRun:
         return time.monotonic() - self._t0
 
     def push_all(self, faults: list[Fault], announce: Announce) -> None:
-        """Push every job at a steady pace, firing each fault when its share is pushed."""
+        """Push every job at a steady pace on a thread of its own, firing each fault (one
+        after another) when its share of the jobs has been pushed."""
+        total = self.config.jobs
+        pusher = threading.Thread(target=self._push_steadily, name="chaos-push", daemon=True)
+        pusher.start()
+        for fault in faults:
+            while len(self.ids) < fault.at * total and pusher.is_alive():
+                time.sleep(0.02)
+            began = self.elapsed()
+            with self._lock:
+                detail = fault.action(self)
+            line = f"{began:6.1f}s  {fault.name}: {detail} ({self.elapsed() - began:.1f} s)"
+            self.timeline.append(line)
+            announce(f"fault  {line}")
+        pusher.join()
+        if self.push_errors:
+            self.timeline.append(f"{self.elapsed():6.1f}s  pushing met {self.push_errors} errors")
+
+    def _push_steadily(self) -> None:
         total = self.config.jobs
         start = time.monotonic()
-        pending = list(faults)
-        while len(self.ids) < total or pending:
-            share = (time.monotonic() - start) / self.config.push_s
+        while len(self.ids) < total:
+            share = (time.monotonic() - start - self._paused_s) / self.config.push_s
             due = min(total, max(len(self.ids) + 1, int(total * share)))
             if due > len(self.ids):
                 self._push(len(self.ids), due)
-            while pending and pending[0].at * total <= len(self.ids):
-                fault = pending.pop(0)
-                began = self.elapsed()
-                with self._lock:
-                    detail = fault.action(self)
-                line = f"{began:6.1f}s  {fault.name}: {detail} ({self.elapsed() - began:.1f} s)"
-                self.timeline.append(line)
-                announce(f"fault  {line}")
-            if len(self.ids) < total:
-                time.sleep(0.05)
+            time.sleep(PUSH_STEP_S)
 
     def _push(self, first: int, end: int) -> None:
-        items = []
+        items, ids = [], []
         for i in range(first, end):
             key = f"chaos-{self.config.seed}-{i}"
             prompt = f"chaos {self.config.seed} #{i}: make it blue"
@@ -348,10 +340,21 @@ class ChaosRun:
             items.append(Item(EditRequest(prompt=prompt, image=image), idempotency_key=key))
             job_id = job_id_for_key(key)
             self.prompts[job_id] = prompt
-            self.ids.append(job_id)
+            ids.append(job_id)
         # Watched before they exist, so no event can arrive for an unknown job.
-        self.observer.watch([job_id_for_key(item.idempotency_key) for item in items])
-        self.producer.enqueue_batch(items, batch_id=BATCH_ID)
+        self.observer.watch(ids)
+        for attempt in range(100):
+            try:
+                # Idempotency keys make a retry after a Redis error safe: jobs already
+                # written are not written twice, and those still queued are sent again.
+                self.producer.enqueue_batch(items, batch_id=BATCH_ID)
+                break
+            except redis.RedisError:
+                self.push_errors += 1
+                time.sleep(min(0.1 * (attempt + 1), 1.0))
+        else:
+            raise RuntimeError("cannot push jobs: Redis stayed unreachable")
+        self.ids.extend(ids)
 
     def settle(self, announce: Announce) -> bool:
         """Wait until every job is terminal and no webhook is left to send."""
@@ -387,17 +390,63 @@ class ChaosRun:
             chunk = self.ids[start : start + 1000]
             jobs.update(zip(chunk, self.store.get_many(chunk), strict=True))
         stats: dict[str, str] = self.store.redis.hgetall(keys.STATS)  # type: ignore[assignment]
+        s = self.settings
         return Evidence(
             ids=self.ids,
             prompts=self.prompts,
             jobs=jobs,
             seen=self.observer.seen,
             tasks=self.sim.get("/_sim/tasks").json()["tasks"],
-            killed_in_flight=self.killed_in_flight,
+            killed_in_flight=set(self.killed_in_flight),
+            kill_times=dict(self.killed_in_flight),
+            submits=list(self.proxy.submits),
+            webhooks=list(self.hooks.records),
+            outages=list(self.outages),
+            timing=Timing(
+                settle_s=s.ambiguous_settle_s,
+                deadline_s=s.job_deadline_s,
+                poll_max_interval_s=s.poll_max_interval_s,
+                sweep_interval_s=s.sweep_interval_s,
+                http_timeout_s=s.http_timeout_s,
+                webhook_timeout_s=float(self.sim.get("/_sim/config").json()["webhook_timeout_s"]),
+            ),
             stats={k: int(v) for k, v in stats.items()},
             admission=Admission(self.store.redis, self.settings).snapshot(time.time()),
             expired_ok=self.config.soak,
         )
+
+
+def save_evidence(ev: Evidence, path: Path) -> None:
+    """Everything the checks saw, as JSON next to the logs, for a post-mortem."""
+    jobs = {
+        job_id: None
+        if job is None
+        else {
+            "state": job.state.value,
+            "reason": job.reason,
+            "prediction_id": job.prediction_id,
+            "attempts": job.attempts,
+            "created_at": job.created_at,
+            "submitting_at": job.submitting_at,
+            "submitted_at": job.submitted_at,
+            "finished_at": job.finished_at,
+            "candidates_final_at": job.candidates_final_at,
+            "candidates": list(job.candidates),
+            "error": job.error,
+        }
+        for job_id, job in ev.jobs.items()
+    }
+    dump = {
+        "jobs": jobs,
+        "tasks": list(ev.tasks),
+        "submits": [asdict(r) for r in ev.submits],
+        "webhooks": [asdict(r) for r in ev.webhooks],
+        "outages": [asdict(o) for o in ev.outages],
+        "kill_times": dict(ev.kill_times),
+        "timing": asdict(ev.timing),
+    }
+    with contextlib.suppress(OSError):
+        path.write_text(json.dumps(dump))
 
 
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -429,11 +478,13 @@ def run(config: ChaosConfig, announce: Announce = print) -> ChaosResult:
     started = time.monotonic()
     proxy = ProviderProxy()
     proxy.start()
+    hooks = WebhookProxy()
+    hooks.start()
     stack_config = StackConfig(
         var_dir=var_dir,
         sim_args=config.sim_args(),
         worker_concurrency=config.worker_concurrency,
-        extra_env=config.stack_env(proxy.url),
+        extra_env=config.stack_env(proxy.url, hooks.url),
     )
     extra: list[str] = []
     soak_checks: list[Check] = []
@@ -441,7 +492,8 @@ def run(config: ChaosConfig, announce: Announce = print) -> ChaosResult:
     try:
         stack.start()
         proxy.upstream = stack.sim_url
-        chaos = ChaosRun(config, stack, proxy)
+        hooks.upstream = stack.receiver_url
+        chaos = ChaosRun(config, stack, proxy, hooks)
         chaos.observer.start()
         chaos.start_supervisor()
         soak = None
@@ -450,6 +502,7 @@ def run(config: ChaosConfig, announce: Announce = print) -> ChaosResult:
 
             soak = SoakMonitor(chaos)
             soak.start()
+        announce(config.describe())
         announce(f"pushing {config.jobs} jobs over {config.push_s:g} s")
         chaos.push_all(schedule(config), announce)
         if not chaos.settle(announce):
@@ -464,7 +517,9 @@ def run(config: ChaosConfig, announce: Announce = print) -> ChaosResult:
     finally:
         stack.stop()
         proxy.stop()
+        hooks.stop()
     # ... and the logs once every process has exited and flushed them.
     evidence.log_leaks = scan_logs(var_dir / "logs", chaos.ids, chaos.webhook_secret)
+    save_evidence(evidence, var_dir / "evidence.json")
     checks = check_all(evidence) + soak_checks
     return ChaosResult(config, checks, chaos.timeline, time.monotonic() - started, var_dir, extra)

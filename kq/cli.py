@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     from kq import cli_ops
 
     cli_ops.register(sub)
+
+    from kq import cli_forward
+
+    cli_forward.register(sub)
     return parser
 
 
@@ -116,7 +120,7 @@ def _announce_mode(settings: Settings) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from celery.signals import worker_ready, worker_shutdown
+    from celery.signals import worker_init, worker_ready, worker_shutdown, worker_shutting_down
 
     from worker import runtime
     from worker.celery_app import POLL_QUEUE, SUBMIT_QUEUE, configure
@@ -126,11 +130,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     _announce_mode(settings)
     app = configure(settings)
     stop_events = []
+    seen: dict[str, object] = {}
 
     from worker import dispatcher, tasks
 
     deps = runtime.make_deps(settings, tasks.enqueue_submit)
     tasks.install(deps)
+
+    @worker_init.connect(weak=False)
+    def _init(sender: object = None, **_: object) -> None:
+        seen["worker"] = sender
+
+    @worker_shutting_down.connect(weak=False)
+    def _signalled(sig: object = None, **_: object) -> None:
+        # Sent only from Celery's SIGTERM/SIGINT/SIGQUIT handlers: a stop we were asked for.
+        seen["signal"] = sig
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
@@ -142,19 +156,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
         for event in stop_events:
             event.set()
 
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={args.concurrency}",
-            "--loglevel=INFO",
-            f"--queues={POLL_QUEUE},{SUBMIT_QUEUE}",
-            f"--hostname=kq@{socket.gethostname()}-{os.getpid()}",
-            "--without-gossip",
-            "--without-mingle",
-        ]
-    )
-    return 0
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={args.concurrency}",
+                "--loglevel=INFO",
+                f"--queues={POLL_QUEUE},{SUBMIT_QUEUE}",
+                f"--hostname=kq@{socket.gethostname()}-{os.getpid()}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    except Exception as exc:
+        log.critical("worker.crashed", error=repr(exc), exc_info=True)
+        return 1
+    return worker_exit_code(seen.get("worker"), seen.get("signal"))
+
+
+def worker_exit_code(worker: object, stop_signal: object) -> int:
+    """What `kq worker` exits with once Celery's worker has returned.
+
+    `app.worker_main` returns nothing, whatever happened; the WorkController knows its
+    `exitcode` (EX_FAILURE after an "Unrecoverable error", also after SIGINT). A worker
+    stopped by a signal exits 0; one that stopped on its own crashed — it is meant to
+    run until told otherwise — and exits non-zero, so a supervisor sees it.
+    """
+    code = getattr(worker, "exitcode", None)
+    if stop_signal is not None:
+        return 0 if stop_signal in ("SIGTERM", "SIGINT") else int(code or 0)
+    log.critical("worker.stopped_unasked", exitcode=code)
+    return int(code) if isinstance(code, int) and code != 0 else 1
 
 
 def cmd_beat(args: argparse.Namespace) -> int:

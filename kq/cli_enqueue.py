@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kq.producer_views import (
+    EXIT_INVALID,
+    WAIT_EXIT_CODES,
+    batch_exit_code,
     console_for,
+    job_exit_code,
     print_batch_result,
     print_json,
     show_job,
@@ -31,7 +34,13 @@ MAX_ERRORS_SHOWN = 20
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add enqueue, batch and api to the `kq` parser."""
-    p = sub.add_parser("enqueue", help="enqueue one edit")
+    p = sub.add_parser(
+        "enqueue",
+        help="enqueue one edit",
+        description="Enqueue one edit; prints its job id (with --wait: the finished job).",
+        epilog=WAIT_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--prompt", required=True, help="the edit instruction")
     p.add_argument("--image", required=True, help="http(s) URL, or a local file to upload")
     p.add_argument("--seed", type=int, help="-1 … 2147483647 (default: random)")
@@ -39,12 +48,24 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--aspect-ratio", help="21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21")
     p.add_argument("--batch-id", default="")
     p.add_argument("--idempotency-key", help="enqueueing the same key again returns the same job")
+    p.add_argument(
+        "--metadata",
+        help="a JSON object of your own (up to 4 KiB), kept on the job and in its result "
+        "event, e.g. '{\"order\": 17}'",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the result and show it")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_enqueue)
 
-    p = sub.add_parser("batch", help="enqueue a JSONL or CSV file of edits as one batch")
+    p = sub.add_parser(
+        "batch",
+        help="enqueue a JSONL or CSV file of edits as one batch",
+        description="Enqueue a JSONL or CSV file (UTF-8, a byte-order mark is fine) as one "
+        "batch. Every line is checked before anything is enqueued.",
+        epilog=WAIT_EXIT_CODES + "\n(without --wait: 0 once enqueued, 2 for invalid input)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("file", help="path, or - for standard input")
     p.add_argument("--format", choices=("jsonl", "csv"), help="default: by file extension")
     p.add_argument("--batch-id", help="default: derived from the file, so a re-run resumes")
@@ -76,13 +97,31 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
         aspect_ratio=args.aspect_ratio,
     )
+    metadata = _metadata(args.metadata)
     producer = make_producer(settings)
-    job_id = producer.enqueue(request, batch_id=args.batch_id, idempotency_key=args.idempotency_key)
+    job_id = producer.enqueue(
+        request,
+        batch_id=args.batch_id,
+        idempotency_key=args.idempotency_key,
+        metadata=metadata,
+    )
     if not args.wait:
         print_json({"job_id": job_id}) if args.json else print(job_id)
         return 0
     job = producer.wait_job(job_id, timeout_s=args.timeout)
-    return show_job(job, job_id, as_json=args.json)
+    return show_job(job, job_id, as_json=args.json) or job_exit_code(job)
+
+
+def _metadata(raw: str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValidationError.single("--metadata", f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValidationError.single("--metadata", 'expected a JSON object, e.g. {"order": 17}')
+    return value
 
 
 def _upload(settings: Settings, path: Path) -> str:
@@ -114,6 +153,7 @@ def cmd_api(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         threads=args.threads,
+        json_errors=True,
     )
     return 0
 
@@ -135,10 +175,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 console.print(f"  {error}")
             if scan.invalid > MAX_ERRORS_SHOWN:
                 console.print(f"  ... and {scan.invalid - MAX_ERRORS_SHOWN} more")
-            return 2
+            return EXIT_INVALID
         if scan.valid == 0:
             console.print(f"[red]{args.file}: no valid edit requests; nothing was enqueued[/red]")
-            return 2
+            return EXIT_INVALID
         skip: frozenset[int] = frozenset()
         if scan.invalid:
             rejects = args.rejects or Path(f"{args.file}.rejects.jsonl")
@@ -163,14 +203,14 @@ def cmd_batch(args: argparse.Namespace) -> int:
     )
     if not args.wait:
         if args.json:
-            print_json(asdict(receipt))
+            print_json(receipt.as_dict())
         return 0
     progress = wait_batch_live(console, producer, receipt.batch_id, args.timeout)
     if args.json:
         print_json(progress.as_dict() if progress else None)
     else:
         print_batch_result(console, producer, receipt.batch_id, progress)
-    return 0 if progress is not None and progress.done else 1
+    return batch_exit_code(progress)
 
 
 def _enqueue_with_progress(

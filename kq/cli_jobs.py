@@ -11,8 +11,11 @@ from typing import Any
 from rich.table import Table
 
 from kq.producer_views import (
+    WAIT_EXIT_CODES,
+    batch_exit_code,
     console_for,
     job_dict,
+    job_exit_code,
     print_batch_result,
     print_json,
     progress_table,
@@ -38,7 +41,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_batch_status)
 
-    p = sub.add_parser("wait", help="wait until a job or a batch is done")
+    p = sub.add_parser(
+        "wait",
+        help="wait until a job or a batch is done",
+        description="Wait until a job or every job of a batch is done, then show it.",
+        epilog=WAIT_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("id", help="a job id or a batch id")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", action="store_true")
@@ -107,10 +116,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
             print_json(progress.as_dict() if progress else None)
         else:
             print_batch_result(console, producer, args.id, progress)
-        return 0 if progress is not None and progress.done else 1
+        return batch_exit_code(progress)
     job = producer.wait_job(args.id, timeout_s=args.timeout)
-    code = show_job(job, args.id, as_json=args.json)
-    return code if code or (job is not None and job.terminal) else 1
+    return show_job(job, args.id, as_json=args.json) or job_exit_code(job)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

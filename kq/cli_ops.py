@@ -275,7 +275,7 @@ def _watch(
 def cmd_metrics(args: argparse.Namespace) -> int:
     from worker import telemetry
     from worker.admission import Admission
-    from worker.metrics import StatusCollector, serve_exporter
+    from worker.metrics import StatusCollector, read_latency, serve_exporter
     from worker.status import collect
 
     settings = Settings.from_env()
@@ -288,6 +288,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             admission=Admission(client, settings),
         ),
         lambda: telemetry.totals(client),
+        lambda: read_latency(client),
     )
     serve_exporter(collector, port=args.port, host=args.host)
     print(f"Prometheus metrics on http://{args.host}:{args.port}/metrics", flush=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
 from typing import Any
 
 from rich.console import Console
@@ -16,11 +15,37 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from kq.ui import make_console, result_table
-from worker.domain import Job
-from worker.producer import BatchProgress, Producer
+from worker.domain import Job, JobState
+from worker.producer import BatchProgress, Producer, job_json
 
 # A finished batch up to this size is listed job by job; larger ones by outcome.
 MAX_ROWS_LISTED = 50
+
+# Exit codes of the commands that wait for results (`kq wait`, `kq batch --wait`,
+# `kq enqueue --wait`), so a script or CI job can tell the outcomes apart.
+EXIT_COMPLETED = 0  # every job completed
+EXIT_NOT_DONE = 1  # unknown id, or the timeout passed before every job was done
+EXIT_INVALID = 2  # bad input or settings: nothing was enqueued
+EXIT_JOBS_FAILED = 3  # all done, but some jobs failed or were cancelled
+WAIT_EXIT_CODES = f"""exit codes:
+  {EXIT_COMPLETED}  every job completed
+  {EXIT_NOT_DONE}  unknown id, or --timeout passed before every job was done
+  {EXIT_INVALID}  invalid input or settings (nothing was enqueued)
+  {EXIT_JOBS_FAILED}  every job is done, but some failed or were cancelled"""
+
+
+def batch_exit_code(progress: BatchProgress | None) -> int:
+    """What a command that waited for a batch exits with (see WAIT_EXIT_CODES)."""
+    if progress is None or not progress.done:
+        return EXIT_NOT_DONE
+    return EXIT_JOBS_FAILED if progress.failed or progress.cancelled else EXIT_COMPLETED
+
+
+def job_exit_code(job: Job | None) -> int:
+    """What a command that waited for one job exits with (see WAIT_EXIT_CODES)."""
+    if job is None or not job.terminal:
+        return EXIT_NOT_DONE
+    return EXIT_COMPLETED if job.state is JobState.COMPLETED else EXIT_JOBS_FAILED
 
 
 def console_for(as_json: bool) -> Console:
@@ -33,11 +58,9 @@ def print_json(data: object) -> None:
 
 
 def job_dict(job: Job) -> dict[str, Any]:
-    data = asdict(job)
-    data["state"] = job.state.value
-    data["outputs"] = list(job.outputs)
-    data["seconds"] = job.seconds
-    return data
+    """The job as `--json` prints it: the same JSON as the HTTP API's (numbers as
+    numbers, unknown times as null)."""
+    return job_json(job)
 
 
 def show_job(job: Job | None, job_id: str, *, as_json: bool) -> int:
@@ -51,8 +74,8 @@ def show_job(job: Job | None, job_id: str, *, as_json: bool) -> int:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     for key, value in job_dict(job).items():
-        if key == "request":
-            value = json.dumps(value)
+        if key in ("request", "metadata") and value is not None:
+            value = json.dumps(value, ensure_ascii=False)
         elif key.endswith("_at") and value:
             value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value)))
         table.add_row(key, "" if value in (None, "", ()) else str(value))

@@ -85,7 +85,9 @@ class Stack(Supervisor):
 
     Use as a context manager, or call `start()` and `stop()`; `stop()` is idempotent and
     also registered with atexit while the stack runs, so a crashing parent leaves no orphans.
-    Restarting, killing, watching and stopping children is `Supervisor`'s part.
+    Restarting, killing, watching and stopping children is `Supervisor`'s part; the
+    private redis-server, if the stack started one, is started again (same port, same
+    AOF) when it dies while `wait_forever` watches, and the other children carry on.
     """
 
     def __init__(self, config: StackConfig, announce: Callable[[str], None] = print) -> None:
@@ -143,6 +145,9 @@ class Stack(Supervisor):
             raise RuntimeError("the stack is already running")
         self._procs.clear()
         self._checks.clear()
+        self._revive_on_exit.clear()
+        self._revived_at.clear()
+        self._stopping.clear()
         self._redis_url = self._sim_url = self._receiver_url = None
         atexit.register(self.stop)
         try:
@@ -226,6 +231,10 @@ class Stack(Supervisor):
         proc, port = self._launch_on_free_port("redis", argv, check_for, "127.0.0.1")
         self._redis_url = local_redis_url(port)
         self._env["KQ_REDIS_URL"] = self._redis_url
+        # Ours to keep alive: if it dies (`redis-cli shutdown`, a crash, the OOM killer),
+        # `wait_forever` starts it again on this port with this AOF, and the children,
+        # which all reconnect by themselves, carry on.
+        self._revive_on_exit.add("redis")
         self._announce(
             f"redis-server started on 127.0.0.1:{port} (AOF in {data_dir}), log {proc.log_path}"
         )

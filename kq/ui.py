@@ -107,9 +107,10 @@ def render_status(snap: StatusSnapshot) -> RenderableType:
             + (f", paused {backoff:.0f}s after a 429" if backoff else "")
             + f"; 429s so far {adm.rate_limited_total})",
         )
+    finished = f" (and {p.finished} ended, dropped when due)" if p.finished else ""
     facts.add_row(
         "polling",
-        f"{p.due} due now, {p.scheduled} scheduled; "
+        f"{p.due} due now, {p.scheduled} scheduled{finished}; "
         f"{snap.overdue.count} overdue; dead letters {snap.dlq}",
     )
     facts.add_row(
@@ -168,7 +169,7 @@ def _jobs_table(title: str, *columns: str) -> Table:
 
 
 def _overdue_table(jobs: Sequence[OverdueJob]) -> Table:
-    table = _jobs_table("overdue", "state", "age_s")
+    table = _jobs_table("overdue", "state", "age")
     for job in jobs:
         table.add_row(job.job_id, job.state.value, _secs(job.age_s))
     return table
@@ -187,4 +188,15 @@ def _pct(value: float | None) -> str:
 
 
 def _secs(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} s"
+    """A duration for people: tenths under 10 s, then whole seconds, minutes, hours."""
+    if value is None:
+        return "-"
+    if value < 9.95:
+        return f"{max(0.0, value):.1f} s"
+    seconds = round(value)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    minutes = round(value / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min"

@@ -29,6 +29,8 @@ def serve(settings: Settings, token: str, *, host: str = "127.0.0.1", port: int 
             deadline_s=settings.job_deadline_s,
             webhooks_enabled=settings.webhooks_enabled,
             admission=Admission(client, settings),
+            # Cancel and redrive go through the producer's use cases (and its Celery queue).
+            producer=runtime.make_producer(settings),
         )
 
     serve_wsgi(build, host=host, port=port, workers=1, threads=DEFAULT_THREADS, timeout_s=30)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import redis
@@ -136,3 +137,151 @@ def test_csv_and_stdin(redis_client: redis.Redis, redis_url: str, tmp_path: Path
     piped = kq(["batch", "-", "--batch-id", "in1"], env, input=LINE.format(i=1) + LINE.format(i=2))
     assert piped.returncode == 0, piped.stderr
     assert redis_client.hget("kq:batch:in1", "total") == "2"
+
+
+# --- issue 12: byte-order marks, binary files, every problem named, exit codes ------------
+
+
+def test_a_byte_order_mark_is_accepted_in_jsonl_and_csv(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Spreadsheet programs start UTF-8 files with a BOM; both formats take it."""
+    env = cli_env(redis_url, tmp_path)
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + (LINE.format(i=1) + LINE.format(i=2)).encode())
+    result = kq(["batch", str(jsonl), "--batch-id", "bom-j"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    csv_path = tmp_path / "bom.csv"
+    csv_path.write_bytes(
+        b"\xef\xbb\xbfprompt,image,metadata\r\n"
+        b'make it blue,https://e.com/1.jpg,"{""order"": 7}"\r\n'
+    )
+    result = kq(["batch", str(csv_path), "--batch-id", "bom-c"], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert redis_client.hget("kq:batch:bom-j", "total") == "2"
+    (job_id,) = redis_client.lrange("kq:batchjobs:bom-c", 0, -1)
+    assert json.loads(redis_client.hget(f"kq:job:{job_id}", "metadata") or "") == {"order": 7}
+
+
+def test_a_binary_file_gets_one_clear_error(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """An image (or a UTF-16 export) is refused once as "not a text file", not per line."""
+    env = cli_env(redis_url, tmp_path)
+    picture = tmp_path / "cat.jsonl"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40 + b"\n" * 50)
+    result = kq(["batch", str(picture)], env)
+    assert result.returncode == 2
+    out = result.stdout + result.stderr
+    assert "not a text file" in out and out.count("line ") == 0, out
+    utf16 = tmp_path / "export.csv"
+    utf16.write_bytes("prompt,image\nx,https://e.com/1.jpg\n".encode("utf-16"))
+    result = kq(["batch", str(utf16)], env)
+    assert result.returncode == 2 and "UTF-16" in result.stdout + result.stderr
+    assert redis_client.dbsize() == 0
+
+
+def test_a_line_with_several_problems_names_them_all(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """Every problem of a line is named, and an unknown field's message lists every
+    accepted field (the envelope ones included)."""
+    env = cli_env(redis_url, tmp_path)
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        LINE.format(i=1)
+        + '{"prompt": "", "image": "ftp://x", "seed": 1.5, "colour": "red", "priority": "hi"}\n'
+    )
+    result = kq(["batch", str(path), "--skip-invalid", "--rejects", str(tmp_path / "r")], env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (reject,) = [json.loads(x) for x in (tmp_path / "r").read_text().splitlines()]
+    assert reject["line"] == 2
+    fields = {e["field"]: e["message"] for e in reject["errors"]}
+    assert set(fields) == {"prompt", "image", "seed", "colour", "priority"}
+    for name in ("idempotency_key", "priority", "metadata", "aspect_ratio", "guidance_scale"):
+        assert name in fields["colour"]
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text("prompt,image,seed,guidance_scale\n,https://e.com/1.jpg,five,lots\n")
+    out = " ".join((kq(["batch", str(csv_path)], env).stdout).split())
+    for field in ("prompt", "seed", "guidance_scale"):
+        assert f"{field}:" in out, out
+
+
+def finish_batch_jobs(redis_url: str, batch_id: str, states: list[str]) -> None:
+    """Move a batch's jobs through the real transitions, as workers would."""
+    from worker.domain import JobState
+    from worker.store import JobStore
+
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    store = JobStore(client, result_ttl_s=3600, events_maxlen=1000)
+    now = time.time()
+    for job_id, state in zip(store.batch_members(batch_id), states, strict=True):
+        pid = job_id[::-1]
+        store.transition(job_id, JobState.SUBMITTING, now=now, fields={"attempts": 1})
+        store.transition(
+            job_id,
+            JobState.SUBMITTED,
+            now=now,
+            fields={"prediction_id": pid, "submitted_at": now},
+            expect_prediction_id=pid,
+        )
+        outputs = json.dumps(["https://cdn.example/1.jpg"] if state == "completed" else [])
+        store.transition(
+            job_id,
+            JobState(state),
+            now=now + 1,
+            fields={"finished_at": now + 1, "outputs": outputs, "resolved_by": "poll"},
+        )
+    client.close()
+
+
+def test_wait_exit_codes_tell_failures_apart(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """`kq wait` and `kq batch --wait`: 0 all completed, 3 some failed, 1 not done or
+    unknown; documented in --help."""
+    env = cli_env(redis_url, tmp_path)
+    ok = write_lines(tmp_path / "ok.jsonl", 2)
+    assert kq(["batch", str(ok), "--batch-id", "w-ok"], env).returncode == 0
+    bad = write_lines(tmp_path / "bad.jsonl", 3)
+    assert kq(["batch", str(bad), "--batch-id", "w-bad"], env).returncode == 0
+    # Not done yet: the timeout passes.
+    assert kq(["wait", "w-ok", "--timeout", "0.5", "--json"], env).returncode == 1
+    again = kq(["batch", str(ok), "--batch-id", "w-ok", "--wait", "--timeout", "0.5"], env)
+    assert again.returncode == 1
+    finish_batch_jobs(redis_url, "w-ok", ["completed", "completed"])
+    finish_batch_jobs(redis_url, "w-bad", ["completed", "failed", "completed"])
+    assert kq(["wait", "w-ok", "--json"], env).returncode == 0
+    assert kq(["wait", "w-bad", "--json"], env).returncode == 3
+    rerun = kq(["batch", str(bad), "--batch-id", "w-bad", "--wait", "--json"], env)
+    assert rerun.returncode == 3, rerun.stderr
+    completed_id, failed_id, _ = redis_client.lrange("kq:batchjobs:w-bad", 0, -1)
+    assert kq(["wait", completed_id, "--json"], env).returncode == 0
+    assert kq(["wait", failed_id, "--json"], env).returncode == 3
+    assert kq(["wait", "nothing-by-that-id", "--timeout", "0.2"], env).returncode == 1
+    for command in (["wait", "--help"], ["batch", "--help"], ["enqueue", "--help"]):
+        text = kq(command, env).stdout
+        assert "exit codes" in text and "some failed" in text, command
+
+
+def test_job_json_has_nulls_numbers_and_metadata(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """`kq job --json`: times not yet known are null, numbers are numbers, and the
+    producer's metadata from `kq enqueue --metadata` is there."""
+    env = cli_env(redis_url, tmp_path)
+    made = kq(
+        ["enqueue", "--prompt", "p", "--image", "https://e.com/a.jpg", "--json",
+         "--idempotency-key", "order-5", "--metadata", '{"order": 5}'],
+        env,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    job_id = json.loads(made.stdout)["job_id"]
+    job = json.loads(kq(["job", job_id, "--json"], env).stdout)
+    assert job["metadata"] == {"order": 5} and job["idempotency_key"] == "order-5"
+    assert job["finished_at"] is None and job["submitted_at"] is None and job["seconds"] is None
+    assert type(job["attempts"]) is int and type(job["version"]) is int
+    refused = kq(
+        ["enqueue", "--prompt", "p", "--image", "https://e.com/a.jpg", "--metadata", "[1]"], env
+    )
+    assert refused.returncode == 2 and "--metadata" in refused.stderr

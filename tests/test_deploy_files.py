@@ -20,7 +20,7 @@ import yaml
 from worker.settings import DEFAULT_BASE_URL, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-KQ_SERVICES = ("receiver", "worker", "beat", "api", "metrics", "dashboard")
+KQ_SERVICES = ("receiver", "worker", "beat", "api", "metrics", "dashboard", "forward")
 
 
 def resolved(*files: str, env: dict[str, str] | None = None) -> dict[str, Any]:

@@ -15,11 +15,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import redis
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
 
 from tests.conftest import free_port, wait_for
 from tests.support import serve_in_thread
@@ -27,7 +30,15 @@ from tests.test_receiver import body_for, deliver, make_job
 from webhook_receiver.app import create_app
 from worker import keys, telemetry
 from worker.domain import EditRequest, JobState
-from worker.metrics import StatusCollector, serve_exporter
+from worker.metrics import (
+    JOB_LATENCY_BUCKETS_S,
+    WEBHOOK_RECEIVE_TO_APPLIED,
+    StatusCollector,
+    bucket_slot,
+    observe,
+    read_latency,
+    serve_exporter,
+)
 from worker.settings import Settings
 from worker.status import collect
 from worker.store import JobStore
@@ -187,3 +198,119 @@ def test_telemetry_never_raises_and_drops_unknown_names(redis_client: redis.Redi
     assert telemetry.today(redis_client)["webhook.applied"] == 2
     minute_keys = redis_client.keys(keys.TELEMETRY_PREFIX + "[0-9]*")
     assert len(minute_keys) == 1 and 0 < redis_client.ttl(minute_keys[0]) <= telemetry.BUCKET_TTL_S
+
+
+# --- latency histograms ------------------------------------------------------------------
+
+
+def finish_job(
+    store: JobStore,
+    state: JobState,
+    *,
+    created: float,
+    submitted: float | None,
+    finished: float,
+) -> str:
+    """A job enqueued at `created`, its task accepted at `submitted` (None: never), and
+    ended in `state` at `finished`."""
+    job_id = uuid.uuid4().hex
+    store.create(job_id, EditRequest(prompt="p", image="https://example.com/a.jpg"), now=created)
+    if submitted is not None:
+        store.transition(job_id, JobState.SUBMITTING, now=submitted)
+        store.transition(
+            job_id,
+            JobState.SUBMITTED,
+            now=submitted,
+            fields={"prediction_id": f"p{job_id}", "submitted_at": submitted},
+            expect_prediction_id=f"p{job_id}",
+        )
+    result = store.transition(job_id, state, now=finished, fields={"finished_at": finished})
+    assert result.applied
+    return job_id
+
+
+def buckets(got: dict[Any, float], name: str, **labels: str) -> dict[str, float]:
+    """le -> cumulative count of one histogram series."""
+    want = set(labels.items())
+    return {
+        dict(lbl)["le"]: v
+        for (n, lbl), v in got.items()
+        if n == f"{name}_bucket" and want <= set(lbl) and len(lbl) == len(want) + 1
+    }
+
+
+def test_latency_histograms_count_each_job_once_when_it_ends(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """enqueue->result and submit->result are real histograms, by terminal state, counted
+    by the terminal move itself: once per job, whoever ends it, retries and all."""
+    t = time.time() - 100_000
+    done = finish_job(store, JobState.COMPLETED, created=t, submitted=t + 2, finished=t + 4)
+    finish_job(store, JobState.COMPLETED, created=t, submitted=t + 100, finished=t + 700)
+    finish_job(store, JobState.FAILED, created=t, submitted=None, finished=t + 0.5)
+    finish_job(store, JobState.CANCELLED, created=t, submitted=t + 1, finished=t + 90_000)
+    # A late duplicate result changes nothing, histograms included.
+    again = store.transition(done, JobState.FAILED, now=t + 9, fields={"finished_at": t + 9})
+    assert not again.applied
+
+    collector = StatusCollector(
+        lambda: collect(redis_client, deadline_s=3600, webhooks_enabled=False),
+        lambda: telemetry.totals(redis_client),
+        lambda: read_latency(redis_client),
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    text = generate_latest(registry).decode()
+    got = samples(text)
+    enq = "kq_enqueue_to_result_seconds"
+    sub = "kq_submit_to_result_seconds"
+    completed = buckets(got, enq, state="completed")
+    assert list(completed) == [floatToGoString(b) for b in JOB_LATENCY_BUCKETS_S] + ["+Inf"]
+    assert (completed["2.5"], completed["5.0"], completed["600.0"], completed["+Inf"]) == (
+        0,
+        1,
+        1,
+        2,
+    )
+    assert got[(f"{enq}_count", (("state", "completed"),))] == 2
+    assert got[(f"{enq}_sum", (("state", "completed"),))] == pytest.approx(704)
+    assert buckets(got, sub, state="completed")["5.0"] == 1
+    assert buckets(got, sub, state="completed")["600.0"] == 2  # 2 s and 600 s
+    assert got[(f"{sub}_sum", (("state", "completed"),))] == pytest.approx(602)
+    # Failed before any task: counted from enqueue, not from a submit it never had.
+    assert buckets(got, enq, state="failed")["1.0"] == 1
+    assert got[(f"{sub}_count", (("state", "failed"),))] == 0
+    # Over the last bound: only +Inf.
+    cancelled = buckets(got, enq, state="cancelled")
+    assert (cancelled["86400.0"], cancelled["+Inf"]) == (0, 1)
+    assert not HEX_ID.search(text)
+
+
+def test_lua_buckets_are_the_exporters() -> None:
+    """transition.lua buckets with the bounds the exporter labels its `le` with."""
+    lua = (Path(__file__).resolve().parent.parent / "worker" / "lua" / "transition.lua").read_text()
+    match = re.search(r"local BOUNDS = \{([^}]*)\}", lua)
+    assert match is not None
+    assert tuple(float(x) for x in match.group(1).split(",")) == JOB_LATENCY_BUCKETS_S
+    assert all(
+        bucket_slot(JOB_LATENCY_BUCKETS_S, b) == i + 1 for i, b in enumerate(JOB_LATENCY_BUCKETS_S)
+    )
+    assert bucket_slot(JOB_LATENCY_BUCKETS_S, 86_400.5) == len(JOB_LATENCY_BUCKETS_S) + 1
+
+
+def test_receiver_times_applied_webhooks(
+    receiver_url: str, settings: Settings, store: JobStore, redis_client: redis.Redis
+) -> None:
+    """The receiver's /metrics has kq_webhook_receive_to_applied_seconds: applied
+    deliveries only (a duplicate is not timed), summed over receiver processes in Redis."""
+    make_job(store)
+    assert deliver(receiver_url, settings, body_for()).json()["result"] == "applied"
+    assert deliver(receiver_url, settings, body_for()).json()["result"] == "duplicate"
+    observe(redis_client, WEBHOOK_RECEIVE_TO_APPLIED, 0.2)  # as another receiver process would
+    got = samples(httpx.get(f"{receiver_url}/metrics").text)
+    name = "kq_webhook_receive_to_applied_seconds"
+    assert got[(f"{name}_count", ())] == 2
+    assert 0.2 < got[(f"{name}_sum", ())] < 5
+    assert got[(f"{name}_bucket", (("le", "0.25"),))] == 2
+    assert got[(f"{name}_bucket", (("le", "0.1"),))] == 1
+    assert not any(n.startswith("kq_enqueue_to_result") for n, _ in got)  # kq metrics' part

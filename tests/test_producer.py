@@ -11,9 +11,18 @@ import time
 
 import pytest
 
-from worker.domain import EditRequest, JobState, job_id_for_key
+from worker.domain import EditRequest, JobState, Reason, job_id_for_key
 from worker.errors import ValidationError
-from worker.producer import Item, Producer
+from worker.producer import (
+    IMAGE_URL_PATTERN,
+    MAX_BUDGET_USD,
+    MAX_METADATA_BYTES,
+    Item,
+    Producer,
+    check_metadata,
+    item_from_dict,
+    job_json,
+)
 from worker.service import Deps, cancel_job, submit_job
 from worker.settings import Settings
 from worker.store import JobStore
@@ -207,3 +216,182 @@ def test_item_coercion() -> None:
     assert Item.coerce(EditRequest(**REQ)).job_id != plain.job_id  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         Item.coerce({**REQ, "idempotency_key": "has space"})
+
+
+# --- issue 12: the producer's own key and metadata, every problem named, budgets ----------
+
+
+def test_an_item_with_several_problems_names_all_of_them() -> None:
+    """Unknown field, missing prompt, bad seed, bad key, bad priority, bad metadata: one
+    ValidationError names each; the unknown field's message lists every accepted field."""
+    with pytest.raises(ValidationError) as exc:
+        item_from_dict(
+            {
+                "image": "https://e.com/a.jpg",
+                "seed": "x",
+                "color": "red",
+                "idempotency_key": "has space",
+                "priority": 5000,
+                "metadata": [1],
+            }
+        )
+    fields = {e.field: e.message for e in exc.value.errors}
+    assert set(fields) == {"color", "prompt", "seed", "idempotency_key", "priority", "metadata"}
+    for name in (
+        "prompt", "image", "seed", "guidance_scale", "aspect_ratio",
+        "idempotency_key", "priority", "metadata",
+    ):  # fmt: skip
+        assert name in fields["color"]
+    # Item.coerce (the Python API and POST /v1/jobs) also takes batch_id, and says so.
+    with pytest.raises(ValidationError) as coerce_exc:
+        Item.coerce({**REQ, "colour": 1})
+    assert "batch_id" in coerce_exc.value.errors[0].message
+
+
+def test_image_url_form_is_one_rule() -> None:
+    """The image URL form all producers share is the pattern docs/openapi.yaml states."""
+    from pathlib import Path
+
+    import yaml
+
+    spec = yaml.safe_load(Path("docs/openapi.yaml").read_text())
+    assert spec["components"]["schemas"]["ImageUrl"]["pattern"] == IMAGE_URL_PATTERN
+    for good in ("http://a", "https://u:p@cdn.example.com:8443/x/ü.jpg?s=1#f"):
+        item_from_dict({**REQ, "image": good})
+    for bad in ("HTTP://a", "http://[::1]/x", "http://a\n", "https://e.com/a b", "ftp://a"):
+        with pytest.raises(ValidationError) as exc:
+            item_from_dict({**REQ, "image": bad})
+        assert [e.field for e in exc.value.errors] == ["image"]
+
+
+def test_metadata_limits() -> None:
+    """Metadata is a JSON object of at most 4096 bytes as compact UTF-8 JSON."""
+    assert check_metadata(None) is None
+    assert check_metadata({"order": 17, "tags": ["a"]}) == {"order": 17, "tags": ["a"]}
+    filler = "x" * (MAX_METADATA_BYTES - len('{"k":""}'))
+    assert check_metadata({"k": filler}) == {"k": filler}
+    for bad in ({"k": filler + "x"}, {"k": "é" * 2100}, [1], "s", {"k": float("nan")},
+                {"k": {1, 2}}, {"k": "\ud800"}):  # fmt: skip
+        with pytest.raises(ValidationError) as exc:
+            check_metadata(bad)
+        assert exc.value.errors[0].field == "metadata"
+
+
+def test_budgets_out_of_range_are_field_errors(producer: Producer) -> None:
+    """1e308 once overflowed into micro-dollars (a 500 over HTTP); now a field error."""
+    for bad in (1e308, 10**400, float("inf"), float("nan"), -1, True, MAX_BUDGET_USD + 1):
+        with pytest.raises(ValidationError) as exc:
+            producer.enqueue_batch([REQ], batch_id="money", budget_usd=bad)  # type: ignore[arg-type]
+        assert exc.value.errors[0].field == "budget"
+    assert producer.batch_progress("money") is None
+    producer.enqueue_batch([REQ], batch_id="money", budget_usd=MAX_BUDGET_USD)
+    progress = producer.batch_progress("money")
+    assert progress is not None and progress.budget_usd == MAX_BUDGET_USD
+
+
+def test_key_and_metadata_reach_the_job_and_its_event(producer: Producer) -> None:
+    """A consumer of kq:events can match a result to its own order without a lookup:
+    the event repeats the producer's idempotency key and metadata (absent when none)."""
+    from worker.events import decode_event
+
+    meta = {"order": 17, "customer": {"id": "c-9"}, "note": "ünïcode"}
+    job_id = producer.enqueue(REQ, idempotency_key="order-17", metadata=meta)
+    plain = producer.enqueue(REQ)
+    job = producer.get_job(job_id)
+    assert job is not None and job.metadata == meta and job.idempotency_key == "order-17"
+    data = job_json(job)
+    assert data["metadata"] == meta and data["finished_at"] is None
+    assert data["submitted_at"] is None and data["seconds"] is None
+    assert isinstance(data["attempts"], int) and isinstance(data["created_at"], float)
+    assert producer.cancel_job(job_id) and producer.cancel_job(plain)
+    events = {f["job_id"]: (i, f) for i, f in producer.store.events()}
+    event = decode_event(*events[job_id])
+    assert event.idempotency_key == "order-17" and event.metadata == meta
+    assert event.to_dict()["metadata"] == meta
+    plain_id, plain_fields = events[plain]
+    assert "metadata" not in plain_fields and "idempotency_key" not in plain_fields
+    assert decode_event(plain_id, plain_fields).metadata is None
+    # A redriven job keeps the metadata (the order it serves did not change).
+    (new_id,) = producer.redrive([job_id]).values()
+    assert producer.get_job(new_id).metadata == meta  # type: ignore[union-attr]
+
+
+def test_enqueue_one_answers_like_a_batch(producer: Producer) -> None:
+    """created 1 / existing 0, then created 0 / existing 1 (resent while still queued)."""
+    first = producer.enqueue_one(REQ, idempotency_key="same")
+    again = producer.enqueue_one(REQ, idempotency_key="same")
+    assert (first.created, first.existing, first.resent) == (1, 0, 0)
+    assert (again.created, again.existing, again.resent) == (0, 1, 1)
+    assert first.job_ids == again.job_ids == (job_id_for_key("same"),)
+
+
+def test_batch_receipt_ids_and_pages(producer: Producer) -> None:
+    """keep_job_ids gives each item's job in item order; pages walk the batch in order,
+    optionally by state, and end with no cursor."""
+    items = [{**REQ, "prompt": f"p{i}"} for i in range(7)]
+    items.append({**items[2], "idempotency_key": "dup"})
+    items.append({**items[3], "idempotency_key": "dup"})  # same key: the same job
+    receipt = producer.enqueue_batch(items, batch_id="pages", keep_job_ids=True)
+    assert receipt.job_ids is not None and len(receipt.job_ids) == 9
+    assert receipt.job_ids[7] == receipt.job_ids[8] == job_id_for_key("dup")
+    assert (receipt.created, receipt.existing) == (8, 1)
+    assert producer.enqueue_batch(items[:2], batch_id="other").job_ids is None
+    seen: list[str] = []
+    start: int | None = 0
+    while start is not None:
+        page, start = producer.batch_jobs_page("pages", start=start, limit=3)
+        assert len(page) <= 3
+        seen += [j.id for j in page]
+    assert seen == list(dict.fromkeys(receipt.job_ids))
+    producer.cancel_job(seen[1])
+    producer.cancel_job(seen[6])
+    cancelled, after = producer.batch_jobs_page("pages", limit=1, state=JobState.CANCELLED)
+    assert [j.id for j in cancelled] == [seen[1]] and after == 2
+    rest, after = producer.batch_jobs_page("pages", start=after, state=JobState.CANCELLED)
+    assert [j.id for j in rest] == [seen[6]] and after is None
+    assert producer.batch_jobs_page("nope") == ([], None)
+
+
+def test_a_task_the_provider_no_longer_knows_fails_at_once(
+    store: JobStore, settings: Settings
+) -> None:
+    """A submitted job whose task answers 404 (here: the simulator restarted and forgot
+    it) is failed `task_not_found` by its first poll, not polled until the deadline."""
+    from dataclasses import replace
+
+    from tests.support import Clock
+    from wavespeed_sim.config import SimConfig
+    from wavespeed_sim.server import SimServer
+    from worker.poller import sweep
+
+    sim = SimServer(SimConfig(port=0, seed=3, inference_time_s=3600.0, queue_delay_s=0.0))
+    sim.start()
+    try:
+        client = WaveSpeedClient(sim.url, "sim-key", timeout_s=5)
+        clock = Clock()
+        deps = Deps(
+            store=store,
+            provider=client,
+            settings=replace(settings, wavespeed_base_url=sim.url, job_deadline_s=3600),
+            clock=clock,
+        )
+        producer = Producer(store=store, send=lambda ids: None, deps=deps)
+        job_id = producer.enqueue(REQ, idempotency_key="lost-1", metadata={"order": 1})
+        assert submit_job(deps, job_id).outcome.value == "submitted"
+        job = store.get(job_id)
+        assert job is not None and job.state is JobState.SUBMITTED
+        import httpx
+
+        httpx.post(f"{sim.url}/_sim/reset", timeout=5).raise_for_status()  # tasks forgotten
+        clock.advance(settings.poll_after_s + 1)  # due, and far from the deadline
+        report = sweep(deps)
+        assert report.outcomes["task_not_found"] == 1
+        job = store.get(job_id)
+        assert job is not None and job.state is JobState.FAILED
+        assert job.reason == "task_not_found" == Reason.TASK_NOT_FOUND.value
+        assert job.resolved_by == "poll" and job.prediction_id in job.error
+        (event,) = [f for _, f in store.events() if f["job_id"] == job_id]
+        assert event["reason"] == "task_not_found" and event["idempotency_key"] == "lost-1"
+        client.close()
+    finally:
+        sim.stop()

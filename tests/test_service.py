@@ -16,11 +16,13 @@ from tests.support import Clock
 from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
 from worker import keys
-from worker.domain import EditRequest, JobState, TransitionOutcome
+from worker.domain import EditRequest, JobState, Prediction, TransitionOutcome
 from worker.poller import sweep
 from worker.service import (
     Deps,
     SubmitOutcome,
+    Verifying,
+    apply_webhook,
     cancel_job,
     mark_ambiguous,
     submit_job,
@@ -278,3 +280,30 @@ def test_marking_ambiguous_never_touches_a_job_that_moved_on(deps: Deps, store: 
     assert mark_ambiguous(deps, job_id, "read timeout").outcome is TransitionOutcome.REJECTED
     after = store.get(job_id)
     assert after == before and after is not None and not after.ambiguous
+
+
+def test_a_failed_webhook_is_confirmed_by_the_provider_before_it_ends_the_job(
+    deps: Deps, control: httpx.Client, store: JobStore
+) -> None:
+    """`make chaos --seed 5`: every delivery of a task's "completed" was lost and the
+    contradictory late "failed" came through. A reported failure is checked with a GET
+    first, so the job completes with its task's outputs instead of failing."""
+    job_id = queued_job(store)
+    submit_job(deps, job_id)
+    job = store.get(job_id)
+    assert job is not None and job.prediction_id
+    wait_until_completed = time.monotonic() + 10
+    while any(t["status"] != "completed" for t in sim_tasks(control)):
+        assert time.monotonic() < wait_until_completed
+        time.sleep(0.02)
+    late_failed = Prediction.from_json(
+        {"id": job.prediction_id, "status": "failed", "error": "contradictory", "outputs": []}
+    )
+    answer = apply_webhook(deps, job_id, late_failed, "late-failed-1")
+    assert isinstance(answer, Verifying)
+    assert store.get(job_id).state is JobState.SUBMITTED  # type: ignore[union-attr]
+    sweep(deps)  # due at once
+    done = store.get(job_id)
+    assert done is not None and done.state is JobState.COMPLETED and done.outputs
+    (task,) = sim_tasks(control)
+    assert list(done.outputs) == task["outputs"]

@@ -9,8 +9,10 @@ directly in the session Redis, without workers.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,9 +24,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from rich.console import Console
 
 from kq.cli import main as kq_main
 from kq.stack import Stack
+from kq.ui import render_status
 from tests.conftest import wait_for
 from tests.support import fast_stack, is_terminal
 from worker import keys, runtime
@@ -252,3 +256,73 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([1.0], 0.95) == 1.0
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 0.5), percentile(values, 0.95)) == (50.0, 95.0)
+
+
+def test_finished_jobs_are_off_the_poll_schedule_at_once(
+    store: JobStore, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """A finished batch shows 0 scheduled right away: re-posting it schedules nothing,
+    and a stray entry for an ended job (which the poller drops only when it comes due)
+    counts as `finished`, not as scheduled."""
+    now = time.time()
+    request = EditRequest(prompt="p", image=IMAGE)
+    ids = [uuid.uuid4().hex for _ in range(50)]
+    jobs = [(job_id, request, f"key-{i}", 0) for i, job_id in enumerate(ids)]
+    store.create_many(jobs, batch_id="done", now=now - 120)
+    for job_id in ids:
+        store.transition(job_id, JobState.CANCELLED, now=now - 60, fields={"finished_at": now})
+    waiting = uuid.uuid4().hex
+    store.create(waiting, request, now=now)
+    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now).to_json()
+    assert snap["polling"] == {"due": 0, "scheduled": 1, "finished": 0}
+
+    store.create_many(jobs, batch_id="done", now=now - 120)  # re-posted: nothing scheduled
+    assert redis_client.zcard(keys.POLL) == 1
+    redis_client.zadd(keys.POLL, {job_id: now + 60 - 120 for job_id in ids})  # strays
+    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now).to_json()
+    assert snap["polling"] == {"due": 0, "scheduled": 1, "finished": 50}
+    # Past their check time they are due in kq:poll, but not counted as due.
+    later = now + 120
+    snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=later).to_json()
+    assert snap["polling"] == {"due": 1, "scheduled": 1, "finished": 50}
+    text = render_text(collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now))
+    assert "0 due now, 1 scheduled (and 50 ended, dropped when due)" in text
+
+
+def render_text(snapshot: Any) -> str:
+    console = Console(width=160, record=True, file=io.StringIO())
+    console.print(render_status(snapshot))
+    return console.export_text()
+
+
+def test_status_text_rounds_seconds(
+    store: JobStore, redis_client: redis.Redis, settings: Settings
+) -> None:
+    """Durations read as people say them: tenths under 10 s, whole seconds, min, h."""
+    now = time.time()
+    request = EditRequest(prompt="p", image=IMAGE)
+    for age in (7290.123456, 3.14159, 187.6):
+        job_id = uuid.uuid4().hex
+        store.create(job_id, request, now=now - age)
+        store.transition(job_id, JobState.SUBMITTING, now=now - age)
+        store.transition(
+            job_id,
+            JobState.SUBMITTED,
+            now=now - age,
+            fields={"prediction_id": f"p-{job_id}", "submitted_at": now - age},
+            expect_prediction_id=f"p-{job_id}",
+            poll_at=now + 60,
+        )
+        store.transition(
+            job_id,
+            JobState.COMPLETED,
+            now=now,
+            fields={"finished_at": now, "prediction_id": f"p-{job_id}", "resolved_by": "poll"},
+        )
+    late = uuid.uuid4().hex
+    store.create(late, request, now=now - 7290.123456)
+    store.transition(late, JobState.SUBMITTING, now=now - 7290.123456)
+    text = render_text(collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now))
+    assert "p50 3 min 08 s  p95 2 h 02 min" in text, text
+    assert re.search(r"\b2 h 02 min\b", text.split("overdue", 2)[-1])  # the overdue job's age
+    assert not re.search(r"(?<![$\d])\d+\.\d{2,}", text), text  # no long decimals but $

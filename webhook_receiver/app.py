@@ -6,8 +6,9 @@ per-job URL token (401) -> JSON shape (400) -> webhook-id dedupe (200 duplicate)
 -> the one atomic transition (200 applied / stale). Redis unreachable -> 503, so
 WaveSpeed retries. Nothing stored changes before every check has passed.
 
-Each answer is counted by outcome (`worker.telemetry`, best effort) and `GET /metrics`
-serves those counts, summed over all receiver processes, for Prometheus.
+Each answer is counted by outcome (`worker.telemetry`, best effort), an applied one's
+time from request to applied result too (`kq_webhook_receive_to_applied_seconds`), and
+`GET /metrics` serves those counts, summed over all receiver processes, for Prometheus.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 from webhook_receiver.body_deadline import BodyDeadline
 from webhook_receiver.signing_secret import SecretSource
 from worker import runtime, telemetry
-from worker.domain import Prediction, ResolvedBy, TransitionOutcome
+from worker.domain import Prediction, TransitionOutcome
 from worker.errors import ProviderError, ValidationError
-from worker.metrics import receiver_metrics
-from worker.service import Deps, apply_update
+from worker.metrics import WEBHOOK_RECEIVE_TO_APPLIED, observe, receiver_metrics
+from worker.service import Deps, Verifying, apply_webhook
 from worker.settings import Settings
 from worker.signing import WEBHOOK_PATH, token_matches, verify_v3
 from worker.store import JobStore
@@ -70,8 +71,10 @@ def create_app(
     deadline_s = settings.webhook_body_timeout_s
     app.wsgi_app = BodyDeadline(app.wsgi_app, deadline_s)  # type: ignore[method-assign]
 
-    def answer(status: int, result: str, *, outcome: str = "", **extra: Any) -> Response:
-        if request.path == WEBHOOK_PATH:  # webhook outcome counters, for ops (best effort)
+    def answer(
+        status: int, result: str, *, outcome: str = "", count: bool = True, **extra: Any
+    ) -> Response:
+        if count and request.path == WEBHOOK_PATH:  # outcome counters, for ops (best effort)
             outcome = outcome or ("malformed" if result == "bad_request" else result)
             telemetry.count(store.redis, f"webhook.{outcome}")
         response = jsonify({"result": result, **extra})
@@ -91,10 +94,12 @@ def create_app(
     @app.errorhandler(redis.RedisError)
     def redis_down(exc: redis.RedisError) -> Response:
         log.error("receiver.redis_unavailable", error=type(exc).__name__)
-        return answer(503, "unavailable", error="job store unreachable; retry later")
+        # Not counted: the counter lives in the Redis that is away (another timeout).
+        return answer(503, "unavailable", count=False, error="job store unreachable; retry later")
 
     @app.post(WEBHOOK_PATH)
     def wavespeed_webhook() -> Response:
+        received = time.perf_counter()  # kq_webhook_receive_to_applied_seconds starts here
         body = request.get_data(cache=False)
         if request.content_length is None and len(body) >= settings.webhook_max_bytes:
             # A chunked body is cut at the limit, not refused, by werkzeug: refuse it here.
@@ -139,10 +144,14 @@ def create_app(
         assert webhook_id is not None  # verify_v3 refused a delivery without one
         # Dedupe and apply are one atomic step: a delivery counts as seen only once its
         # result is applied (or found stale), so a retry after any failure is applied.
-        result = apply_update(deps, job_id, prediction, ResolvedBy.WEBHOOK, webhook_id=webhook_id)
+        result = apply_webhook(deps, job_id, prediction, webhook_id)
         if result is None:
             return answer(200, "not_final")
+        if isinstance(result, Verifying):
+            # A reported failure is confirmed by the provider's GET before it ends the job.
+            return answer(200, "verifying", state=result.state)
         if result.applied:
+            observe(store.redis, WEBHOOK_RECEIVE_TO_APPLIED, time.perf_counter() - received)
             return answer(200, "applied", state=result.state)
         if result.outcome is TransitionOutcome.DUPLICATE:
             bound.info("receiver.duplicate")

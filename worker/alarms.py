@@ -2,14 +2,34 @@
 
 Pure: `find_alarms` looks only at a `StatusSnapshot` (before its alarms are set), the
 recent webhook rejections and the thresholds; `worker.status.collect` attaches the
-result. Every alarm's name is an `AlarmName`, so the exporter can list them all.
+result. Every alarm's name is an `AlarmName`, so the exporter can list them all, and
+its severity is `SEVERITY[name]` (deploy/prometheus/kq-alerts.yml labels its alert rules
+the same way; tests/test_prometheus.py checks that).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Final
 
-from worker.snapshot import Alarm, AlarmName, Severity, StatusConfig, StatusSnapshot
+from worker.snapshot import (
+    Alarm,
+    AlarmName,
+    Forwarding,
+    Severity,
+    StatusConfig,
+    StatusSnapshot,
+)
+
+SEVERITY: Final[Mapping[AlarmName, Severity]] = {
+    AlarmName.OVERDUE_JOBS: Severity.CRITICAL,
+    AlarmName.MISSED_WEBHOOKS: Severity.WARNING,
+    AlarmName.WEBHOOK_REJECTIONS: Severity.CRITICAL,
+    AlarmName.WORKER_DOWN: Severity.CRITICAL,
+    AlarmName.BEAT_DOWN: Severity.CRITICAL,
+    AlarmName.RECEIVER_DOWN: Severity.WARNING,
+    AlarmName.FORWARD_FAILING: Severity.WARNING,
+}
 
 
 def find_alarms(
@@ -18,14 +38,13 @@ def find_alarms(
     """The alarms firing in `snapshot`; `rejected_recent` is telemetry of the last minutes."""
     found: list[Alarm] = []
 
-    def alarm(name: AlarmName, severity: Severity, message: str) -> None:
-        found.append(Alarm(name, severity, message))
+    def alarm(name: AlarmName, message: str) -> None:
+        found.append(Alarm(name, SEVERITY[name], message))
 
     overdue = snapshot.overdue.count
     if overdue:
         alarm(
             AlarmName.OVERDUE_JOBS,
-            Severity.CRITICAL,
             f"{overdue} job(s) in flight past the {snapshot.deadline_s:.0f} s deadline",
         )
     window = snapshot.resolution.window
@@ -39,7 +58,6 @@ def find_alarms(
     ):
         alarm(
             AlarmName.MISSED_WEBHOOKS,
-            Severity.WARNING,
             f"{rate:.0%} of the last {settled} results came by polling, not webhook "
             f"(threshold {cfg.missed_webhook_rate:.0%}): is the receiver reachable?",
         )
@@ -49,7 +67,6 @@ def find_alarms(
     if rejected >= cfg.rejected_min:
         alarm(
             AlarmName.WEBHOOK_REJECTIONS,
-            Severity.CRITICAL,
             f"the receiver refused {rejected} webhook(s) (bad signature or token) in the last "
             f"{cfg.rejected_window_min} min: rotated or leaked secret?",
         )
@@ -57,19 +74,45 @@ def find_alarms(
     if not beats.worker:
         alarm(
             AlarmName.WORKER_DOWN,
-            Severity.CRITICAL,
             "no worker heartbeat: nothing submits or polls",
         )
     if not beats.beat:
         alarm(
             AlarmName.BEAT_DOWN,
-            Severity.CRITICAL,
             "no beat heartbeat: lost webhooks are not polled",
         )
     if snapshot.webhooks_enabled and not beats.receiver:
         alarm(
             AlarmName.RECEIVER_DOWN,
-            Severity.WARNING,
             "no receiver heartbeat: webhooks may be refused",
         )
+    if snapshot.forward is not None:
+        found.extend(forward_alarms(snapshot.forward, cfg))
     return tuple(found)
+
+
+def forward_alarms(forwarding: Forwarding, cfg: StatusConfig) -> tuple[Alarm, ...]:
+    """`forward_failing`: an outbound webhook endpoint that is owed deliveries has failed
+    every attempt for `cfg.forward_failing_s` (no success since its first failure)."""
+    failing = [
+        e
+        for e in forwarding.endpoints
+        if e.pending and e.failing_for_s is not None and e.failing_for_s >= cfg.forward_failing_s
+    ]
+    if not failing:
+        return ()
+    names = ", ".join(
+        f"{e.subscriber} ({e.failing_for_s / 60:.0f} min, {e.pending} waiting"
+        + (f", last: {e.last_error}" if e.last_error else "")
+        + ")"
+        for e in failing
+        if e.failing_for_s is not None
+    )
+    return (
+        Alarm(
+            AlarmName.FORWARD_FAILING,
+            SEVERITY[AlarmName.FORWARD_FAILING],
+            f"outbound webhook endpoint(s) failing for {cfg.forward_failing_s / 60:.0f}+ min: "
+            f"{names}",
+        ),
+    )

@@ -8,6 +8,10 @@ than duplicating. Standard input is spooled to a temporary file so it can be rea
 Default keys: the batch id defaults to one derived from the file's path (or, for
 stdin, its content), and each line's key is `<batch id>:<line number>:<hash of the
 line>` — an unchanged line maps to the same job on every run; an edited line is a new job.
+
+Text: UTF-8, with or without the byte-order mark spreadsheet programs write. A file that
+is not UTF-8 text at all (an image, a zip, UTF-16) is refused once, as a whole, rather
+than line by line. A refused line names every problem it has, not only the first.
 """
 
 from __future__ import annotations
@@ -24,14 +28,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS, EditRequest, check_key, check_priority
+from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS
 from worker.errors import FieldError, ValidationError
-from worker.producer import Item
+from worker.producer import ITEM_ENVELOPE_FIELDS, Item, item_from_dict
 
 FORMATS = ("jsonl", "csv")
 # Errors kept in full; beyond this only their number is.
 MAX_ERRORS_KEPT = 1000
-CSV_COLUMNS = (*REQUEST_FIELDS, "idempotency_key", "priority")
+CSV_COLUMNS = (*REQUEST_FIELDS, *ITEM_ENVELOPE_FIELDS)
+# The start of a file is read to tell text from binary.
+TEXT_SNIFF_BYTES = 64 * 1024
+BATCH_ID_PER_LINE = "set the batch with --batch-id (over HTTP: ?batch_id=), not per line"
+
+
+@dataclass(frozen=True)
+class _Cells:
+    """A CSV row typed into a JSON-like object, with the cells that could not be typed."""
+
+    data: dict[str, object]
+    errors: tuple[FieldError, ...]
 
 
 @dataclass(frozen=True)
@@ -69,7 +84,9 @@ class ScanResult:
 class BatchFile:
     """A batch file on disk (stdin spooled to a temp file); use as a context manager."""
 
-    def __init__(self, source: str, fmt: str | None = None) -> None:
+    def __init__(self, source: str, fmt: str | None = None, *, field_name: str = "FILE") -> None:
+        """`field_name`: what an error about the file as a whole names (`body` over HTTP)."""
+        self.field_name = field_name
         self._spool: Path | None = None
         if source == "-":
             with tempfile.NamedTemporaryFile("wb", delete=False, suffix=".kq-stdin") as out:
@@ -80,7 +97,7 @@ class BatchFile:
         else:
             self.path = Path(source)
             if not self.path.is_file():
-                raise ValidationError.single("FILE", f"{source} is not a readable file")
+                raise ValidationError.single(field_name, f"{source} is not a readable file")
             resolved = str(self.path.resolve()).encode()
             self.default_batch_id = f"file-{hashlib.sha256(resolved).hexdigest()[:16]}"
         self.fmt = fmt or ("csv" if self.path.suffix.lower() == ".csv" else "jsonl")
@@ -108,19 +125,41 @@ class BatchFile:
             result.valid += 1
         return result
 
-    def items(self, batch_id: str, *, skip: frozenset[int] = frozenset()) -> Iterator[Item]:
-        """The valid lines as Items with per-line keys; invalid lines are skipped."""
+    def items(
+        self, batch_id: str, *, skip: frozenset[int] = frozenset(), auto_keys: bool = True
+    ) -> Iterator[Item]:
+        """The valid lines as Items with per-line keys; invalid lines are skipped.
+        `auto_keys=False`: only a line's own `idempotency_key`, none made up."""
         for number, text, parsed in self._records():
             if number in skip:
                 continue
             try:
-                yield _to_item(parsed, batch_id=batch_id, number=number, text=text)
+                if auto_keys:
+                    yield _to_item(parsed, batch_id=batch_id, number=number, text=text)
+                else:
+                    yield _check(parsed)
             except ValidationError:
                 continue
 
+    def check_text(self) -> None:
+        """Refuse, as one error, a file that is not UTF-8 text (judged by its start)."""
+        with self.path.open("rb") as fh:
+            head = fh.read(TEXT_SNIFF_BYTES)
+        why = _not_text(head, full=len(head) == TEXT_SNIFF_BYTES)
+        if why:
+            name = "the body" if self.field_name == "body" else str(self.path)
+            if self._spool is not None and self.field_name != "body":
+                name = "standard input"
+            raise ValidationError.single(
+                self.field_name,
+                f"{name} is not a text file ({why}); expected UTF-8 {self.fmt.upper()}",
+            )
+
     def _records(self) -> Iterator[tuple[int, str, object]]:
         """(line number, raw text, parsed object or a ValidationError) per data line."""
-        with self.path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        self.check_text()
+        # utf-8-sig: a byte-order mark at the start (as spreadsheets write it) is dropped.
+        with self.path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
             if self.fmt == "jsonl":
                 yield from _jsonl_records(fh)
             else:
@@ -136,6 +175,8 @@ def _jsonl_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
             yield number, text, json.loads(text)
         except json.JSONDecodeError as exc:
             yield number, text, ValidationError.single("json", f"not valid JSON ({exc.msg})")
+        except RecursionError:
+            yield number, text, ValidationError.single("json", "not valid JSON (nested too deeply)")
 
 
 def _csv_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
@@ -168,7 +209,7 @@ def _csv_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
         yield number, text, _csv_object(dict(zip(header, row, strict=True)))
 
 
-def _csv_object(cells: dict[str, str]) -> object:
+def _csv_object(cells: dict[str, str]) -> _Cells:
     data: dict[str, object] = {}
     errors: list[FieldError] = []
     for name, raw in cells.items():
@@ -185,9 +226,14 @@ def _csv_object(cells: dict[str, str]) -> object:
                 data[name] = float(value)
             except ValueError:
                 errors.append(FieldError("guidance_scale", f"expected a number, got {value!r}"))
+        elif name == "metadata":
+            try:
+                data[name] = json.loads(value)
+            except (ValueError, RecursionError):
+                errors.append(FieldError("metadata", 'expected a JSON object, e.g. {"order": 17}'))
         else:
             data[name] = raw if name == "prompt" else value
-    return ValidationError(errors) if errors else data
+    return _Cells(data, tuple(errors))
 
 
 def _csv_text(row: list[str]) -> str:
@@ -196,24 +242,45 @@ def _csv_text(row: list[str]) -> str:
     return out.getvalue().strip()
 
 
-def _check(parsed: object) -> tuple[EditRequest, str | None, int]:
-    """Validate one parsed line: the request and its optional explicit key."""
+def _check(parsed: object) -> Item:
+    """Validate one parsed line, naming every problem it has."""
+    early: tuple[FieldError, ...] = ()
+    if isinstance(parsed, _Cells):
+        early = parsed.errors
+        parsed = parsed.data
     if isinstance(parsed, ValidationError):
         raise parsed
-    if isinstance(parsed, dict) and "batch_id" in parsed:
-        raise ValidationError.single("batch_id", "set the batch with --batch-id, not per line")
-    request = EditRequest.from_dict(parsed)
-    assert isinstance(parsed, dict)
-    key = check_key("idempotency_key", parsed.get("idempotency_key"))
-    return request, key, check_priority(parsed.get("priority"))
+    try:
+        item = item_from_dict(parsed, refused={"batch_id": BATCH_ID_PER_LINE})
+    except ValidationError as exc:
+        raise ValidationError([*early, *exc.errors]) from None
+    if early:
+        raise ValidationError(early)
+    return item
 
 
 def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item:
-    request, key, priority = _check(parsed)
-    if key is None:
-        line_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
-        key = f"{batch_id}:{number}:{line_hash}"
-    return Item(request, key, priority)
+    item = _check(parsed)
+    if item.idempotency_key:
+        return item
+    line_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
+    key = f"{batch_id}:{number}:{line_hash}"
+    return Item(item.request, key, item.priority, metadata=item.metadata)
+
+
+def _not_text(head: bytes, *, full: bool) -> str:
+    """Why these first bytes of a file are not UTF-8 text ('' when they are)."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "it is UTF-16; save it as UTF-8"
+    if b"\x00" in head:
+        return "it contains NUL bytes"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if full and exc.reason == "unexpected end of data" and exc.start >= len(head) - 3:
+            return ""  # a character cut by the end of the sample, not a bad byte
+        return f"byte {exc.start + 1} is not UTF-8 (0x{head[exc.start]:02x})"
+    return ""
 
 
 def _file_digest(path: Path) -> str:
@@ -224,4 +291,4 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["ENVELOPE_FIELDS", "BatchFile", "LineError", "ScanResult"]
+__all__ = ["CSV_COLUMNS", "ENVELOPE_FIELDS", "BatchFile", "LineError", "ScanResult"]

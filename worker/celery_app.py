@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from worker.settings import Settings
 
@@ -11,6 +16,53 @@ POLL_QUEUE = "kq.poll"
 # Well above the longest task (a submit is one HTTP call with a 30 s timeout): a
 # message unacked this long is handed to another worker.
 VISIBILITY_TIMEOUT_S = 3600
+
+
+class _Channel(kombu_redis.Channel):
+    """kombu's Redis channel, failing with a connection error once its connection is gone.
+
+    Works around a kombu bug (kombu 5.7, and the same code on kombu's main branch; the
+    symptom of celery/kombu#582) that killed the worker whenever Redis went away while
+    a late-acked task was unacked and the task channel had a BRPOP outstanding:
+
+    1. Celery's consumer, losing the connection, calls `Connection.collect()`
+       (celery/worker/consumer/consumer.py, `on_connection_error_after_connected`).
+    2. collect closes the default channel; `Channel.close()` (kombu/transport/redis.py)
+       first reads the outstanding BRPOP reply, and `_brpop_read` raises ConnectionError
+       on the dead socket before the channel marks itself closed. `maybe_close_channel`
+       swallows it, and collect drops the transport's client anyway
+       (kombu/connection.py, `_do_close_transport`: `self._transport.client = None`).
+    3. Celery then calls `connection.close()`, which closes the channel again: it drops
+       its pools and restores its unacked messages, which needs a new pool, and
+       `_connparams()` reads `self.connection.client.hostname` -> AttributeError.
+
+    That is no connection error, so neither Celery's `ignore_errors` nor
+    `Message.ack_log_error` catches it: "Unrecoverable error", and the worker stops
+    (the same AttributeError comes from `Hub.close` -> `basic_ack` when a task finished
+    meanwhile). Raising redis' ConnectionError instead lets kombu and Celery treat it as
+    what it is: the consumer reconnects; the messages that channel could not restore or
+    ack stay in kombu's unacked set and are restored after the visibility timeout (the
+    tasks are idempotent, and a job whose message is held there is resent by the
+    poller's queued check). Only where the stock code would crash does this differ.
+    `tests/test_redis_restart.py` holds a canary that fails once kombu fixes it.
+    """
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise redis.ConnectionError("the broker connection of this channel is closed")
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
+
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with the channel above; `configure` selects it for
+    redis:// URLs. Other schemes (rediss://, sentinel://) keep kombu's own transport,
+    whose URL handling (TLS defaults, sentinels) a transport override would bypass."""
+
+    Channel = _Channel
+
+
+REDIS_TRANSPORT = f"{__name__}:RedisTransport"
+
 
 app = Celery("kq", set_as_current=True)
 app.conf.update(
@@ -25,6 +77,13 @@ app.conf.update(
     task_routes={"kq.poll_due": {"queue": POLL_QUEUE}, "kq.submit": {"queue": SUBMIT_QUEUE}},
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     broker_connection_retry_on_startup=True,
+    # Redis restarting or away for a while must never end a worker: retry for ever
+    # (Celery's default gives up after 100 attempts, ~50 minutes).
+    broker_connection_max_retries=None,
+    # Late-acked tasks that run across a lost connection keep running: a submit cut off
+    # mid-call would leave an ambiguous job. Their acks fail harmlessly (the message is
+    # redelivered after the visibility timeout and finds its job already moved on).
+    worker_cancel_long_running_tasks_on_connection_loss=False,
     worker_hijack_root_logger=False,
     worker_send_task_events=True,
     task_send_sent_event=False,
@@ -44,6 +103,7 @@ def configure(settings: Settings) -> Celery:
         _drop_broker_connections()
     app.conf.update(
         broker_url=settings.redis_url,
+        broker_transport=broker_transport_for(settings.redis_url),
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
             # Look for such messages every few seconds, not every ~100 s (kombu's default).
@@ -60,6 +120,11 @@ def configure(settings: Settings) -> Celery:
         },
     )
     return app
+
+
+def broker_transport_for(url: str) -> str | None:
+    """Our patched transport for plain redis:// URLs; None (kombu picks by scheme) else."""
+    return REDIS_TRANSPORT if urlsplit(url).scheme == "redis" else None
 
 
 def _drop_broker_connections() -> None:

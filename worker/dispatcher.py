@@ -67,12 +67,22 @@ def _after(
             result = future.result()
         except Exception as exc:  # the submit raised (e.g. Redis down): try again later
             log.error("dispatcher.submit_crashed", job_id=job_id, error=repr(exc))
-            retry_later(job_id)
+            _retry(job_id, retry_later)
             return
         if result.outcome is SubmitOutcome.RETRY:
-            retry_later(job_id)
+            _retry(job_id, retry_later)
 
     return done
+
+
+def _retry(job_id: str, retry_later: Callable[[str], None]) -> None:
+    # Sending the retry needs the broker, which may be the Redis that just went away; an
+    # error raised here would vanish in the executor's callback machinery. The job is not
+    # lost: the poller's check of a job left queued or submitting sends or settles it.
+    try:
+        retry_later(job_id)
+    except Exception as exc:
+        log.warning("dispatcher.retry_not_sent", job_id=job_id, error=repr(exc))
 
 
 def start(

@@ -138,6 +138,8 @@ class Reason(StrEnum):
     INVALID_REQUEST = "invalid_request"
     BUDGET = "budget"
     CANCELLED_BY_USER = "cancelled_by_user"
+    # The provider answered 404 for the job's task (deleted, expired, or forgotten).
+    TASK_NOT_FOUND = "task_not_found"
 
 
 class ResolvedBy(StrEnum):
@@ -280,6 +282,10 @@ class Job:
     # first seen finished, and (once it failed submit_ambiguous) which tasks those were.
     candidates_final_at: float = 0.0
     candidates: tuple[str, ...] = ()
+    # When the submit that made the job ambiguous lost its answer (0: its worker died).
+    answer_lost_at: float = 0.0
+    # The producer's own JSON object, stored as given (size-limited at enqueue); None: none.
+    metadata: Mapping[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:

@@ -64,6 +64,9 @@ class ResultEvent:
     finished_at: float | None
     attempts: int
     version: int
+    # The producer's own key and metadata object (added to schema 1; see docs/events.md).
+    idempotency_key: str = ""
+    metadata: Mapping[str, Any] | None = None
     fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -83,6 +86,7 @@ class ResultEvent:
         data = asdict(self)
         data.pop("fields")
         data["outputs"] = list(self.outputs)
+        data["metadata"] = None if self.metadata is None else dict(self.metadata)
         return data
 
 
@@ -111,6 +115,8 @@ def decode_event(entry_id: Any, raw: Mapping[Any, Any]) -> ResultEvent:
         finished_at=_float(f.get("finished_at")),
         attempts=_int(f.get("attempts"), 0) or 0,
         version=_int(f.get("version"), 0) or 0,
+        idempotency_key=f.get("idempotency_key", ""),
+        metadata=_object(f.get("metadata")),
         fields=f,
     )
 
@@ -385,6 +391,17 @@ def _int(value: Any, default: int | None) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return default
+
+
+def _object(value: str | None) -> dict[str, Any] | None:
+    """A JSON object field ('' or anything else that is not an object: None)."""
+    if not value:
+        return None
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _float(value: Any) -> float | None:

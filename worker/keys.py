@@ -11,6 +11,8 @@
     kq:attempts           zset: "{job id}:{attempt}" -> when its submit began, for each
                           submit whose task is not known yet (reconciliation reads it)
     kq:stats              hash: state:<s>, resolved_by:<how>, now:<s>, paid
+    kq:latency            hash: latency histogram counters (written by transition.lua and
+                          the receiver, exported by worker.metrics)
     kq:adm:*              admission control (slots, submit window, waiting lines; admission.py)
     kq:tm:*               telemetry counters per minute and day (telemetry.py)
     kq:heartbeat:{role}:{pid}, kq:heartbeats   liveness of each process
@@ -30,6 +32,7 @@ POLL: Final = "kq:poll"
 STATS: Final = "kq:stats"
 DLQ: Final = "kq:dlq"
 ATTEMPTS: Final = "kq:attempts"
+LATENCY: Final = "kq:latency"
 HEARTBEATS: Final = "kq:heartbeats"
 
 JOB_PREFIX: Final = "kq:job:"
@@ -81,3 +84,44 @@ def admission_wait(batch_id: str) -> str:
 
 def heartbeat(role: str, pid: int) -> str:
     return f"{HEARTBEAT_PREFIX}{role}:{pid}"
+
+
+# Outbound webhooks, `kq forward` (see worker/forward/):
+#   kq:fwd:subscribers    hash: subscriber id -> JSON record (`kq subscribers add`)
+#   kq:fwd:active         hash: subscriber id -> JSON summary, every subscriber a running
+#                         forwarder serves (file ones too), so readers need only Redis
+#   kq:fwd:stats          hash: "<subscriber id>|<outcome>" -> delivery attempts (totals)
+#   kq:fwd:due:{id}       zset: event id -> when to try next (or until when it is leased)
+#   kq:fwd:age:{id}       zset: event id -> when it was queued for this subscriber
+#   kq:fwd:body:{id}      hash: event id -> the webhook body (pending and dead ones)
+#   kq:fwd:meta:{id}      hash: event id -> JSON attempts, first try, last error
+#   kq:fwd:dead:{id}      zset: event id -> when it was parked (the subscriber's dead list)
+#   kq:fwd:health:{id}    hash: failing_since, last_success_at, last_failure_at, last_error
+FWD_PREFIX: Final = "kq:fwd:"
+FWD_SUBSCRIBERS: Final = "kq:fwd:subscribers"
+FWD_ACTIVE: Final = "kq:fwd:active"
+FWD_STATS: Final = "kq:fwd:stats"
+
+
+def fwd_due(subscriber_id: str) -> str:
+    return f"{FWD_PREFIX}due:{subscriber_id}"
+
+
+def fwd_age(subscriber_id: str) -> str:
+    return f"{FWD_PREFIX}age:{subscriber_id}"
+
+
+def fwd_body(subscriber_id: str) -> str:
+    return f"{FWD_PREFIX}body:{subscriber_id}"
+
+
+def fwd_meta(subscriber_id: str) -> str:
+    return f"{FWD_PREFIX}meta:{subscriber_id}"
+
+
+def fwd_dead(subscriber_id: str) -> str:
+    return f"{FWD_PREFIX}dead:{subscriber_id}"
+
+
+def fwd_health(subscriber_id: str) -> str:
+    return f"{FWD_PREFIX}health:{subscriber_id}"

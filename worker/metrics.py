@@ -8,6 +8,16 @@ fixed set (states, outcomes, queue and role names): no job ids, no batch ids.
 
 - `receiver_metrics(client)`: what the receiver's `/metrics` serves (webhook outcomes).
 - `StatusCollector`: everything `kq status` shows, for `kq metrics --port P`.
+- `ForwardCollector`: outbound webhooks (`kq forward --metrics-port P`): deliveries by
+  endpoint and outcome, pending, dead, oldest undelivered age, failing time. The
+  `endpoint` label is the subscriber id (a configured, bounded set), never a URL.
+- Latency histograms (`HISTOGRAMS`), real Prometheus histograms (`_bucket{le}`, `_sum`,
+  `_count`) whose counters live in Redis (`kq:latency`), so every process that sees an
+  event counts it in the same place and any exporter serves the deployment's total:
+  `kq_enqueue_to_result_seconds` and `kq_submit_to_result_seconds` (by terminal
+  `state`; counted by lua/transition.lua in the move that ends a job, so exactly once
+  per job) and `kq_webhook_receive_to_applied_seconds` (counted by the receiver).
+  `kq metrics` serves all three, the receiver's `/metrics` the webhook one.
 
 A collector never raises into the scrape: with Redis away it reports `kq_up 0`.
 """
@@ -16,7 +26,8 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
@@ -25,17 +36,22 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from worker import telemetry
+from worker import keys, telemetry
+from worker.alarms import forward_alarms
 from worker.snapshot import (
     LIVE_STATES,
     RESOLVERS,
     ROLES,
     TERMINAL,
     AlarmName,
+    Forwarding,
+    StatusConfig,
     StatusSnapshot,
 )
 
@@ -78,6 +94,129 @@ def telemetry_metrics(totals: Counter[str], prefixes: tuple[str, ...]) -> list[M
     return families
 
 
+# --- latency histograms, counted in Redis ------------------------------------------------
+
+# Bucket upper bounds in seconds. A job's latency spans a provider inference (seconds), the
+# poll fallback (minutes) and, for enqueue->result, hours in the queue behind a big batch.
+# lua/transition.lua repeats this list (it buckets in the job's terminal move).
+JOB_LATENCY_BUCKETS_S: Final = (
+    1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
+    1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+)  # fmt: skip
+# Applying a webhook is a few Redis round trips: milliseconds, unless Redis struggles.
+WEBHOOK_APPLY_BUCKETS_S: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    """One histogram kept in the `kq:latency` hash.
+
+    Fields: `<span>|<label value>|<n>` counts observations in bucket n (1-based: the
+    first bound >= the value; len(bounds) + 1 for those above the last bound, i.e. only
+    in +Inf), `<span>|<label value>|sum` adds up the observed seconds. Buckets are not
+    cumulative in Redis (one HINCRBY per observation); the exporter adds them up.
+    """
+
+    span: str
+    metric: str
+    doc: str
+    bounds: tuple[float, ...]
+    label: str = ""  # the label's name; "" for an unlabelled histogram
+    values: tuple[str, ...] = ("",)  # every label value, exported even before its first count
+
+
+_TERMINAL_STATES: Final = tuple(s.value for s in TERMINAL)
+ENQUEUE_TO_RESULT: Final = HistogramSpec(
+    "enqueue",
+    "kq_enqueue_to_result_seconds",
+    "Seconds from enqueue (the job record written) to its result (terminal state), per job",
+    JOB_LATENCY_BUCKETS_S,
+    "state",
+    _TERMINAL_STATES,
+)
+SUBMIT_TO_RESULT: Final = HistogramSpec(
+    "submit",
+    "kq_submit_to_result_seconds",
+    "Seconds from the provider accepting the task to the job's result, per job that got one",
+    JOB_LATENCY_BUCKETS_S,
+    "state",
+    _TERMINAL_STATES,
+)
+WEBHOOK_RECEIVE_TO_APPLIED: Final = HistogramSpec(
+    "webhook",
+    "kq_webhook_receive_to_applied_seconds",
+    "Seconds from the receiver taking a webhook request to its result being applied",
+    WEBHOOK_APPLY_BUCKETS_S,
+)
+HISTOGRAMS: Final = (ENQUEUE_TO_RESULT, SUBMIT_TO_RESULT, WEBHOOK_RECEIVE_TO_APPLIED)
+# How prometheus_client's own Histogram writes `le` ("1.0", "0.0025", "+Inf"); typed here.
+_le: Final[Callable[[float], str]] = floatToGoString
+
+
+def bucket_slot(bounds: tuple[float, ...], value: float) -> int:
+    """The 1-based bucket an observation is counted in (len(bounds) + 1: above them all)."""
+    for n, bound in enumerate(bounds, start=1):
+        if value <= bound:
+            return n
+    return len(bounds) + 1
+
+
+def observe(client: redis.Redis, spec: HistogramSpec, seconds: float, label: str = "") -> None:
+    """Count one observation (best effort: a Redis error loses it, never fails the caller)."""
+    value = max(0.0, seconds)
+    field = f"{spec.span}|{label}|"
+    try:
+        pipe = client.pipeline(transaction=True)  # the bucket and the sum together
+        pipe.hincrby(keys.LATENCY, field + str(bucket_slot(spec.bounds, value)), 1)
+        pipe.hincrbyfloat(keys.LATENCY, field + "sum", value)
+        pipe.execute()
+    except redis.RedisError:
+        pass
+
+
+def read_latency(client: redis.Redis) -> dict[str, str]:
+    """The raw `kq:latency` counters (a bounded hash: about 150 fields)."""
+    raw: Any = client.hgetall(keys.LATENCY)
+    return {telemetry.as_str(k): telemetry.as_str(v) for k, v in (raw or {}).items()}
+
+
+def histogram_metrics(
+    raw: Mapping[str, str], specs: tuple[HistogramSpec, ...] = HISTOGRAMS
+) -> Iterator[Metric]:
+    """Histogram families (cumulative `le` buckets, `_sum`, `_count`) from `read_latency`."""
+    for spec in specs:
+        family = HistogramMetricFamily(
+            spec.metric, spec.doc, labels=[spec.label] if spec.label else None
+        )
+        for value in spec.values:
+            field = f"{spec.span}|{value}|"
+            buckets: list[tuple[str, float]] = []
+            total = 0
+            for n, bound in enumerate((*spec.bounds, float("inf")), start=1):
+                total += _count(raw.get(field + str(n)))
+                buckets.append((_le(bound), total))
+            family.add_metric(
+                [value] if spec.label else [], buckets, sum_value=_seconds(raw.get(field + "sum"))
+            )
+        yield family
+
+
+def _count(value: str | None) -> int:
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        return float(value or 0)
+    except ValueError:
+        return 0.0
+
+
 class ReceiverCollector(Collector):
     """Webhook outcome counters (all receiver processes together) and Redis reachability."""
 
@@ -95,6 +234,11 @@ class ReceiverCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from telemetry_metrics(totals, ("webhook.",))
+        try:
+            latency = read_latency(self.client)
+        except redis.RedisError:
+            return
+        yield from histogram_metrics(latency, (WEBHOOK_RECEIVE_TO_APPLIED,))
 
 
 def receiver_metrics(client: redis.Redis) -> tuple[bytes, str]:
@@ -105,19 +249,25 @@ def receiver_metrics(client: redis.Redis) -> tuple[bytes, str]:
 
 
 class StatusCollector(Collector):
-    """Everything in a `worker.status` snapshot, as gauges and counters."""
+    """Everything in a `worker.status` snapshot, as gauges and counters; with `latency`
+    (`read_latency` of the same Redis), the latency histograms too."""
 
     def __init__(
-        self, snapshot: Callable[[], StatusSnapshot], totals: Callable[[], Counter[str]]
+        self,
+        snapshot: Callable[[], StatusSnapshot],
+        totals: Callable[[], Counter[str]],
+        latency: Callable[[], Mapping[str, str]] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.totals = totals
+        self.latency = latency
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("kq_up", "1 if Redis answered this scrape")
         try:
             snap = self.snapshot()
             totals = self.totals()
+            latency = self.latency() if self.latency is not None else None
         except redis.RedisError:
             up.add_metric([], 0)
             yield up
@@ -126,6 +276,8 @@ class StatusCollector(Collector):
         yield up
         yield from status_metrics(snap)
         yield from telemetry_metrics(totals, ("webhook.", "submit.", "poll."))
+        if latency is not None:
+            yield from histogram_metrics(latency)
 
 
 def status_metrics(snap: StatusSnapshot) -> Iterator[Metric]:
@@ -157,8 +309,10 @@ def status_metrics(snap: StatusSnapshot) -> Iterator[Metric]:
     for queue, length in snap.queues.by_name().items():
         queues.add_metric([queue], length)
     yield queues
-    yield _gauge("kq_poll_due", "In-flight jobs due for a poll now", snap.polling.due)
-    yield _gauge("kq_poll_scheduled", "In-flight jobs on the poll schedule", snap.polling.scheduled)
+    yield _gauge("kq_poll_due", "Jobs not yet ended due for a poll now", snap.polling.due)
+    yield _gauge(
+        "kq_poll_scheduled", "Jobs not yet ended on the poll schedule", snap.polling.scheduled
+    )
     yield _gauge("kq_jobs_overdue", "In-flight jobs past KQ_JOB_DEADLINE_S", snap.overdue.count)
     yield _gauge("kq_dead_letters", "Failed jobs in the dead-letter set", snap.dlq)
     window = snap.resolution.window.missed_webhook_rate
@@ -169,7 +323,8 @@ def status_metrics(snap: StatusSnapshot) -> Iterator[Metric]:
     )
     latency = GaugeMetricFamily(
         "kq_latency_seconds",
-        "Enqueue-to-result latency over the recent window",
+        "Enqueue-to-result latency over the recent window, as in `kq status` (for SLOs and "
+        "aggregation use the kq_enqueue_to_result_seconds histogram)",
         labels=["quantile"],
     )
     for quantile, value in (("0.5", snap.latency.p50_s), ("0.95", snap.latency.p95_s)):
@@ -203,6 +358,77 @@ def status_metrics(snap: StatusSnapshot) -> Iterator[Metric]:
     for name in AlarmName:
         alarm.add_metric([name.value], 1 if name in firing else 0)
     yield alarm
+    if snap.forward is not None:
+        yield from forward_metrics(snap.forward)
+
+
+class ForwardCollector(Collector):
+    """Outbound webhooks (`worker.forward.health.read_forwarding`), and their alarm."""
+
+    def __init__(
+        self, forwarding: Callable[[], Forwarding], config: StatusConfig | None = None
+    ) -> None:
+        self.forwarding = forwarding
+        self.config = config or StatusConfig()
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("kq_up", "1 if Redis answered this scrape")
+        try:
+            forwarding = self.forwarding()
+        except redis.RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from forward_metrics(forwarding)
+        firing = bool(forward_alarms(forwarding, self.config))
+        alarm = GaugeMetricFamily("kq_alarm", "1 while the named alarm fires", labels=["name"])
+        alarm.add_metric([AlarmName.FORWARD_FAILING.value], 1 if firing else 0)
+        yield alarm
+
+
+def forward_metrics(fwd: Forwarding) -> Iterator[Metric]:
+    """The `kq_forward_*` families; one series per subscriber (label `endpoint`)."""
+    deliveries = CounterMetricFamily(
+        "kq_forward_deliveries",
+        "Outbound webhook delivery attempts by endpoint and outcome "
+        "(dead_lettered: deliveries parked after their retry window)",
+        labels=["endpoint", "outcome"],
+    )
+    pending = GaugeMetricFamily(
+        "kq_forward_pending", "Deliveries queued or waiting for a retry", labels=["endpoint"]
+    )
+    dead = GaugeMetricFamily(
+        "kq_forward_dead", "Deliveries parked in the endpoint's dead list", labels=["endpoint"]
+    )
+    oldest = GaugeMetricFamily(
+        "kq_forward_oldest_undelivered_seconds",
+        "Age of the oldest delivery still owed to the endpoint (0: none)",
+        labels=["endpoint"],
+    )
+    failing = GaugeMetricFamily(
+        "kq_forward_failing_seconds",
+        "How long every attempt to the endpoint has failed (0: its last attempt succeeded)",
+        labels=["endpoint"],
+    )
+    for e in fwd.endpoints:
+        for outcome, count in e.deliveries.items():
+            deliveries.add_metric([e.subscriber, outcome], count)
+        pending.add_metric([e.subscriber], e.pending)
+        dead.add_metric([e.subscriber], e.dead)
+        oldest.add_metric([e.subscriber], e.oldest_undelivered_s or 0.0)
+        failing.add_metric([e.subscriber], e.failing_for_s or 0.0)
+    yield from (deliveries, pending, dead, oldest, failing)
+    yield _gauge(
+        "kq_forward_unrouted", "Result events not yet queued for the subscribers", fwd.unrouted
+    )
+    yield _gauge(
+        "kq_forward_oldest_unrouted_seconds",
+        "Age of the oldest result event not yet queued for the subscribers (0: none)",
+        fwd.oldest_unrouted_s or 0.0,
+    )
+    yield _gauge("kq_forward_processes", "Live `kq forward` processes", fwd.forwarders)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -37,11 +37,11 @@ log = structlog.get_logger("kq.poller")
 # Polls of one sweep run side by side on the client's connection pool.
 POLL_THREADS = 16
 # How far around our submit time a task found in the list may have been created.
-RECONCILE_BEFORE_S = 30.0  # tolerates clock skew between us and the provider
-RECONCILE_AFTER_S = 60.0
-RECONCILE_MAX_PAGES = 10
-# Another submit attempt that began this close to ours may own a task in our window.
-RECONCILE_OVERLAP_S = RECONCILE_BEFORE_S + RECONCILE_AFTER_S
+# A task is created while our POST is in flight: between the submit's start and the
+# moment its answer was lost (or, when the worker died, the HTTP timeout). This much is
+# added on both sides for clock skew between us and the provider.
+RECONCILE_SKEW_S = 10.0
+RECONCILE_MAX_PAGES = 20
 
 
 @dataclass
@@ -65,9 +65,7 @@ def sweep(deps: Deps, pool: ThreadPoolExecutor | None = None) -> SweepReport:
     if not due:
         return report
     # Attempts older than any reconciliation still running can no longer matter.
-    deps.store.forget_attempts_before(
-        deps.clock() - settings.job_deadline_s - 2 * RECONCILE_OVERLAP_S
-    )
+    deps.store.forget_attempts_before(deps.clock() - settings.job_deadline_s - 2 * _overlap_s(deps))
     jobs = [j for j in deps.store.get_many(due) if j is not None]
     if pool is None:
         outcomes = [poll_job(deps, job) for job in jobs]
@@ -120,7 +118,7 @@ def _check_queued(deps: Deps, job: Job) -> str:
     a message before recording it as unacked; a killed worker takes it along, or its
     unsent retry): send another, at most once per check. A spare one is skipped by the
     submit's compare-and-set; a job in the admission line needs none."""
-    deps.store.schedule_poll(job.id, deps.clock() + QUEUED_CHECK_S)
+    deps.store.schedule_poll(job.id, deps.clock() + QUEUED_CHECK_S, only_if_scheduled=True)
     if deps.admission is not None and deps.admission.is_waiting(job.id, job.batch_id):
         return "queued_waiting"
     deps.enqueue_submit(job.id)
@@ -132,12 +130,17 @@ def _poll_submitted(deps: Deps, job: Job) -> str:
     try:
         prediction = deps.provider.get_result(job.prediction_id)
     except PermanentError as exc:
-        # 404: the provider no longer knows the task (expired or deleted).
-        if exc.status_code == 404 and _past_deadline(deps, job, now):
+        # 404: the provider no longer knows the task (deleted, expired after its ~7 days,
+        # or lost by a restart). No later poll can bring it back: settle the job now.
+        if exc.status_code == 404:
             fail_job(
-                deps, job.id, Reason.DEADLINE, f"not found at provider: {exc}", ResolvedBy.POLL
+                deps,
+                job.id,
+                Reason.TASK_NOT_FOUND,
+                f"the provider no longer knows task {job.prediction_id} ({exc})",
+                ResolvedBy.POLL,
             )
-            return "deadline"
+            return "task_not_found"
         raise
     result = apply_update(deps, job.id, prediction, ResolvedBy.POLL)
     if result is not None:
@@ -185,8 +188,10 @@ def reconcile_ambiguous(deps: Deps, job: Job) -> str:
         if now - job.submitting_at > deps.settings.ambiguous_grace_s:
             return f"requeued_{requeue_unsent(deps, job).outcome.value}"
     elif all(c.final for c in candidates):
-        if not job.candidates_final_at:
-            note_candidates_final(deps, job, now)
+        if not job.candidates_final_at or set(job.candidates) != set(ids):
+            # First seen all finished, or the set changed (a task created later in the
+            # window): the wait for the webhook starts (again) now.
+            note_candidates_final(deps, job, now, ids)
         elif now - job.candidates_final_at >= deps.settings.ambiguous_settle_s:
             why = f"{len(candidates)} unowned tasks and {len(others)} other open submits"
             fail_ambiguous(deps, job, ids, why + " around it; no webhook named the job")
@@ -201,15 +206,26 @@ def _other_open_attempts(deps: Deps, job: Job) -> list[str]:
     """Open submit attempts, other than this job's current one, whose task could fall in
     this job's list window."""
     own = f"{job.id}:{job.attempts}"
-    around = deps.store.open_attempts(
-        job.submitting_at - RECONCILE_OVERLAP_S, job.submitting_at + RECONCILE_OVERLAP_S
-    )
+    overlap = _overlap_s(deps)
+    around = deps.store.open_attempts(job.submitting_at - overlap, job.submitting_at + overlap)
     return [member for member, _ in around if member != own]
 
 
+def _overlap_s(deps: Deps) -> float:
+    """Two submits that began this close may have tasks in each other's windows (the
+    widest window: a POST that ran to the HTTP timeout, plus the skew on both sides)."""
+    return submit_watchdog_s(deps.settings) + 2 * RECONCILE_SKEW_S
+
+
+def _window(deps: Deps, job: Job) -> tuple[float, float]:
+    """When the task of this job's last submit, if any, can have been created."""
+    end = job.answer_lost_at or job.submitting_at + submit_watchdog_s(deps.settings)
+    return job.submitting_at - RECONCILE_SKEW_S, end + RECONCILE_SKEW_S
+
+
 def _unowned_candidates(deps: Deps, job: Job) -> list[Prediction]:
-    after = _iso(job.submitting_at - RECONCILE_BEFORE_S)
-    before = _iso(job.submitting_at + RECONCILE_AFTER_S)
+    start, end = _window(deps, job)
+    after, before = _iso(start), _iso(end)
     found: list[Prediction] = []
     for page in range(1, RECONCILE_MAX_PAGES + 1):
         items = deps.provider.list_predictions(

@@ -28,7 +28,7 @@ from worker.wavespeed import WaveSpeedClient
 
 HEARTBEAT_TTL_S = 15
 # The receiver answers within the provider's 5 s webhook timeout even when Redis stalls.
-FAIL_FAST_TIMEOUT_S = 1.0
+FAIL_FAST_TIMEOUT_S = 0.75
 HEARTBEAT_EVERY_S = 5.0
 
 

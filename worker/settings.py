@@ -56,6 +56,13 @@ TIERS: dict[str, tuple[int, int]] = {
     "ultra": (10_000, 5000),
 }
 DEFAULT_TIER = "silver"
+# Outbound webhooks (`kq forward`): a delivery attempt's timeout, attempts in flight per
+# endpoint, the first retry's wait (doubling, capped at an hour, jittered) and how long a
+# delivery is retried before it is parked in the subscriber's dead list.
+DEFAULT_FORWARD_TIMEOUT_S = 10.0
+DEFAULT_FORWARD_CONCURRENCY = 4
+DEFAULT_FORWARD_RETRY_BASE_S = 10.0
+DEFAULT_FORWARD_RETRY_FOR_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,12 @@ class Settings:
     log_format: str = "console"
     log_level: str = "INFO"
     var_dir: Path = Path("var")
+    # `kq forward` (worker/forward/): subscribers from a file, beside `kq subscribers add`.
+    forward_subscribers_file: Path | None = None
+    forward_timeout_s: float = DEFAULT_FORWARD_TIMEOUT_S
+    forward_concurrency: int = DEFAULT_FORWARD_CONCURRENCY
+    forward_retry_base_s: float = DEFAULT_FORWARD_RETRY_BASE_S
+    forward_retry_for_s: float = DEFAULT_FORWARD_RETRY_FOR_S
     # Which variables the environment set (non-empty): `kq up` / `kq run` fill in local
     # defaults (shorter polling, no simulated account limits) only where the user did not.
     set_in_env: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -215,6 +228,23 @@ class Settings:
             var_dir=var_dir,
             api_token=source.get("KQ_API_TOKEN", ""),
             ops_token=source.get("KQ_OPS_TOKEN", ""),
+            forward_subscribers_file=(
+                Path(source["KQ_FORWARD_SUBSCRIBERS_FILE"])
+                if source.get("KQ_FORWARD_SUBSCRIBERS_FILE")
+                else None
+            ),
+            forward_timeout_s=_num(
+                source, "KQ_FORWARD_TIMEOUT_S", DEFAULT_FORWARD_TIMEOUT_S, minimum=0.1
+            ),
+            forward_concurrency=int(
+                _num(source, "KQ_FORWARD_CONCURRENCY", DEFAULT_FORWARD_CONCURRENCY, minimum=1)
+            ),
+            forward_retry_base_s=_num(
+                source, "KQ_FORWARD_RETRY_BASE_S", DEFAULT_FORWARD_RETRY_BASE_S, minimum=0.01
+            ),
+            forward_retry_for_s=_num(
+                source, "KQ_FORWARD_RETRY_FOR_S", DEFAULT_FORWARD_RETRY_FOR_S, minimum=0
+            ),
             set_in_env=frozenset(
                 name for name, value in source.items() if value and name.startswith(_OURS)
             ),

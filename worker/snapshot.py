@@ -46,6 +46,7 @@ class StatusConfig:
     rejected_window_min: int = 5  # alarm on bad signatures/tokens in the last minutes
     rejected_min: int = 3
     batch_scan: int = 200  # at most this many batches looked at for "running batches"
+    forward_failing_s: float = 600.0  # alarm when a `kq forward` endpoint fails this long
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,11 @@ class JobCounts:
 
 @dataclass(frozen=True)
 class Polling:
-    due: int  # on the poll schedule and due now
-    scheduled: int  # on the poll schedule in all
+    due: int  # jobs not yet terminal on the poll schedule, due now
+    scheduled: int  # jobs not yet terminal on the poll schedule, in all
+    # Entries kq:poll still holds for terminal (or expired) jobs: never polled, dropped
+    # when the poller next reaches them; counted here instead of above.
+    finished: int = 0
 
 
 @dataclass(frozen=True)
@@ -222,6 +226,7 @@ class AlarmName(StrEnum):
     WORKER_DOWN = "worker_down"
     BEAT_DOWN = "beat_down"
     RECEIVER_DOWN = "receiver_down"
+    FORWARD_FAILING = "forward_failing"
 
 
 class Severity(StrEnum):
@@ -234,6 +239,30 @@ class Alarm:
     name: AlarmName
     severity: Severity
     message: str
+
+
+@dataclass(frozen=True)
+class ForwardEndpoint:
+    """One `kq forward` subscriber: what it is still owed and how its endpoint fares."""
+
+    subscriber: str
+    source: str  # "redis" (`kq subscribers add`), "file", or "" (only its state is left)
+    pending: int  # deliveries queued, in flight or waiting for a retry
+    dead: int  # deliveries parked in its dead list
+    oldest_undelivered_s: float | None  # since the oldest pending one was queued
+    failing_for_s: float | None  # since the first failed attempt after the last success
+    last_error: str
+    deliveries: Mapping[str, int]  # outcome -> delivery attempts (and parkings), in all
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    """Outbound webhooks (`kq forward`): per subscriber, and what is not routed yet."""
+
+    endpoints: tuple[ForwardEndpoint, ...]
+    unrouted: int  # events of kq:events not yet handed to the subscribers' queues
+    oldest_unrouted_s: float | None
+    forwarders: int  # live `kq forward` processes (heartbeats)
 
 
 @dataclass(frozen=True)
@@ -258,6 +287,8 @@ class StatusSnapshot:
     deadline_s: float
     admission: AdmissionSnapshot | None
     alarms: tuple[Alarm, ...] = ()
+    # Outbound webhooks; None where the reader was not asked for them.
+    forward: Forwarding | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `kq status --json` object (JSON-ready: dicts, lists, str, numbers, None)."""

@@ -5,8 +5,9 @@ show it and it survives restarts (unlike Flower, which forgets on restart):
 
     Celery queues         LLEN of the `kq` and `kq.poll` lists, HLEN of `unacked`
     jobs by state         kq:stats (now:<state> gauges, state:<s> terminal totals)
-    polling               kq:poll zset: due now / scheduled; overdue = in flight past
-                          KQ_JOB_DEADLINE_S (a bounded scan of the zset)
+    polling               kq:poll zset: due now / scheduled, less the entries of jobs
+                          already terminal (a bounded scan of the zset reads each job's
+                          state); overdue = in flight past KQ_JOB_DEADLINE_S (same scan)
     resolution split      kq:stats resolved_by:<how>, and over the recent window from events
     latency, throughput   the recent part of kq:events (finished_at - created_at)
     retries, 429s,        worker.telemetry minute buckets
@@ -37,6 +38,7 @@ from worker.admission import Admission
 from worker.alarms import find_alarms
 from worker.domain import PRICE_PER_IMAGE_USD, Job, JobState
 from worker.events import ResultEvent, decode_event, time_to_id
+from worker.forward.health import read_forwarding
 from worker.snapshot import (
     CELERY_QUEUES,
     CELERY_UNACKED,
@@ -104,14 +106,15 @@ def collect(
     rejected_recent = telemetry.recent(client, cfg.rejected_window_min, now=ts)
     today = telemetry.today(client, now=ts)
     active: set[str] = set()  # batches with a job in flight or a recent result
-    overdue = _overdue(client, ts, deadline_s, cfg, active)
+    finished: list[float] = []  # poll times of schedule entries whose job has ended
+    overdue = _overdue(client, ts, deadline_s, cfg, active, finished)
     active.update(e.batch_id for e in events if e.batch_id)
     snapshot = StatusSnapshot(
         time=ts,
         queues=CeleryQueues(submit=int(submit_len), poll=int(poll_len), reserved=int(unacked)),
         jobs=jobs,
         in_flight=jobs.submitted,
-        polling=Polling(due=int(due), scheduled=int(scheduled)),
+        polling=_polling(int(due), int(scheduled), finished, ts),
         overdue=overdue,
         dlq=int(dlq),
         failures=_failures(client, cfg.list_limit),
@@ -124,6 +127,7 @@ def collect(
         webhooks_enabled=webhooks_enabled,
         deadline_s=deadline_s,
         admission=None if admission is None else admission.snapshot(ts),
+        forward=read_forwarding(client, now=ts),
     )
     return replace(snapshot, alarms=find_alarms(snapshot, rejected_recent, cfg))
 
@@ -155,17 +159,26 @@ def _jobs(
 
 
 def _overdue(
-    client: redis.Redis, now: float, deadline_s: float, cfg: StatusConfig, batches: set[str]
+    client: redis.Redis,
+    now: float,
+    deadline_s: float,
+    cfg: StatusConfig,
+    batches: set[str],
+    finished: list[float] | None = None,
 ) -> Overdue:
     """In-flight jobs (the poll schedule holds them) whose deadline has passed.
 
-    Adds the batch ids of the in-flight jobs to `batches` on the way.
+    Adds the batch ids of the in-flight jobs to `batches` on the way, and to `finished`
+    the poll time of each scanned entry whose job is terminal or gone.
     """
-    members: Any = client.zrange(keys.POLL, 0, cfg.overdue_scan - 1)
-    ids = [as_str(m) for m in members]
+    members: Any = client.zrange(keys.POLL, 0, cfg.overdue_scan - 1, withscores=True)
+    when = {as_str(m): float(score) for m, score in members}
+    ids = list(when)
     found: list[OverdueJob] = []
     fields = ("submitted_at", "submitting_at", "created_at", "batch_id")
     for job_id, job in _jobs(client, ids, fields):
+        if (job is None or job.terminal) and finished is not None:
+            finished.append(when[job_id])
         if job is None or job.state not in IN_FLIGHT:
             continue
         if job.batch_id:
@@ -179,6 +192,24 @@ def _overdue(
         jobs=tuple(found[: cfg.list_limit]),
         scanned=len(ids),
         truncated=len(ids) >= cfg.overdue_scan,
+    )
+
+
+def _polling(due: int, scheduled: int, finished: list[float], now: float) -> Polling:
+    """The poll schedule's counts without the entries of jobs that have ended.
+
+    A terminal move takes its job off kq:poll, but an entry can come back after it: a
+    re-posted batch or job (`create_many` schedules the queued check of every id it is
+    given, new or not) or a queued check racing the job's end. The poller drops such an
+    entry only when it comes due (up to a minute later); until then it is `finished`, not
+    `scheduled`. Past the scan cap (`overdue_scan` entries, the earliest first) the
+    unscanned rest counts as scheduled.
+    """
+    finished_due = sum(1 for at in finished if at <= now)
+    return Polling(
+        due=max(0, due - finished_due),
+        scheduled=max(0, scheduled - len(finished)),
+        finished=len(finished),
     )
 
 

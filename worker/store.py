@@ -43,6 +43,10 @@ REMOVE: Final = "rm"
 QUEUED_CHECK_S: Final = 60.0
 
 FieldValue = str | int | float
+# A job to write: (id, request, idempotency key, priority), optionally with its metadata.
+NewJob = (
+    tuple[str, EditRequest, str, int] | tuple[str, EditRequest, str, int, Mapping[str, Any] | None]
+)
 
 
 def _script(name: str) -> str:
@@ -100,28 +104,33 @@ class JobStore:
 
     def create_many(
         self,
-        jobs: Sequence[tuple[str, EditRequest, str, int]],
+        jobs: Sequence[NewJob],
         *,
         batch_id: str = "",
         now: float,
     ) -> list[str]:
-        """Write (job id, request, idempotency key, priority) tuples in one round trip.
+        """Write (job id, request, idempotency key, priority[, metadata]) tuples in one
+        round trip. `metadata` is the producer's JSON object (or None), stored as JSON.
 
         Atomic per call: each job is written only if its id is free. Answers, per job,
         NEW or the state of the job that already had that id.
         """
         if not jobs:
             return []
-        args: list[FieldValue] = [batch_id, now]
-        for job_id, request, key, priority in jobs:
+        args: list[FieldValue] = [batch_id, now, now + QUEUED_CHECK_S]
+        for job in jobs:
+            job_id, request, key, priority = job[:4]
+            metadata = job[4] if len(job) > 4 else None
             payload = json.dumps(request.to_payload(), separators=(",", ":"))
-            args.extend((job_id, payload, key, priority))
-        script_keys = [keys.STATS, keys.batch(batch_id), keys.batch_jobs(batch_id)]
+            meta = (
+                ""
+                if metadata is None
+                else json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
+            )
+            args.extend((job_id, payload, key, priority, meta))
+        script_keys = [keys.STATS, keys.batch(batch_id), keys.batch_jobs(batch_id), keys.POLL]
         script_keys.extend(keys.job(job[0]) for job in jobs)
-        pipe = self.redis.pipeline(transaction=True)  # the jobs and their check, atomically
-        self._create_jobs(keys=script_keys, args=args, client=pipe)
-        pipe.zadd(keys.POLL, {job[0]: now + QUEUED_CHECK_S for job in jobs}, nx=True)
-        answers, _ = pipe.execute()
+        answers = self._create_jobs(keys=script_keys, args=args)
         return [str(a) for a in answers]
 
     def batch_members(self, batch_id: str, start: int = 0, end: int = -1) -> list[str]:
@@ -217,7 +226,12 @@ class JobStore:
         ]
         for name, value in (fields or {}).items():
             args.extend((name, value))
-        script_keys = [keys.job(job_id), *_TRANSITION_KEYS, keys.webhook_id(webhook_id)]
+        script_keys = [
+            keys.job(job_id),
+            *_TRANSITION_KEYS,
+            keys.webhook_id(webhook_id),
+            keys.LATENCY,
+        ]
         return _result(self._transition(keys=script_keys, args=args))
 
     def flag(
@@ -242,8 +256,10 @@ class JobStore:
             args.extend((name, value))
         return _result(self._flag(keys=[keys.job(job_id), keys.POLL], args=args))
 
-    def schedule_poll(self, job_id: str, at: float) -> None:
-        self.redis.zadd(keys.POLL, {job_id: at})
+    def schedule_poll(self, job_id: str, at: float, *, only_if_scheduled: bool = False) -> None:
+        """(Re)schedule a job's next poll. `only_if_scheduled`: leave a job that a move
+        took off the schedule meanwhile (it finished) off it."""
+        self.redis.zadd(keys.POLL, {job_id: at}, xx=only_if_scheduled)
 
     def unschedule_poll(self, job_id: str) -> None:
         self.redis.zrem(keys.POLL, job_id)
@@ -322,6 +338,10 @@ def decode_job(raw: Mapping[str, str]) -> Job:
     except ValueError:
         request = {}
     code = raw.get("task_code") or ""
+    try:
+        metadata: Any = json.loads(raw["metadata"]) if raw.get("metadata") else None
+    except ValueError:
+        metadata = None
     return Job(
         id=raw.get("id", ""),
         state=JobState(raw["state"]),
@@ -344,5 +364,7 @@ def decode_job(raw: Mapping[str, str]) -> Job:
         resolved_by=raw.get("resolved_by", ""),
         poll_count=int(num("poll_count")),
         candidates_final_at=num("candidates_final_at"),
+        answer_lost_at=num("answer_lost_at"),
         candidates=tuple(c for c in (raw.get("candidates") or "").split(",") if c),
+        metadata=metadata if isinstance(metadata, dict) else None,
     )

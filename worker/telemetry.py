@@ -53,6 +53,7 @@ WEBHOOK_OUTCOMES: Final = (
     "too_large",
     "timeout",  # the body did not arrive in time (408)
     "unavailable",
+    "verifying",  # a reported failure, left for the provider's GET to confirm
 )
 POLL_OUTCOMES: Final = (
     "pending",
@@ -74,6 +75,14 @@ POLL_OUTCOMES: Final = (
     "requeued",
     "ambiguous_waiting",
     "ambiguous_failed",
+    "queued_waiting",
+    "resent",
+    "task_not_found",
+    *(
+        f"{what}_{outcome}"
+        for what in ("requeued", "stuck_submit")
+        for outcome in ("applied", "rejected", "conflict", "mismatch", "missing")
+    ),
 )
 NAMES: Final = frozenset(
     [f"submit.{n}" for n in SUBMIT_OUTCOMES]

@@ -3,6 +3,7 @@
 -- KEYS[4] stats hash    KEYS[5] dead letters   KEYS[6] admission slots  KEYS[7] admission claims
 -- KEYS[8] waiter count  KEYS[9] wake list      KEYS[10] open submit attempts (zset)
 -- KEYS[11] this webhook delivery's dedupe key (used when ARGV[11] is not '')
+-- KEYS[12] latency histogram counters (hash; see the end of the terminal branch)
 -- ARGV[1] target state          ARGV[2] comma list of states it may come from
 -- ARGV[3] expected version or '' ARGV[4] prediction id the job must have (or none) or ''
 -- ARGV[5] now                    ARGV[6] record TTL once terminal (s)
@@ -110,12 +111,20 @@ end
 if ARGV[8] == '1' then
   local f = redis.call('HMGET', job, 'batch_id', 'prediction_id', 'outputs', 'error', 'reason',
     'task_code', 'resolved_by', 'created_at', 'submitted_at', 'finished_at', 'attempts')
-  local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*',
-    'schema', '1', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
+  local event = {'schema', '1', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
     'prediction_id', f[2] or '', 'outputs', f[3] or '[]', 'error', f[4] or '',
     'reason', f[5] or '', 'task_code', f[6] or '', 'resolved_by', f[7] or '',
     'created_at', f[8] or '', 'submitted_at', f[9] or '', 'finished_at', f[10] or '',
-    'attempts', f[11] or '0', 'version', tostring(version))
+    'attempts', f[11] or '0', 'version', tostring(version)}
+  -- The producer's own key and metadata, when the job has them (docs/events.md).
+  for _, name in ipairs({'idempotency_key', 'metadata'}) do
+    local value = redis.call('HGET', job, name)
+    if value and value ~= '' then
+      table.insert(event, name)
+      table.insert(event, value)
+    end
+  end
+  local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(event))
   redis.call('HSET', job, 'event_id', event_id)
   redis.call('EXPIRE', job, ttl)
   redis.call('ZREM', KEYS[3], job_id)
@@ -136,6 +145,28 @@ if ARGV[8] == '1' then
     redis.call('HINCRBY', batch, 'terminal', 1)
     redis.call('HSET', batch, 'last_finished_at', ARGV[5])
     if f[7] and f[7] ~= '' then redis.call('HINCRBY', batch, 'by_' .. f[7], 1) end
+  end
+  -- Latency histograms (exported by worker.metrics), counted once per job, here, in the
+  -- move that ends it: enqueue->result (created_at) and submit->result (submitted_at, if
+  -- a task was ever recorded) up to finished_at. In KEYS[12], '<span>|<state>|<n>' counts
+  -- the results in bucket n (the first bound >= the seconds; #BOUNDS + 1 above the last)
+  -- and '<span>|<state>|sum' adds up the seconds. BOUNDS is
+  -- worker.metrics.JOB_LATENCY_BUCKETS_S; tests/test_metrics.py checks they agree.
+  local BOUNDS = {1, 2.5, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600,
+    7200, 21600, 86400}
+  local done_at = tonumber(f[10] or '') or tonumber(ARGV[5])
+  for _, span in ipairs({{'enqueue', f[8]}, {'submit', f[9]}}) do
+    local from = tonumber(span[2] or '')
+    if from and from > 0 then
+      local seconds = math.max(0, done_at - from)
+      local n = #BOUNDS + 1
+      for i, bound in ipairs(BOUNDS) do
+        if seconds <= bound then n = i; break end
+      end
+      local field = span[1] .. '|' .. ARGV[1] .. '|'
+      redis.call('HINCRBY', KEYS[12], field .. n, 1)
+      redis.call('HINCRBYFLOAT', KEYS[12], field .. 'sum', seconds)
+    end
   end
 end
 return finish('applied', ARGV[1], version)

@@ -18,7 +18,9 @@ from worker.service.ambiguous import (
 )
 from worker.service.deps import Deps
 from worker.service.results import (
+    Verifying,
     apply_update,
+    apply_webhook,
     best_effort_delete,
     cancel_job,
     fail_job,
@@ -30,8 +32,10 @@ __all__ = [
     "Deps",
     "SubmitOutcome",
     "SubmitResult",
+    "Verifying",
     "adopt_task",
     "apply_update",
+    "apply_webhook",
     "best_effort_delete",
     "cancel_job",
     "fail_ambiguous",

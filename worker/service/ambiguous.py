@@ -24,17 +24,26 @@ AMBIGUOUS_FIRST_CHECK_S = 10.0
 
 
 def mark_ambiguous(
-    deps: Deps, job_id: str, error: str, *, expect_version: int | None = None
+    deps: Deps,
+    job_id: str,
+    error: str,
+    *,
+    expect_version: int | None = None,
+    answer_lost: bool = False,
 ) -> TransitionResult:
     """Flag a `submitting` job whose submit may have created a task, and schedule its
     reconciliation. One compare-and-set: a job that moved on (a webhook completed it,
-    a user cancelled it) is left alone."""
+    a user cancelled it) is left alone. `answer_lost`: the caller is the submit that just
+    lost its answer, so any task of it was created before now (narrows the list window)."""
     now = deps.clock()
     delay = min(AMBIGUOUS_FIRST_CHECK_S, deps.settings.poll_after_s)
+    fields: dict[str, str | float] = {"ambiguous": "1", "error": error}
+    if answer_lost:
+        fields["answer_lost_at"] = now
     result = deps.store.flag(
         job_id,
         JobState.SUBMITTING,
-        {"ambiguous": "1", "error": error},
+        fields,
         now=now,
         expect_version=expect_version,
         poll_at=now + delay,
@@ -43,13 +52,16 @@ def mark_ambiguous(
     return result
 
 
-def note_candidates_final(deps: Deps, job: Job, now: float) -> TransitionResult:
-    """Remember when every task that could be this job's was first seen finished: the
-    provider has sent their webhooks by then, so the wait for ours is bounded from it."""
+def note_candidates_final(
+    deps: Deps, job: Job, now: float, candidates: list[str]
+) -> TransitionResult:
+    """Remember when this set of tasks that could be this job's was first seen all
+    finished: the provider has sent their webhooks by then, so the wait for ours is
+    bounded from it."""
     return deps.store.flag(
         job.id,
         JobState.SUBMITTING,
-        {"candidates_final_at": now},
+        {"candidates_final_at": now, "candidates": ",".join(sorted(candidates))},
         now=now,
         expect_version=job.version,
     )
@@ -72,7 +84,7 @@ def requeue_unsent(deps: Deps, job: Job) -> TransitionResult:
         job.id,
         JobState.QUEUED,
         now=now,
-        fields={"ambiguous": "0", "candidates_final_at": 0},
+        fields={"ambiguous": "0", "candidates_final_at": 0, "candidates": "", "answer_lost_at": 0},
         expect_version=job.version,
         poll_at=now + QUEUED_CHECK_S,
         attempt_created_no_task=True,

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import structlog
 
-from worker.domain import JobState, Prediction, Reason, ResolvedBy, outcome_of
+from worker.domain import (
+    JobState,
+    Prediction,
+    Reason,
+    ResolvedBy,
+    TransitionOutcome,
+    outcome_of,
+)
 from worker.errors import ProviderError
 from worker.service.deps import Deps
 from worker.store import REMOVE, TransitionResult
@@ -74,6 +82,58 @@ def apply_update(
         state=result.state,
     )
     return result
+
+
+@dataclass(frozen=True)
+class Verifying:
+    """A failure reported by webhook, left for the provider's GET to confirm: the job was
+    put on the poll schedule for now (and, if its submit was ambiguous, given the task
+    the webhook names)."""
+
+    state: str
+
+
+def apply_webhook(
+    deps: Deps, job_id: str, prediction: Prediction, webhook_id: str
+) -> TransitionResult | Verifying | None:
+    """Apply a webhook delivery (its URL named the job, its signature was checked).
+
+    A completed task is applied at once, marked seen with its `webhook_id` in the same
+    step. A reported failure is not taken on its word: deliveries are retried, late and
+    out of order, and a "failed" sent after the task completed must not end a job whose
+    "completed" was lost. The job is polled at once instead, and the result the GET
+    answers (the provider's canonical view) ends it; such a delivery is not marked seen,
+    so a retry of it only asks for the same poll again.
+    """
+    outcome = outcome_of(prediction)
+    if outcome is None or outcome.state is not JobState.FAILED:
+        return apply_update(deps, job_id, prediction, ResolvedBy.WEBHOOK, webhook_id=webhook_id)
+    job = deps.store.get(job_id)
+    if job is not None and deps.store.webhook_seen(webhook_id):
+        # A replay of a delivery applied before (any body): nothing to confirm.
+        return TransitionResult(TransitionOutcome.DUPLICATE, job.state.value, job.version)
+    if job is None or job.terminal or job.prediction_id not in ("", prediction.id):
+        # Nothing to confirm: unknown job, stale or another task's news; answered so.
+        return apply_update(deps, job_id, prediction, ResolvedBy.WEBHOOK, webhook_id=webhook_id)
+    now = deps.clock()
+    if job.prediction_id:
+        deps.store.schedule_poll(job_id, now, only_if_scheduled=True)
+        return Verifying(job.state.value)
+    # An ambiguous (or not yet recorded) submit: the URL says whose task this is.
+    recorded = deps.store.transition(
+        job_id,
+        JobState.SUBMITTED,
+        now=now,
+        fields={"prediction_id": prediction.id, "submitted_at": now, "ambiguous": "0"},
+        expect_prediction_id=prediction.id,
+        poll_at=now,
+    )
+    if recorded.outcome is TransitionOutcome.MISMATCH:
+        return recorded
+    if not recorded.applied:
+        deps.store.schedule_poll(job_id, now, only_if_scheduled=True)
+    log.info("job.failure_to_verify", job_id=job_id, prediction_id=prediction.id)
+    return Verifying(recorded.state)
 
 
 def fail_job(

@@ -133,7 +133,7 @@ def _submit(
     try:
         prediction = deps.provider.submit(request, webhook_url=hook)
     except AmbiguousError as exc:
-        mark_ambiguous(deps, job_id, str(exc), expect_version=claim.version)
+        mark_ambiguous(deps, job_id, str(exc), expect_version=claim.version, answer_lost=True)
         bound.warning("submit.ambiguous", error=str(exc))
         telemetry.count(store.redis, "submit.ambiguous")
         return SubmitResult(SubmitOutcome.AMBIGUOUS, str(exc))
