@@ -7,6 +7,9 @@ simulator's tasks with their faults and webhook deliveries (`GET /_sim/tasks`), 
 provider proxy did with every submit's answer, the receiver's answer to every webhook
 attempt (the webhook proxy; the simulator keeps only the status code), and when Redis
 was away and which jobs a dead worker held.
+
+Longer than our ~400-line guideline on purpose: the invariants are one contract, read
+together and in the order they are printed; splitting them would scatter it.
 """
 
 from __future__ import annotations

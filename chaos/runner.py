@@ -7,6 +7,9 @@ worker, beat); jobs are pushed at a steady pace over `push_s` on their own threa
 fixed shares of the jobs pushed the process faults fire, one after another (see
 `chaos.faults`); then the run waits until every job is terminal and the simulator has
 no webhook left to send, and checks (see `chaos.invariants`).
+
+Longer than our ~400-line guideline: it is the one timeline of a run (start, push,
+faults, settle, check) and reads best in one place; the faults live in faults.py.
 """
 
 from __future__ import annotations

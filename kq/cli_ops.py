@@ -275,7 +275,8 @@ def _watch(
 def cmd_metrics(args: argparse.Namespace) -> int:
     from worker import telemetry
     from worker.admission import Admission
-    from worker.metrics import StatusCollector, read_latency, serve_exporter
+    from worker.histograms import read_latency
+    from worker.metrics import StatusCollector, serve_exporter
     from worker.status import collect
 
     settings = Settings.from_env()

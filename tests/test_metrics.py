@@ -30,15 +30,14 @@ from tests.test_receiver import body_for, deliver, make_job
 from webhook_receiver.app import create_app
 from worker import keys, telemetry
 from worker.domain import EditRequest, JobState
-from worker.metrics import (
+from worker.histograms import (
     JOB_LATENCY_BUCKETS_S,
     WEBHOOK_RECEIVE_TO_APPLIED,
-    StatusCollector,
     bucket_slot,
     observe,
     read_latency,
-    serve_exporter,
 )
+from worker.metrics import StatusCollector, serve_exporter
 from worker.settings import Settings
 from worker.status import collect
 from worker.store import JobStore

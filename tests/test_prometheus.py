@@ -40,7 +40,8 @@ from worker import keys, telemetry
 from worker.admission import Admission
 from worker.alarms import SEVERITY
 from worker.forward.health import read_forwarding
-from worker.metrics import ForwardCollector, ReceiverCollector, StatusCollector, read_latency
+from worker.histograms import read_latency
+from worker.metrics import ForwardCollector, ReceiverCollector, StatusCollector
 from worker.settings import Settings
 from worker.snapshot import ROLES, AlarmName
 from worker.status import collect

@@ -28,7 +28,8 @@ from webhook_receiver.signing_secret import SecretSource
 from worker import runtime, telemetry
 from worker.domain import Prediction, TransitionOutcome
 from worker.errors import ProviderError, ValidationError
-from worker.metrics import WEBHOOK_RECEIVE_TO_APPLIED, observe, receiver_metrics
+from worker.histograms import WEBHOOK_RECEIVE_TO_APPLIED, observe
+from worker.metrics import receiver_metrics
 from worker.service import Deps, Verifying, apply_webhook
 from worker.settings import Settings
 from worker.signing import WEBHOOK_PATH, token_matches, verify_v3

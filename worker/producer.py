@@ -18,29 +18,34 @@ own order without a lookup.
 
 from __future__ import annotations
 
-import json
-import math
-import re
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any, TypeVar
 
+from worker.batch_views import BatchProgress, BatchReceipt, job_json
 from worker.domain import (
     PRICE_PER_IMAGE_MICROS,
-    PRICE_PER_IMAGE_USD,
-    REQUEST_FIELDS,
     EditRequest,
     Job,
     JobState,
     check_key,
-    check_priority,
-    job_id_for_key,
-    kind_of,
 )
-from worker.errors import FieldError, ValidationError
+
+# Re-exported: a producer imports its whole API from this module.
+from worker.items import (
+    IMAGE_URL_PATTERN,
+    ITEM_ENVELOPE_FIELDS,
+    MAX_BUDGET_USD,
+    MAX_METADATA_BYTES,
+    Item,
+    check_budget,
+    check_metadata,
+    item_from_dict,
+    new_batch_id,
+    new_job_id,
+)
 from worker.service import Deps, cancel_job
 from worker.store import NEW, JobStore
 
@@ -49,281 +54,8 @@ T = TypeVar("T")
 # Jobs are written and queued in chunks: one Redis round trip per chunk, not per job.
 ENQUEUE_CHUNK = 500
 WAIT_POLL_S = 0.25
-# The producer's metadata object, as compact UTF-8 JSON, at most this many bytes.
-MAX_METADATA_BYTES = 4096
-# A budget above this is a typo, not a plan (and must stay exact in micro-dollars).
-MAX_BUDGET_USD = 1_000_000_000
-# What an item may carry beside the edit itself (`batch_id` only where the caller says).
-ITEM_ENVELOPE_FIELDS = ("idempotency_key", "priority", "metadata")
 # A filtered page of a batch's jobs reads at most this many members of the batch.
 PAGE_SCAN_MAX = 5000
-_PLACEHOLDER_PROMPT = "-"
-_PLACEHOLDER_IMAGE = "https://example.invalid/"
-# The form of an image URL every producer's item must have: http(s), an ASCII host (IDN in
-# punycode; no IPv6 literal), then any path, query or fragment without white space or
-# control characters (non-ASCII is fine; lone surrogates are refused by EditRequest, and
-# are left out here because JSON Schema regex engines cannot name them). docs/openapi.yaml
-# states the same pattern, so the HTTP API's description and behaviour cannot drift apart.
-_URL_SPACE = (
-    "\\u0000-\\u0020\\u007f\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
-)
-_URL_HOST = "\\u0021\\u0022\\u0024-\\u002e\\u0030-\\u003e\\u0040-\\u005a\\u005c\\u005e-\\u007e"
-IMAGE_URL_PATTERN = f"^https?://[{_URL_HOST}]+([/?#][^{_URL_SPACE}]*)?$"
-_IMAGE_URL = re.compile(IMAGE_URL_PATTERN)
-
-
-def new_job_id() -> str:
-    return uuid.uuid4().hex
-
-
-def new_batch_id() -> str:
-    return f"b-{uuid.uuid4().hex[:16]}"
-
-
-@dataclass(frozen=True)
-class Item:
-    """One request to enqueue, with its optional idempotency key, priority and metadata."""
-
-    request: EditRequest
-    idempotency_key: str = ""
-    priority: int = 0
-    # Fixed at creation: derived from the key, or a fresh id when there is none.
-    job_id: str = field(default="", compare=False)
-    # The producer's own JSON object (checked by `check_metadata`), or None.
-    metadata: Mapping[str, Any] | None = field(default=None, hash=False)
-
-    def __post_init__(self) -> None:
-        if not self.job_id:
-            key = self.idempotency_key
-            object.__setattr__(self, "job_id", job_id_for_key(key) if key else new_job_id())
-
-    @classmethod
-    def coerce(cls, value: Item | EditRequest | Mapping[str, object]) -> Item:
-        """Accept an Item, an EditRequest or a JSON-like mapping (validated; a mapping
-        may also carry `batch_id`, which is the caller's to read)."""
-        if isinstance(value, Item):
-            return value
-        if isinstance(value, EditRequest):
-            return cls(value)
-        return item_from_dict(value, envelope=("batch_id", *ITEM_ENVELOPE_FIELDS))
-
-
-def item_from_dict(
-    data: object,
-    *,
-    envelope: Sequence[str] = ITEM_ENVELOPE_FIELDS,
-    refused: Mapping[str, str] | None = None,
-) -> Item:
-    """Validate one JSON-like item; a ValidationError names every bad field at once.
-
-    `envelope`: the fields accepted beside the edit's own (REQUEST_FIELDS); an unknown
-    field's error lists all accepted ones. `refused`: fields refused with their own message
-    (e.g. `batch_id` on a batch line).
-    """
-    if not isinstance(data, Mapping):
-        raise ValidationError.single("request", f"expected a JSON object, got {kind_of(data)}")
-    allowed = (*REQUEST_FIELDS, *envelope)
-    errors: list[FieldError] = []
-    for name in sorted(map(str, data)):
-        if refused and name in refused:
-            errors.append(FieldError(name, refused[name]))
-        elif name not in allowed:
-            errors.append(FieldError(name, f"unknown field; allowed: {', '.join(allowed)}"))
-    missing = [name for name in ("prompt", "image") if data.get(name) is None]
-    errors.extend(FieldError(name, "is required") for name in missing)
-    request: EditRequest | None = None
-    try:
-        # A missing prompt or image stands in as a valid one, so that the other
-        # fields are still checked and every problem of the item is named together.
-        request = EditRequest(
-            prompt=_PLACEHOLDER_PROMPT if "prompt" in missing else data["prompt"],
-            image=_PLACEHOLDER_IMAGE if "image" in missing else data["image"],
-            seed=data.get("seed"),
-            guidance_scale=data.get("guidance_scale"),
-            aspect_ratio=data.get("aspect_ratio"),
-        )
-    except ValidationError as exc:
-        errors.extend(exc.errors)
-    image = data.get("image")
-    # fullmatch: `$` alone would let a final newline through.
-    if (
-        isinstance(image, str)
-        and not any(e.field == "image" for e in errors)
-        and not _IMAGE_URL.fullmatch(image)
-    ):
-        errors.append(
-            FieldError(
-                "image",
-                "expected http:// or https://, an ASCII host (user:password@ and :port "
-                "allowed; IDN in punycode; no IPv6 literal), then an optional path; "
-                f"got {image[:80]!r}",
-            )
-        )
-    key = priority = metadata = None
-    try:
-        key = check_key("idempotency_key", data.get("idempotency_key"))
-    except ValidationError as exc:
-        errors.extend(exc.errors)
-    try:
-        priority = check_priority(data.get("priority"))
-    except ValidationError as exc:
-        errors.extend(exc.errors)
-    try:
-        metadata = check_metadata(data.get("metadata"))
-    except ValidationError as exc:
-        errors.extend(exc.errors)
-    if errors or request is None:
-        raise ValidationError(errors)
-    return Item(request, key or "", priority or 0, metadata=metadata)
-
-
-def check_metadata(value: object) -> dict[str, Any] | None:
-    """The producer's metadata: a JSON object of at most MAX_METADATA_BYTES as compact
-    UTF-8 JSON (None when absent). Returns a plain copy."""
-    if value is None:
-        return None
-    if not isinstance(value, Mapping):
-        raise ValidationError.single("metadata", f"expected a JSON object, got {kind_of(value)}")
-    try:
-        text = json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ValidationError.single("metadata", f"must be plain JSON ({exc})") from None
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValidationError.single(
-            "metadata", "must be valid Unicode (no lone surrogates)"
-        ) from None
-    if size > MAX_METADATA_BYTES:
-        raise ValidationError.single(
-            "metadata", f"is {size} bytes as JSON; at most {MAX_METADATA_BYTES}"
-        )
-    copy: dict[str, Any] = json.loads(text)
-    return copy
-
-
-def check_budget(value: object, field_name: str = "budget") -> float | None:
-    """A batch budget in USD: 0 to MAX_BUDGET_USD (None: no budget)."""
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        # The range first: isfinite() overflows on an integer too large for a float.
-        or not 0 <= value <= MAX_BUDGET_USD
-        or not math.isfinite(value)
-    ):
-        raise ValidationError.single(
-            field_name, f"expected an amount in USD from 0 to {MAX_BUDGET_USD:,}, got {value!r}"
-        )
-    return float(value)
-
-
-@dataclass(frozen=True)
-class BatchReceipt:
-    """What an enqueue did: jobs written now, jobs that already existed (same key),
-    and how many of those were still queued and were sent to the workers again.
-    `job_ids`, when asked for: the job of each item, in the order of the items."""
-
-    batch_id: str
-    created: int
-    existing: int
-    resent: int
-    job_ids: tuple[str, ...] | None = None
-
-    @property
-    def total(self) -> int:
-        return self.created + self.existing
-
-    def as_dict(self) -> dict[str, object]:
-        data: dict[str, object] = {
-            "batch_id": self.batch_id,
-            "created": self.created,
-            "existing": self.existing,
-            "resent": self.resent,
-            "total": self.total,
-        }
-        if self.job_ids is not None:
-            data["job_ids"] = list(self.job_ids)
-        return data
-
-
-def job_json(job: Job) -> dict[str, Any]:
-    """A job as the product serves it in JSON (`kq job --json`, the HTTP API): numbers as
-    numbers, times as unix seconds or null when not (yet) known, `seconds` end to end."""
-    data = asdict(job)
-    data["state"] = job.state.value
-    data["outputs"] = list(job.outputs)
-    data["candidates"] = list(job.candidates)
-    data["metadata"] = None if job.metadata is None else dict(job.metadata)
-    for name in ("created_at", "submitting_at", "submitted_at", "finished_at"):
-        data[name] = data[name] or None
-    data["candidates_final_at"] = job.candidates_final_at or None
-    data["seconds"] = job.seconds
-    return data
-
-
-@dataclass(frozen=True)
-class BatchProgress:
-    """A batch's counters, cost and pace at one moment."""
-
-    batch_id: str
-    total: int
-    queued: int
-    in_flight: int
-    completed: int
-    failed: int
-    cancelled: int
-    paid: int
-    budget_usd: float | None
-    created_at: float
-    now: float
-    last_finished_at: float = 0.0
-
-    @property
-    def terminal(self) -> int:
-        return self.completed + self.failed + self.cancelled
-
-    @property
-    def done(self) -> bool:
-        return self.total > 0 and self.terminal >= self.total
-
-    @property
-    def cost_usd(self) -> float:
-        return round(self.paid * PRICE_PER_IMAGE_USD, 2)
-
-    @property
-    def rate_per_s(self) -> float:
-        """Jobs finished per second since the batch was created (until its last one)."""
-        end = self.last_finished_at if self.done and self.last_finished_at else self.now
-        elapsed = end - self.created_at
-        return self.terminal / elapsed if elapsed > 0 else 0.0
-
-    @property
-    def eta_s(self) -> float | None:
-        remaining = self.total - self.terminal
-        if remaining <= 0:
-            return 0.0
-        rate = self.rate_per_s
-        return remaining / rate if rate > 0 else None
-
-    def as_dict(self) -> dict[str, object]:
-        eta = self.eta_s
-        return {
-            "batch_id": self.batch_id,
-            "total": self.total,
-            "queued": self.queued,
-            "in_flight": self.in_flight,
-            "completed": self.completed,
-            "failed": self.failed,
-            "cancelled": self.cancelled,
-            "paid_submits": self.paid,
-            "cost_usd": self.cost_usd,
-            "budget_usd": self.budget_usd,
-            "rate_per_s": round(self.rate_per_s, 3),
-            "eta_s": None if eta is None or math.isinf(eta) else round(eta, 1),
-            "done": self.done,
-        }
 
 
 @dataclass
@@ -595,6 +327,9 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 __all__ = [
+    "IMAGE_URL_PATTERN",
+    "ITEM_ENVELOPE_FIELDS",
+    "MAX_BUDGET_USD",
     "MAX_METADATA_BYTES",
     "PRICE_PER_IMAGE_MICROS",
     "BatchProgress",
@@ -605,4 +340,6 @@ __all__ = [
     "check_metadata",
     "item_from_dict",
     "job_json",
+    "new_batch_id",
+    "new_job_id",
 ]

@@ -1,0 +1,189 @@
+"""What a producer hands in, checked before anything is written: items (an edit plus
+its idempotency key, priority and metadata), image URLs, metadata objects, budgets."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.domain import (
+    REQUEST_FIELDS,
+    EditRequest,
+    check_key,
+    check_priority,
+    job_id_for_key,
+    kind_of,
+)
+from worker.errors import FieldError, ValidationError
+
+# The producer's metadata object, as compact UTF-8 JSON, at most this many bytes.
+MAX_METADATA_BYTES = 4096
+# A budget above this is a typo, not a plan (and must stay exact in micro-dollars).
+MAX_BUDGET_USD = 1_000_000_000
+# What an item may carry beside the edit itself (`batch_id` only where the caller says).
+ITEM_ENVELOPE_FIELDS = ("idempotency_key", "priority", "metadata")
+_PLACEHOLDER_PROMPT = "-"
+_PLACEHOLDER_IMAGE = "https://example.invalid/"
+# The form of an image URL every producer's item must have: http(s), an ASCII host (IDN in
+# punycode; no IPv6 literal), then any path, query or fragment without white space or
+# control characters (non-ASCII is fine; lone surrogates are refused by EditRequest, and
+# are left out here because JSON Schema regex engines cannot name them). docs/openapi.yaml
+# states the same pattern, so the HTTP API's description and behaviour cannot drift apart.
+_URL_SPACE = (
+    "\\u0000-\\u0020\\u007f\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"
+)
+_URL_HOST = "\\u0021\\u0022\\u0024-\\u002e\\u0030-\\u003e\\u0040-\\u005a\\u005c\\u005e-\\u007e"
+IMAGE_URL_PATTERN = f"^https?://[{_URL_HOST}]+([/?#][^{_URL_SPACE}]*)?$"
+_IMAGE_URL = re.compile(IMAGE_URL_PATTERN)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+def new_batch_id() -> str:
+    return f"b-{uuid.uuid4().hex[:16]}"
+
+
+@dataclass(frozen=True)
+class Item:
+    """One request to enqueue, with its optional idempotency key, priority and metadata."""
+
+    request: EditRequest
+    idempotency_key: str = ""
+    priority: int = 0
+    # Fixed at creation: derived from the key, or a fresh id when there is none.
+    job_id: str = field(default="", compare=False)
+    # The producer's own JSON object (checked by `check_metadata`), or None.
+    metadata: Mapping[str, Any] | None = field(default=None, hash=False)
+
+    def __post_init__(self) -> None:
+        if not self.job_id:
+            key = self.idempotency_key
+            object.__setattr__(self, "job_id", job_id_for_key(key) if key else new_job_id())
+
+    @classmethod
+    def coerce(cls, value: Item | EditRequest | Mapping[str, object]) -> Item:
+        """Accept an Item, an EditRequest or a JSON-like mapping (validated; a mapping
+        may also carry `batch_id`, which is the caller's to read)."""
+        if isinstance(value, Item):
+            return value
+        if isinstance(value, EditRequest):
+            return cls(value)
+        return item_from_dict(value, envelope=("batch_id", *ITEM_ENVELOPE_FIELDS))
+
+
+def item_from_dict(
+    data: object,
+    *,
+    envelope: Sequence[str] = ITEM_ENVELOPE_FIELDS,
+    refused: Mapping[str, str] | None = None,
+) -> Item:
+    """Validate one JSON-like item; a ValidationError names every bad field at once.
+
+    `envelope`: the fields accepted beside the edit's own (REQUEST_FIELDS); an unknown
+    field's error lists all accepted ones. `refused`: fields refused with their own message
+    (e.g. `batch_id` on a batch line).
+    """
+    if not isinstance(data, Mapping):
+        raise ValidationError.single("request", f"expected a JSON object, got {kind_of(data)}")
+    allowed = (*REQUEST_FIELDS, *envelope)
+    errors: list[FieldError] = []
+    for name in sorted(map(str, data)):
+        if refused and name in refused:
+            errors.append(FieldError(name, refused[name]))
+        elif name not in allowed:
+            errors.append(FieldError(name, f"unknown field; allowed: {', '.join(allowed)}"))
+    missing = [name for name in ("prompt", "image") if data.get(name) is None]
+    errors.extend(FieldError(name, "is required") for name in missing)
+    request: EditRequest | None = None
+    try:
+        # A missing prompt or image stands in as a valid one, so that the other
+        # fields are still checked and every problem of the item is named together.
+        request = EditRequest(
+            prompt=_PLACEHOLDER_PROMPT if "prompt" in missing else data["prompt"],
+            image=_PLACEHOLDER_IMAGE if "image" in missing else data["image"],
+            seed=data.get("seed"),
+            guidance_scale=data.get("guidance_scale"),
+            aspect_ratio=data.get("aspect_ratio"),
+        )
+    except ValidationError as exc:
+        errors.extend(exc.errors)
+    image = data.get("image")
+    # fullmatch: `$` alone would let a final newline through.
+    if (
+        isinstance(image, str)
+        and not any(e.field == "image" for e in errors)
+        and not _IMAGE_URL.fullmatch(image)
+    ):
+        errors.append(
+            FieldError(
+                "image",
+                "expected http:// or https://, an ASCII host (user:password@ and :port "
+                "allowed; IDN in punycode; no IPv6 literal), then an optional path; "
+                f"got {image[:80]!r}",
+            )
+        )
+    key = priority = metadata = None
+    try:
+        key = check_key("idempotency_key", data.get("idempotency_key"))
+    except ValidationError as exc:
+        errors.extend(exc.errors)
+    try:
+        priority = check_priority(data.get("priority"))
+    except ValidationError as exc:
+        errors.extend(exc.errors)
+    try:
+        metadata = check_metadata(data.get("metadata"))
+    except ValidationError as exc:
+        errors.extend(exc.errors)
+    if errors or request is None:
+        raise ValidationError(errors)
+    return Item(request, key or "", priority or 0, metadata=metadata)
+
+
+def check_metadata(value: object) -> dict[str, Any] | None:
+    """The producer's metadata: a JSON object of at most MAX_METADATA_BYTES as compact
+    UTF-8 JSON (None when absent). Returns a plain copy."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValidationError.single("metadata", f"expected a JSON object, got {kind_of(value)}")
+    try:
+        text = json.dumps(dict(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ValidationError.single("metadata", f"must be plain JSON ({exc})") from None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValidationError.single(
+            "metadata", "must be valid Unicode (no lone surrogates)"
+        ) from None
+    if size > MAX_METADATA_BYTES:
+        raise ValidationError.single(
+            "metadata", f"is {size} bytes as JSON; at most {MAX_METADATA_BYTES}"
+        )
+    copy: dict[str, Any] = json.loads(text)
+    return copy
+
+
+def check_budget(value: object, field_name: str = "budget") -> float | None:
+    """A batch budget in USD: 0 to MAX_BUDGET_USD (None: no budget)."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        # The range first: isfinite() overflows on an integer too large for a float.
+        or not 0 <= value <= MAX_BUDGET_USD
+        or not math.isfinite(value)
+    ):
+        raise ValidationError.single(
+            field_name, f"expected an amount in USD from 0 to {MAX_BUDGET_USD:,}, got {value!r}"
+        )
+    return float(value)
