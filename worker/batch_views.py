@@ -48,6 +48,7 @@ def job_json(job: Job) -> dict[str, Any]:
     data["state"] = job.state.value
     data["outputs"] = list(job.outputs)
     data["candidates"] = list(job.candidates)
+    data.pop("candidates_seen", None)  # reconciliation's bookkeeping, not part of the job
     data["metadata"] = None if job.metadata is None else dict(job.metadata)
     for name in ("created_at", "submitting_at", "submitted_at", "finished_at"):
         data[name] = data[name] or None

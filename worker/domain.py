@@ -282,6 +282,8 @@ class Job:
     # first seen finished, and (once it failed submit_ambiguous) which tasks those were.
     candidates_final_at: float = 0.0
     candidates: tuple[str, ...] = ()
+    # (task id, when first seen finished) for each current candidate (reconciliation's own).
+    candidates_seen: tuple[tuple[str, float], ...] = ()
     # When the submit that made the job ambiguous lost its answer (0: its worker died).
     answer_lost_at: float = 0.0
     # The producer's own JSON object, stored as given (size-limited at enqueue); None: none.

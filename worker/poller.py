@@ -178,9 +178,10 @@ def reconcile_ambiguous(deps: Deps, job: Job) -> str:
       `ambiguous_settle_s` (the provider's webhook retries are over by then), naming
       the candidates. A job past its deadline fails the same way.
     """
-    now = deps.clock()
     candidates = _unowned_candidates(deps, job)
     others = _other_open_attempts(deps, job)
+    # After the list calls: a task seen finished in their answer finished before now.
+    now = deps.clock()
     ids = [c.id for c in candidates]
     if len(candidates) == 1 and not others:
         return f"adopted_{adopt_task(deps, job, candidates[0]).outcome.value}"
@@ -188,11 +189,14 @@ def reconcile_ambiguous(deps: Deps, job: Job) -> str:
         if now - job.submitting_at > deps.settings.ambiguous_grace_s:
             return f"requeued_{requeue_unsent(deps, job).outcome.value}"
     elif all(c.final for c in candidates):
-        if not job.candidates_final_at or set(job.candidates) != set(ids):
-            # First seen all finished, or the set changed (a task created later in the
-            # window): the wait for the webhook starts (again) now.
-            note_candidates_final(deps, job, now, ids)
-        elif now - job.candidates_final_at >= deps.settings.ambiguous_settle_s:
+        # The wait for a webhook naming the job runs from when the last of the current
+        # candidates was first seen finished: one that appears later restarts it, one
+        # that another job took (its webhook came) no longer counts.
+        seen = dict(job.candidates_seen)
+        current = {i: seen.get(i, now) for i in ids}
+        if current != seen:
+            note_candidates_final(deps, job, current)
+        if now - max(current.values()) >= deps.settings.ambiguous_settle_s:
             why = f"{len(candidates)} unowned tasks and {len(others)} other open submits"
             fail_ambiguous(deps, job, ids, why + " around it; no webhook named the job")
             return "ambiguous_failed"

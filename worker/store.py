@@ -366,5 +366,18 @@ def decode_job(raw: Mapping[str, str]) -> Job:
         candidates_final_at=num("candidates_final_at"),
         answer_lost_at=num("answer_lost_at"),
         candidates=tuple(c for c in (raw.get("candidates") or "").split(",") if c),
+        candidates_seen=_seen(raw.get("candidates_seen") or ""),
         metadata=metadata if isinstance(metadata, dict) else None,
     )
+
+
+def _seen(value: str) -> tuple[tuple[str, float], ...]:
+    """`id@time,id@time` -> ((id, time), ...); malformed parts are skipped."""
+    pairs = []
+    for part in value.split(","):
+        task_id, _, at = part.partition("@")
+        try:
+            pairs.append((task_id, float(at)))
+        except ValueError:
+            continue
+    return tuple(pairs)

@@ -52,17 +52,18 @@ def mark_ambiguous(
     return result
 
 
-def note_candidates_final(
-    deps: Deps, job: Job, now: float, candidates: list[str]
-) -> TransitionResult:
-    """Remember when this set of tasks that could be this job's was first seen all
-    finished: the provider has sent their webhooks by then, so the wait for ours is
-    bounded from it."""
+def note_candidates_final(deps: Deps, job: Job, seen: dict[str, float]) -> TransitionResult:
+    """Remember when each task that could be this job's was first seen finished (the
+    provider has sent its webhooks by then), so the wait for ours is bounded from it."""
     return deps.store.flag(
         job.id,
         JobState.SUBMITTING,
-        {"candidates_final_at": now, "candidates": ",".join(sorted(candidates))},
-        now=now,
+        {
+            "candidates": ",".join(sorted(seen)),
+            "candidates_seen": ",".join(f"{i}@{t:.3f}" for i, t in sorted(seen.items())),
+            "candidates_final_at": max(seen.values()),
+        },
+        now=deps.clock(),
         expect_version=job.version,
     )
 
@@ -84,7 +85,13 @@ def requeue_unsent(deps: Deps, job: Job) -> TransitionResult:
         job.id,
         JobState.QUEUED,
         now=now,
-        fields={"ambiguous": "0", "candidates_final_at": 0, "candidates": "", "answer_lost_at": 0},
+        fields={
+            "ambiguous": "0",
+            "candidates_final_at": 0,
+            "candidates": "",
+            "candidates_seen": "",
+            "answer_lost_at": 0,
+        },
         expect_version=job.version,
         poll_at=now + QUEUED_CHECK_S,
         attempt_created_no_task=True,

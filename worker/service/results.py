@@ -194,7 +194,8 @@ def cancel_job(deps: Deps, job_id: str) -> TransitionResult:
         job = deps.store.get(job_id)
         if job is not None and job.prediction_id:
             best_effort_delete(deps, job.prediction_id)
-    log.info("job.cancel", job_id=job_id, outcome=result.outcome.value, state=result.state)
+    # DEBUG: a batch cancel would print a line per job; its event and the caller say it.
+    log.debug("job.cancel", job_id=job_id, outcome=result.outcome.value, state=result.state)
     return result
 
 
