@@ -172,6 +172,11 @@ class Stack(Supervisor):
         given = {**self._base_env, **cfg.extra_env}
         user = Settings.from_env(given, local_stack=True)
         self._start_redis()
+        if user.broker_url:
+            # Celery's broker (RabbitMQ) is the user's; the job store stays on our Redis.
+            # In `env` too, so `kq enqueue` beside `kq up` (var/stack.env) sends there.
+            self._env["KQ_BROKER_URL"] = user.broker_url
+            self._announce(f"Celery broker at {redact_url(user.broker_url)}")
         self._env["KQ_SECRET_KEY"] = load_or_create_secret_key(cfg.var_dir, given)
         self._start_provider(user)
         if cfg.start_receiver:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
+from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
 from worker.settings import Settings
@@ -63,8 +65,30 @@ class RedisTransport(kombu_redis.Transport):
 
 REDIS_TRANSPORT = f"{__name__}:RedisTransport"
 
+# KQ_BROKER_URL schemes that mean RabbitMQ (kombu's py-amqp transport).
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
-app = Celery("kq", set_as_current=True)
+
+class KqCelery(Celery):  # type: ignore[misc]  # Celery ships no type hints
+    """Celery, with countdowns rounded up to whole seconds on RabbitMQ.
+
+    With quorum queues Celery sends a countdown through RabbitMQ's native delayed
+    delivery, which counts whole seconds: `send_task` truncates the countdown with
+    `int()` and kombu's `calculate_routing_key` refuses 0, so a retry due in 0.5-1 s
+    (`worker.tasks.retry_countdown(0)`) raised ValueError instead of being sent
+    (celery/app/base.py, Celery 5.7 and main). Rounding up keeps "not before" and lets
+    the message arrive after the ETA it carries, so the worker runs it at once instead
+    of holding it (and a prefetch slot, static on quorum queues) for the remainder.
+    """
+
+    def send_task(self, *args: Any, **options: Any) -> Any:
+        countdown = options.get("countdown")
+        if countdown and countdown > 0 and is_rabbitmq(self.conf.broker_url or ""):
+            options["countdown"] = math.ceil(countdown)
+        return super().send_task(*args, **options)
+
+
+app = KqCelery("kq", set_as_current=True)
 app.conf.update(
     task_serializer="json",
     result_serializer="json",
@@ -74,7 +98,11 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue=SUBMIT_QUEUE,
-    task_routes={"kq.poll_due": {"queue": POLL_QUEUE}, "kq.submit": {"queue": SUBMIT_QUEUE}},
+    task_routes={
+        "kq.poll_due": {"queue": POLL_QUEUE},
+        "kq.submit": {"queue": SUBMIT_QUEUE},
+        "kq.submit_chunk": {"queue": SUBMIT_QUEUE},
+    },
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     broker_connection_retry_on_startup=True,
     # Redis restarting or away for a while must never end a worker: retry for ever
@@ -96,20 +124,24 @@ app.conf.update(
 
 
 def configure(settings: Settings) -> Celery:
-    """Point the app at this deployment's Redis and schedule the polling sweep."""
-    if app.conf.broker_url and app.conf.broker_url != settings.redis_url:
-        # A process re-pointed at another Redis (tests, harnesses) must drop the
+    """Point the app at this deployment's broker and schedule the polling sweep.
+
+    The broker is KQ_BROKER_URL, else the Redis of the job store (as before RabbitMQ
+    was an option); the job store, admission and events stay on Redis either way.
+    """
+    broker = broker_url(settings)
+    previous = app.conf.broker_url or ""
+    if previous and previous != broker:
+        # A process re-pointed at another broker (tests, harnesses) must drop the
         # connections it pooled for the old one.
         _drop_broker_connections()
+    if is_rabbitmq(previous) != is_rabbitmq(broker):
+        # app.amqp caches the queue declarations and routes the config below replaces.
+        app.__dict__.pop("amqp", None)
     app.conf.update(
-        broker_url=settings.redis_url,
-        broker_transport=broker_transport_for(settings.redis_url),
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_s,
-            # Look for such messages every few seconds, not every ~100 s (kombu's default).
-            "unacked_restore_interval": min(10.0, settings.visibility_timeout_s / 3),
-            "unacked_restore_throttle": 1,
-        },
+        broker_url=broker,
+        broker_transport=broker_transport_for(broker),
+        **(_rabbitmq_options() if is_rabbitmq(broker) else _redis_options(settings)),
         beat_schedule={
             "kq-poll-due": {
                 "task": "kq.poll_due",
@@ -122,8 +154,68 @@ def configure(settings: Settings) -> Celery:
     return app
 
 
+def broker_url(settings: Settings) -> str:
+    """The Celery broker: KQ_BROKER_URL when set, else the job store's Redis."""
+    return settings.broker_url or settings.redis_url
+
+
+def is_rabbitmq(url: str) -> bool:
+    return urlsplit(url).scheme in AMQP_SCHEMES
+
+
+def _redis_options(settings: Settings) -> dict[str, Any]:
+    """Redis as the broker, as it always was: kombu's lists, queues created on use."""
+    return {
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Look for such messages every few seconds, not every ~100 s (kombu's default).
+            "unacked_restore_interval": min(10.0, settings.visibility_timeout_s / 3),
+            "unacked_restore_throttle": 1,
+        },
+        "task_queues": None,
+        "task_default_queue_type": "classic",
+        "task_default_exchange_type": "direct",
+    }
+
+
+def _rabbitmq_options() -> dict[str, Any]:
+    """RabbitMQ as the broker, as Celery's "Using Quorum Queues" asks
+    (docs/getting-started/backends-and-brokers/rabbitmq.rst, Celery 5.5+).
+
+    - Both queues are quorum queues (replicated, durable; messages persistent, Celery's
+      default delivery mode), declared the same way by every process that publishes
+      or consumes, with publisher confirms (`confirm_publish`), so a send returns only
+      once RabbitMQ has the message.
+    - `worker_detect_quorum_queues` (on by default; kept explicit) makes the worker
+      use per-consumer QoS, which quorum queues require (no global QoS): the prefetch
+      stays concurrency x `worker_prefetch_multiplier` (1), with late acks as on Redis.
+    - Topic exchanges, one per queue (direct ones cannot take part in native delayed
+      delivery): a countdown (a submit's retry back-off) waits in RabbitMQ's delayed
+      queues, not in the worker holding the message and a prefetch slot.
+
+    A message a worker took and never acked (killed, or its connection lost) goes back
+    to the queue as soon as RabbitMQ sees the connection close: no visibility timeout.
+    """
+    return {
+        "broker_transport_options": {"confirm_publish": True},
+        "task_queues": tuple(_quorum_queue(name) for name in (SUBMIT_QUEUE, POLL_QUEUE)),
+        "task_default_queue_type": "quorum",
+        "task_default_exchange_type": "topic",
+        "worker_detect_quorum_queues": True,
+        "broker_native_delayed_delivery_queue_type": "quorum",
+    }
+
+
+def _quorum_queue(name: str) -> Queue:
+    exchange = Exchange(name, type="topic")  # type: ignore[no-untyped-call]
+    return Queue(  # type: ignore[no-untyped-call]
+        name, exchange, routing_key=name, queue_arguments={"x-queue-type": "quorum"}
+    )
+
+
 def broker_transport_for(url: str) -> str | None:
-    """Our patched transport for plain redis:// URLs; None (kombu picks by scheme) else."""
+    """Our patched transport for plain redis:// URLs; None (kombu picks by scheme: amqp://
+    is py-amqp, which needs no such patch) else."""
     return REDIS_TRANSPORT if urlsplit(url).scheme == "redis" else None
 
 

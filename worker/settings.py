@@ -70,6 +70,8 @@ class Settings:
     """Everything a process needs to know, read once at its entry point."""
 
     redis_url: str  # "" only in Settings read for a local stack, which starts its own Redis
+    # KQ_BROKER_URL: the Celery broker (amqp://… for RabbitMQ); "" = redis_url, as before.
+    broker_url: str = field(default="", repr=False)  # may hold a password
     wavespeed_api_key: str = field(default="", repr=False)
     wavespeed_base_url: str = DEFAULT_BASE_URL
     webhook_public_url: str = ""
@@ -181,6 +183,7 @@ class Settings:
         tier_in_flight, tier_rate = TIERS[tier]
         return cls(
             redis_url=redis_url,
+            broker_url=source.get("KQ_BROKER_URL", "").strip(),
             tier=tier,
             max_in_flight=int(_num(source, "KQ_MAX_IN_FLIGHT", tier_in_flight, minimum=1)),
             max_submits_per_minute=int(
