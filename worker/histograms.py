@@ -10,44 +10,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
-from prometheus_client.metrics_core import (
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from worker import keys, telemetry
-from worker.snapshot import (
-    TERMINAL,
-)
-
-_TELEMETRY_FAMILIES: Final = (
-    # (name prefix in telemetry, metric name, label, help, vocabulary)
-    (
-        "webhook.",
-        "kq_webhook_requests",
-        "outcome",
-        "Webhook deliveries handled by the receiver, by outcome",
-        telemetry.WEBHOOK_OUTCOMES,
-    ),
-    (
-        "submit.",
-        "kq_submit",
-        "outcome",
-        "Submit attempts to WaveSpeed, by outcome (rate_limited is also a retry)",
-        telemetry.SUBMIT_OUTCOMES,
-    ),
-    (
-        "poll.",
-        "kq_poll",
-        "outcome",
-        "Jobs looked at by the polling sweep, by outcome",
-        telemetry.POLL_OUTCOMES,
-    ),
-)
-
-
-# --- latency histograms, counted in Redis ------------------------------------------------
+from worker.snapshot import TERMINAL
 
 # Bucket upper bounds in seconds. A job's latency spans a provider inference (seconds), the
 # poll fallback (minutes) and, for enqueue->result, hours in the queue behind a big batch.
