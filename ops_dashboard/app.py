@@ -60,7 +60,7 @@ from ops_dashboard.views import (
     timeline,
 )
 from worker.admission import Admission
-from worker.domain import JobState
+from worker.domain import Job, JobState
 from worker.errors import ValidationError
 from worker.producer import Producer
 from worker.request import check_key
@@ -288,15 +288,22 @@ def create_app(
 
     # --- actions ------------------------------------------------------------------
 
-    @app.post("/api/jobs/<job_id>/cancel")
-    @action
-    def api_cancel_job(prod: Producer, job_id: str) -> Response:
-        job_id = job_id.strip().lower()
+    def find_job(prod: Producer, job_id: str) -> Job | Response:
+        """The job an action names, or the JSON error (400 malformed id, 404 unknown)."""
         if not _JOB_ID.match(job_id):
             return api_error(400, "job id: expected 32 hexadecimal characters")
         job = prod.get_job(job_id)
         if job is None:
             return api_error(404, f"no job {job_id} (unknown, or its record expired)")
+        return job
+
+    @app.post("/api/jobs/<job_id>/cancel")
+    @action
+    def api_cancel_job(prod: Producer, job_id: str) -> Response:
+        job_id = job_id.strip().lower()
+        job = find_job(prod, job_id)
+        if isinstance(job, Response):
+            return job
         if job.terminal:
             return api_error(409, f"the job is already {job.state.value}", state=job.state.value)
         if not prod.cancel_job(job_id):  # it ended meanwhile
@@ -330,11 +337,9 @@ def create_app(
     @action
     def api_redrive_job(prod: Producer, job_id: str) -> Response:
         job_id = job_id.strip().lower()
-        if not _JOB_ID.match(job_id):
-            return api_error(400, "job id: expected 32 hexadecimal characters")
-        job = prod.get_job(job_id)
-        if job is None:
-            return api_error(404, f"no job {job_id} (unknown, or its record expired)")
+        job = find_job(prod, job_id)
+        if isinstance(job, Response):
+            return job
         if job.state not in _REDRIVABLE:
             return api_error(
                 409,
