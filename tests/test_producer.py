@@ -395,3 +395,36 @@ def test_a_task_the_provider_no_longer_knows_fails_at_once(
         client.close()
     finally:
         sim.stop()
+
+
+def test_an_enqueue_while_the_broker_is_away_is_sent_by_the_poller_later(
+    store: JobStore, settings: Settings
+) -> None:
+    """`make chaos --seed 23`: a Redis restart made the Celery send raise after the jobs
+    were written. The enqueue still succeeds (the records are the truth), and the queued
+    jobs' check on the poll schedule sends them once the broker is back."""
+    from worker.errors import QueueUnavailable
+    from worker.poller import sweep
+    from worker.store import QUEUED_CHECK_S
+
+    def broker_down(job_ids: list[str]) -> None:
+        raise QueueUnavailable("broker unreachable (OperationalError)")
+
+    resent: list[str] = []
+    now = [1000.0]
+    deps = Deps(
+        store=store,
+        provider=WaveSpeedClient("http://127.0.0.1:9", "k"),
+        settings=settings,
+        clock=lambda: now[0],
+        enqueue_submit=resent.append,
+    )
+    producer = Producer(store=store, send=broker_down, deps=deps, clock=lambda: now[0])
+    other = {**REQ, "prompt": "make it red"}
+    receipt = producer.enqueue_batch([REQ, other], batch_id="b")
+    assert receipt.created == 2
+    ids = producer.batch_jobs("b")
+    assert [j.state for j in ids] == [JobState.QUEUED, JobState.QUEUED]
+    now[0] += QUEUED_CHECK_S + 1
+    sweep(deps)
+    assert sorted(resent) == sorted(j.id for j in ids)

@@ -3,6 +3,7 @@
     KqError
     ├── ValidationError          bad input at a boundary; names every bad field
     ├── ConfigError              a setting is missing or malformed
+    ├── QueueUnavailable         the Celery broker took no message (restarting, away)
     └── ProviderError            anything the WaveSpeed client raises
         ├── TransientError       retry later with backoff (429, 5xx, connect errors)
         │   ├── RateLimited      429: no task was created
@@ -51,6 +52,12 @@ class ValidationError(KqError):
 
 class ConfigError(KqError):
     """A setting is missing or malformed; the message names the variable."""
+
+
+class QueueUnavailable(KqError):
+    """The Celery broker could not take a message. Jobs are recorded before their messages
+    are sent, and a queued job is checked (and sent again) by the poller, so callers that
+    wrote the job may carry on."""
 
 
 class ProviderError(KqError):

@@ -17,7 +17,13 @@ import structlog
 
 from worker import telemetry
 from worker.domain import Job, JobState, Prediction, Reason, ResolvedBy
-from worker.errors import PermanentError, ProviderError, TransientError, ValidationError
+from worker.errors import (
+    PermanentError,
+    ProviderError,
+    QueueUnavailable,
+    TransientError,
+    ValidationError,
+)
 from worker.service import (
     Deps,
     adopt_task,
@@ -121,7 +127,10 @@ def _check_queued(deps: Deps, job: Job) -> str:
     deps.store.schedule_poll(job.id, deps.clock() + QUEUED_CHECK_S, only_if_scheduled=True)
     if deps.admission is not None and deps.admission.is_waiting(job.id, job.batch_id):
         return "queued_waiting"
-    deps.enqueue_submit(job.id)
+    try:
+        deps.enqueue_submit(job.id)
+    except QueueUnavailable:
+        return "resend_failed"  # the broker is away; the next check tries again
     return "resent"
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any, TypeVar
 
+import structlog
+
 from worker.batch_views import BatchProgress, BatchReceipt, job_json
 from worker.domain import (
     PRICE_PER_IMAGE_MICROS,
@@ -32,6 +34,7 @@ from worker.domain import (
     JobState,
     check_key,
 )
+from worker.errors import QueueUnavailable
 
 # Re-exported: a producer imports its whole API from this module.
 from worker.items import (
@@ -48,6 +51,8 @@ from worker.items import (
 )
 from worker.service import Deps, cancel_job
 from worker.store import NEW, JobStore
+
+log = structlog.get_logger("kq.producer")
 
 T = TypeVar("T")
 
@@ -161,7 +166,12 @@ class Producer:
             if answer in (NEW, JobState.QUEUED.value)
         ]
         if to_send:
-            self.send(to_send)
+            try:
+                self.send(to_send)
+            except QueueUnavailable as exc:
+                # The jobs are recorded, queued, with a check on the poll schedule: the
+                # poller sends them once the broker is back. The enqueue itself succeeded.
+                log.warning("enqueue.send_deferred", jobs=len(to_send), error=str(exc))
         created = sum(1 for a in answers if a == NEW)
         resent = len(to_send) - created
         return created, len(answers) - created, resent

@@ -8,10 +8,11 @@ from typing import Any
 
 import structlog
 from celery import Task
+from kombu.exceptions import OperationalError
 
 from worker import poller
 from worker.celery_app import SUBMIT_QUEUE, app
-from worker.errors import ConfigError
+from worker.errors import ConfigError, QueueUnavailable
 from worker.service import Deps, SubmitOutcome, submit_job
 
 log = structlog.get_logger("kq.tasks")
@@ -107,17 +108,26 @@ def retry_submit_later(job_id: str) -> None:
 
 
 def enqueue_submit(job_id: str) -> None:
-    """Put one job id on the submit queue."""
-    submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE)
+    """Put one job id on the submit queue; QueueUnavailable when the broker is away."""
+    try:
+        submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE)
+    except OperationalError as exc:
+        raise QueueUnavailable(f"broker unreachable ({type(exc).__name__})") from exc
 
 
 def enqueue_submits(job_ids: list[str]) -> None:
-    """Put many job ids on the submit queue: one message per CHUNK_SIZE ids."""
+    """Put many job ids on the submit queue: one message per CHUNK_SIZE ids;
+    QueueUnavailable when the broker is away (some chunks may have been sent)."""
     if len(job_ids) == 1:
         enqueue_submit(job_ids[0])
         return
-    with app.producer_or_acquire() as producer:
-        for start in range(0, len(job_ids), CHUNK_SIZE):
-            submit_chunk.apply_async(
-                args=[job_ids[start : start + CHUNK_SIZE]], queue=SUBMIT_QUEUE, producer=producer
-            )
+    try:
+        with app.producer_or_acquire() as producer:
+            for start in range(0, len(job_ids), CHUNK_SIZE):
+                submit_chunk.apply_async(
+                    args=[job_ids[start : start + CHUNK_SIZE]],
+                    queue=SUBMIT_QUEUE,
+                    producer=producer,
+                )
+    except OperationalError as exc:
+        raise QueueUnavailable(f"broker unreachable ({type(exc).__name__})") from exc

@@ -77,6 +77,7 @@ POLL_OUTCOMES: Final = (
     "ambiguous_failed",
     "queued_waiting",
     "resent",
+    "resend_failed",
     "task_not_found",
     *(
         f"{what}_{outcome}"
