@@ -339,12 +339,18 @@ def _task_outcome(task: Mapping[str, Any] | None) -> str:
     return "completed" if task.get("status") == "completed" else "failed"
 
 
+def _away_s(outages: Sequence[Outage], start: float, end: float) -> float:
+    """How long Redis was away (stopped or frozen) between `start` and `end`."""
+    return sum(max(0.0, min(end, o.end) - max(start, o.start)) for o in outages)
+
+
 def ambiguous_failures_in_bound(ev: Evidence) -> Check:
     """Every `submit_ambiguous` failure came when the README says it comes: once every
     candidate task had been finished (simulator ground truth) for the settle time, never
     before, and at most the watchdog and two polls later (the poller looks at a lost
     submit only once its watchdog fired, and may take a poll to see the candidates
-    finished and another to act); or at the job deadline, give or take the poll slack."""
+    finished and another to act), plus any time Redis was away meanwhile (no poller
+    runs then); or at the job deadline, give or take the poll slack."""
     t = ev.timing
     watchdog = t.http_timeout_s + 10.0  # worker.service.submit.SUBMIT_WATCHDOG_MARGIN_S
     late_bound = watchdog + t.settle_s + t.poll_slack_s
@@ -368,9 +374,11 @@ def ambiguous_failures_in_bound(ev: Evidence) -> Check:
             after = finished - final
             since = finished - max(final, end["submitting_at"])
             noted = end["candidates_final_at"]
+            # No poller acts while Redis is away: such time is added to the late bound.
+            away = _away_s(ev.outages, end["submitting_at"], finished)
             settle_ok = (
                 after >= t.settle_s - CLOCK_SLACK_S
-                and since <= late_bound
+                and since <= late_bound + away
                 and noted >= final - CLOCK_SLACK_S  # never noted before they finished
             )
         age = finished - end["started_at"]
