@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from chaos.chains import PushedChain, chain_steps_follow, one_event_per_chain
 from chaos.observer import Observations
 from chaos.proxy import SubmitRecord, WebhookRecord
 from worker.admission import Snapshot
@@ -94,6 +95,8 @@ class Evidence:
     log_leaks: Mapping[str, list[str]] = field(default_factory=dict)
     admission: Snapshot | None = None  # after the run; None: admission control is off
     expired_ok: bool = False  # soak: records may be gone (TTL); events stand in for them
+    chains: Sequence[PushedChain] = ()  # the chains pushed (their step jobs are in `ids`)
+    step_written: Mapping[str, bool] = field(default_factory=dict)  # step job id -> written
 
 
 def task_job(task: Mapping[str, Any]) -> str:
@@ -553,6 +556,18 @@ def no_secret_in_logs(ev: Evidence) -> Check:
     return Check("no secret in any log", not hits, counts, tuple(hits[:EXAMPLES]))
 
 
+def chain_checks(ev: Evidence) -> list[Check]:
+    if not ev.chains:
+        return []
+    found = [
+        one_event_per_chain(ev.chains, ev.seen.chain_events),
+        chain_steps_follow(
+            ev.chains, ev.seen.events, ev.seen.chain_events, ev.tasks, ev.step_written, task_job
+        ),
+    ]
+    return [Check(name, ok, counts, examples) for name, ok, counts, examples in found]
+
+
 def check_all(ev: Evidence) -> list[Check]:
     return [
         every_job_terminal(ev),
@@ -567,6 +582,7 @@ def check_all(ev: Evidence) -> list[Check]:
         gauges_back_to_zero(ev),
         no_slot_leaked(ev),
         no_secret_in_logs(ev),
+        *chain_checks(ev),
     ]
 
 

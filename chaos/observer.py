@@ -43,6 +43,11 @@ class Observations:
     redis_errors: int = 0
     backward: list[str] = field(default_factory=list)
     events: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    # Chain events by chain id, and outputs events by job id (the stream's other types).
+    chain_events: dict[str, list[dict[str, str]]] = field(default_factory=lambda: defaultdict(list))
+    outputs_events: dict[str, list[dict[str, str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     last_seen: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
@@ -162,5 +167,11 @@ class Observer:
         for entry_id, fields in entries:
             self._last_id = str(entry_id)
             event = {str(k): str(v) for k, v in fields.items()}
-            self.seen.events[event.get("job_id", "")].append(event)
+            kind = event.get("type", "job")
+            if kind == "chain":
+                self.seen.chain_events[event.get("chain_id", "")].append(event)
+            elif kind == "outputs":
+                self.seen.outputs_events[event.get("job_id", "")].append(event)
+            else:
+                self.seen.events[event.get("job_id", "")].append(event)
         return len(entries)

@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import redis
 
+from chaos.chains import PushedChain, is_chain_slot, make_chain
 from chaos.faults import Fault, schedule
 from chaos.invariants import Check, Evidence, Outage, Timing, check_all, render
 from chaos.observer import Observer
@@ -40,6 +41,7 @@ from kq.stack import Stack, StackConfig, StackError
 from worker import keys, runtime
 from worker.admission import Admission
 from worker.celery_app import configure
+from worker.chains import ChainItem
 from worker.domain import EditRequest, Job, job_id_for_key
 from worker.producer import Item, Producer
 from worker.settings import Settings
@@ -210,6 +212,7 @@ class ChaosRun:
             redis.Redis.from_url(self.settings.redis_url, decode_responses=True, socket_timeout=10)
         )
         self.ids: list[str] = []
+        self.chains: list[PushedChain] = []
         self.prompts: dict[str, str] = {}
         # Jobs in `submitting` when a worker died (kill -9, or on its own), and when.
         self.killed_in_flight: dict[str, list[float]] = {}
@@ -335,17 +338,29 @@ class ChaosRun:
             time.sleep(PUSH_STEP_S)
 
     def _push(self, first: int, end: int) -> None:
-        items, ids = [], []
+        items: list[Item | ChainItem] = []
+        ids: list[str] = []
+        watched: list[str] = []
+        chains: list[PushedChain] = []
         for i in range(first, end):
             key = f"chaos-{self.config.seed}-{i}"
+            if is_chain_slot(i):
+                item, pushed = make_chain(self.config.seed, i, key)
+                items.append(item)
+                chains.append(pushed)
+                self.prompts.update(zip(pushed.step_ids, pushed.prompts, strict=True))
+                ids.append(pushed.step_ids[0])  # later steps join `ids` once written
+                watched.extend(pushed.step_ids)
+                continue
             prompt = f"chaos {self.config.seed} #{i}: make it blue"
             image = f"https://example.com/chaos/{i}.jpg"
             items.append(Item(EditRequest(prompt=prompt, image=image), idempotency_key=key))
             job_id = job_id_for_key(key)
             self.prompts[job_id] = prompt
             ids.append(job_id)
+            watched.append(job_id)
         # Watched before they exist, so no event can arrive for an unknown job.
-        self.observer.watch(ids)
+        self.observer.watch(watched)
         for attempt in range(100):
             try:
                 # Idempotency keys make a retry after a Redis error safe: jobs already
@@ -358,6 +373,7 @@ class ChaosRun:
         else:
             raise RuntimeError("cannot push jobs: Redis stayed unreachable")
         self.ids.extend(ids)
+        self.chains.extend(chains)
 
     def settle(self, announce: Announce) -> bool:
         """Wait until every job is terminal and no webhook is left to send."""
@@ -366,15 +382,16 @@ class ChaosRun:
         while time.monotonic() < deadline:
             seen = self.observer.seen
             done = sum(1 for j in self.ids if j in seen.events)
+            chains_open = sum(1 for c in self.chains if c.chain_id not in seen.chain_events)
             pending = self._pending_deliveries()
-            if done == len(self.ids) and pending == 0:
+            if done == len(self.ids) and pending == 0 and chains_open == 0:
                 announce(f"settled at {self.elapsed():.1f} s: all {done} jobs terminal")
                 return True
             if time.monotonic() >= next_note:
                 states = Counter(s for s, _ in seen.last_seen.values())
                 announce(
                     f"{self.elapsed():6.1f}s  {done}/{len(self.ids)} terminal, "
-                    f"{pending} webhooks pending; "
+                    f"{pending} webhooks pending, {chains_open} chains open; "
                     + ", ".join(f"{k} {v}" for k, v in states.items())
                 )
                 next_note = time.monotonic() + PROGRESS_EVERY_S
@@ -388,6 +405,14 @@ class ChaosRun:
             return -1
 
     def evidence(self) -> Evidence:
+        # A chain's later steps count as jobs once written (seen by an event or in Redis).
+        later = [j for c in self.chains for j in c.step_ids[1:]]
+        pipe = self.store.redis.pipeline(transaction=False)
+        for job_id in later:
+            pipe.exists(keys.job(job_id))
+        in_redis = dict(zip(later, pipe.execute(), strict=True))
+        written = {j: bool(in_redis[j]) or j in self.observer.seen.events for j in later}
+        self.ids.extend(j for j in later if written[j])
         jobs: dict[str, Job | None] = {}
         for start in range(0, len(self.ids), 1000):
             chunk = self.ids[start : start + 1000]
@@ -416,6 +441,8 @@ class ChaosRun:
             stats={k: int(v) for k, v in stats.items()},
             admission=Admission(self.store.redis, self.settings).snapshot(time.time()),
             expired_ok=self.config.soak,
+            chains=list(self.chains),
+            step_written=written,
         )
 
 

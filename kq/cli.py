@@ -8,6 +8,7 @@ import argparse
 import os
 import socket
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -145,11 +146,30 @@ def cmd_worker(args: argparse.Namespace) -> int:
     def _signalled(sig: object = None, **_: object) -> None:
         # Sent only from Celery's SIGTERM/SIGINT/SIGQUIT handlers: a stop we were asked for.
         seen["signal"] = sig
+        # Celery stops consuming and waits for the tasks running; we stop claiming waiting
+        # jobs, hand back the chunks' unstarted ones, and bound the wait (KQ_DRAIN_TIMEOUT_S).
+        for event in dispatcher_stops:
+            event.set()
+        if not tasks.draining():
+            tasks.drain(settings.drain_timeout_s, _drain_timed_out)
+
+    def _drain_timed_out() -> None:
+        log.warning("worker.drain_timeout", drain_timeout_s=settings.drain_timeout_s)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Every submit still running was recorded `submitting` before its POST: it is
+        # settled as an ambiguous submit, never paid twice; unacked messages come back.
+        os._exit(0)
+
+    dispatcher_stops: list[threading.Event] = []
 
     @worker_ready.connect(weak=False)
     def _ready(**_: object) -> None:
         stop_events.append(runtime.start_heartbeat("worker", deps.store.redis))
-        stop_events.append(dispatcher.start(deps, tasks.submit_pool(), tasks.retry_submit_later))
+        dispatcher_stops.append(
+            dispatcher.start(deps, tasks.submit_pool(), tasks.retry_submit_later)
+        )
+        stop_events.extend(dispatcher_stops)
 
     @worker_shutdown.connect(weak=False)
     def _shutdown(**_: object) -> None:
@@ -230,6 +250,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         webhooks=not args.no_webhooks,
         worker_concurrency=args.concurrency,
         extra_env=_sim_friendly_env(user),
+        keep_outputs=True,  # into var/outputs unless KQ_OUTPUTS says otherwise
     )
     with Stack(config) as stack:
         env_file = _write_stack_env(args.var_dir, stack.env)

@@ -23,8 +23,9 @@ from kq.producer_views import (
     show_job,
     wait_batch_live,
 )
-from worker.domain import EditRequest
+from worker.domain import MODEL, EditRequest
 from worker.errors import ValidationError
+from worker.models import known_models, lookup
 from worker.producer import BatchReceipt, Producer
 from worker.runtime import make_producer
 from worker.settings import Settings
@@ -42,7 +43,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--prompt", required=True, help="the edit instruction")
-    p.add_argument("--image", required=True, help="http(s) URL, or a local file to upload")
+    p.add_argument(
+        "--image",
+        required=True,
+        action="append",
+        help="http(s) URL, or a local file to upload (repeat for a multi-image model)",
+    )
+    p.add_argument(
+        "--model",
+        default=MODEL,
+        help=f"one of {known_models()} (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, help="-1 … 2147483647 (default: random)")
     p.add_argument("--guidance-scale", type=float, help="1.0 … 20.0 (default 3.5)")
     p.add_argument("--aspect-ratio", help="21:9 16:9 4:3 3:2 1:1 2:3 3:4 9:16 9:21")
@@ -87,12 +98,17 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
-    image = args.image
-    if not image.startswith(("http://", "https://")):
-        image = _upload(settings, Path(image))
+    images = tuple(
+        image if image.startswith(("http://", "https://")) else _upload(settings, Path(image))
+        for image in args.image
+    )
+    multi = (spec := lookup(args.model)) is not None and spec.multi
     request = EditRequest(
         prompt=args.prompt,
-        image=image,
+        # A single-image model given several --image gets them all, and says it takes one.
+        image=None if multi else images[0],
+        images=images if multi or len(images) > 1 else None,
+        model=args.model,
         seed=args.seed,
         guidance_scale=args.guidance_scale,
         aspect_ratio=args.aspect_ratio,

@@ -24,6 +24,7 @@ from kq.producer_views import (
 )
 from kq.ui import make_console
 from worker.errors import KqError
+from worker.outputs import read_record
 from worker.producer import Producer
 from worker.runtime import make_producer
 from worker.settings import Settings
@@ -87,7 +88,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def cmd_job(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     producer = make_producer(settings)
-    return show_job(producer.get_job(args.job_id), args.job_id, as_json=args.json)
+    job = producer.get_job(args.job_id)
+    kept = read_record(producer.store.redis, args.job_id) if job is not None else None
+    return show_job(job, args.job_id, as_json=args.json, kept=kept)
 
 
 def cmd_batch_status(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ from worker.settings import Settings
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from worker.snapshot import StatusSnapshot
+    from worker.snapshot import StatusConfig, StatusSnapshot
 
 DEFAULT_METRICS_PORT = 9808
 DEFAULT_DASHBOARD_PORT = 8090
@@ -51,6 +51,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "group starts",
     )
     p.add_argument("--batch", help="only this batch's events")
+    p.add_argument(
+        "--type",
+        action="append",
+        choices=("job", "chain", "outputs"),
+        help="only events of this type (repeat for several; default: all)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--count", type=int, help="stop after this many events")
     p.add_argument(
@@ -112,15 +118,18 @@ def cmd_events(args: argparse.Namespace) -> int:
                 args.consumer,
                 start=since or "0-0",
                 batch_id=args.batch,
+                types=args.type,
                 reclaim_idle_ms=int(args.reclaim_idle * 1000),
             )
             _consume(consumer, out, follow=args.follow)
         else:
             start = since or ("$" if args.follow else "0-0")
             stream = (
-                follow(client, start, batch_id=args.batch, block_ms=FOLLOW_BLOCK_MS)
+                follow(
+                    client, start, batch_id=args.batch, types=args.type, block_ms=FOLLOW_BLOCK_MS
+                )
                 if args.follow
-                else replay(client, start, batch_id=args.batch)
+                else replay(client, start, batch_id=args.batch, types=args.type)
             )
             for event in stream:
                 if not out.emit(event):
@@ -199,9 +208,31 @@ class _Printer:
 
 def _event_line(event: Any) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(event.time))
+    if event.type == "chain":
+        detail = (
+            f"{len(event.outputs)} output(s)"
+            if event.state == "completed"
+            else f"step {event.failed_step or '-'} {event.reason}: {event.error}".strip(": ")
+        )
+        return (
+            f"{when}  chain {event.state:<9}  {event.chain_id}  batch={event.batch_id or '-'}  "
+            f"steps={event.steps} branches={event.branches} run={event.run}  {detail}"
+        ).rstrip()
+    if event.type == "outputs":
+        detail = (
+            " ".join(s.uri for s in event.stored)
+            if event.state == "stored"
+            else f"{event.reason}: {event.error}".strip(": ")
+        )
+        return (
+            f"{when}  outputs {event.state:<7}  {event.job_id}  "
+            f"batch={event.batch_id or '-'}  {detail}"
+        ).rstrip()
     latency = "-" if event.latency_s is None else f"{event.latency_s:.1f}s"
     if event.state == "completed":
         detail = event.outputs[0] if event.outputs else ""
+        if event.chain_id:
+            detail = f"chain={event.chain_id} step={event.step} {detail}"
     else:
         detail = f"{event.reason}: {event.error}".strip(": ")
     return (
@@ -211,6 +242,13 @@ def _event_line(event: Any) -> str:
 
 
 # --- kq status ---------------------------------------------------------------------------
+
+
+def status_config(settings: Settings) -> StatusConfig:
+    """`kq status` / `kq metrics` thresholds the deployment sets (KQ_OUTPUTS_ALERT_AFTER_S)."""
+    from worker.snapshot import StatusConfig
+
+    return StatusConfig(outputs_alert_after_s=settings.outputs_alert_after_s)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -227,6 +265,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             deadline_s=settings.job_deadline_s,
             webhooks_enabled=settings.webhooks_enabled,
             admission=Admission(client, settings),
+            config=status_config(settings),
         )
 
     interval = max(0.2, args.interval)
@@ -287,6 +326,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             deadline_s=settings.job_deadline_s,
             webhooks_enabled=settings.webhooks_enabled,
             admission=Admission(client, settings),
+            config=status_config(settings),
         ),
         lambda: telemetry.totals(client),
         lambda: read_latency(client),

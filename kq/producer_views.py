@@ -16,6 +16,7 @@ from rich.table import Table
 
 from kq.ui import make_console, result_table
 from worker.domain import Job, JobState
+from worker.outputs import OutputsRecord
 from worker.producer import BatchProgress, Producer, job_json
 
 # A finished batch up to this size is listed job by job; larger ones by outcome.
@@ -63,24 +64,45 @@ def job_dict(job: Job) -> dict[str, Any]:
     return job_json(job)
 
 
-def show_job(job: Job | None, job_id: str, *, as_json: bool) -> int:
+def show_job(
+    job: Job | None, job_id: str, *, as_json: bool, kept: OutputsRecord | None = None
+) -> int:
+    """Print one job; `kept`: its copy-out, when its outputs are kept (shown beside the
+    provider's `outputs`: `outputs_state`, and each copy's durable URI)."""
     if job is None:
         print(f"kq: no job {job_id!r} (unknown, or expired)", file=sys.stderr)
         return 1
+    data = _with_copies(job_dict(job), kept)
     if as_json:
-        print_json(job_dict(job))
+        print_json(data)
         return 0
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    for key, value in job_dict(job).items():
-        if key in ("request", "metadata") and value is not None:
+    for key, value in data.items():
+        if key == "stored_outputs":
+            value = "\n".join(f"{c['uri']} ({c['size']} bytes, {c['content_type']})" for c in value)
+        elif key in ("request", "metadata") and value is not None:
             value = json.dumps(value, ensure_ascii=False)
         elif key.endswith("_at") and value:
             value = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(value)))
         table.add_row(key, "" if value in (None, "", ()) else str(value))
     make_console().print(table)
     return 0
+
+
+def _with_copies(data: dict[str, Any], kept: OutputsRecord | None) -> dict[str, Any]:
+    """The job's dict with its copy-out's fields right after the provider's `outputs`."""
+    if kept is None:
+        return data
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out[key] = value
+        if key == "outputs":
+            out.update(kept.to_json())
+    if "outputs_state" not in out:
+        out.update(kept.to_json())
+    return out
 
 
 def wait_batch_live(

@@ -10,18 +10,20 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-import httpx
+import redis
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kq.ui import make_console, result_table
+from worker.chains import ChainItem, chain_from_dict, is_chain
 from worker.domain import EditRequest, Job, summary_line
 from worker.errors import FieldError, ValidationError
+from worker.outputs import OutputsRecord, read_record
+from worker.producer import Producer
 from worker.settings import Settings
 
 # Simulator settings for the demo: quick, seeded, with a few failures and lost webhooks.
@@ -35,14 +37,16 @@ DEMO_SIM_ARGS = (
 # Against the simulator a silent job is polled after 3 s (production default: 120 s).
 DEMO_ENV = {"KQ_POLL_AFTER_S": "3", "KQ_SWEEP_INTERVAL_S": "1"}
 MAX_ERRORS_SHOWN = 20
-MAX_DOWNLOADS = 1000
+# How long `kq run` waits for the copy-out of the last results before it stops the stack.
+OUTPUTS_WAIT_S = 60.0
 
 
-def read_requests(path: Path) -> list[EditRequest]:
-    """Parse and validate a JSONL file; raises ValidationError listing line and field."""
+def read_requests(path: Path) -> list[EditRequest | ChainItem]:
+    """Parse and validate a JSONL file of edits and chains of edits (lines with `steps`);
+    raises ValidationError listing line and field."""
     if not path.exists():
         raise ValidationError.single("FILE", f"{path} does not exist")
-    requests: list[EditRequest] = []
+    requests: list[EditRequest | ChainItem] = []
     errors: list[FieldError] = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
@@ -50,7 +54,10 @@ def read_requests(path: Path) -> list[EditRequest]:
             if not text or text.startswith("#"):
                 continue
             try:
-                requests.append(EditRequest.from_dict(json.loads(text)))
+                data = json.loads(text)
+                requests.append(
+                    chain_from_dict(data) if is_chain(data) else EditRequest.from_dict(data)
+                )
             except json.JSONDecodeError as exc:
                 errors.append(FieldError(f"line {number}", f"not valid JSON ({exc.msg})"))
             except ValidationError as exc:
@@ -76,7 +83,6 @@ def run_file(
     from kq.stack import Stack, StackConfig, signals_as_keyboard_interrupt
     from worker import runtime
     from worker.celery_app import configure
-    from worker.producer import Producer
     from worker.tasks import enqueue_submits
 
     console = make_console(stderr=as_json)
@@ -103,8 +109,13 @@ def run_file(
         extra_env={} if api_key else DEMO_ENV,
         # The demo runs on one machine: WaveSpeed itself cannot reach a local receiver.
         webhooks=not api_key or user.webhooks_enabled,
+        keep_outputs=True,  # into var/outputs unless KQ_OUTPUTS says otherwise
     )
-    console.print(f"[bold]kq run[/bold]: {len(requests)} edits from {path}")
+    chains = [r for r in requests if isinstance(r, ChainItem)]
+    described = f"{len(requests) - len(chains)} edits" + (
+        f" and {len(chains)} chains of edits" if chains else ""
+    )
+    console.print(f"[bold]kq run[/bold]: {described} from {path}")
     stack = Stack(config, announce=lambda line: console.print(f"  {line}"))
     # Ctrl-C or SIGTERM mid-run still stops every process the stack started.
     with signals_as_keyboard_interrupt(), stack:
@@ -113,31 +124,33 @@ def run_file(
         producer = Producer(store=runtime.make_store(settings), send=enqueue_submits)
         started = time.monotonic()
         receipt = producer.enqueue_batch(requests, batch_id=f"run-{int(time.time())}")
-        job_ids = producer.store.batch_members(receipt.batch_id)
-        jobs = _wait_with_progress(console, producer, job_ids, timeout_s)
+        job_ids, jobs = _wait_with_progress(console, producer, receipt.batch_id, timeout_s)
         elapsed = time.monotonic() - started
-        # Simulator outputs vanish with the simulator, and real ones after 7 days.
-        saved = download_outputs(jobs, var_dir / "outputs")
-        if saved:
-            console.print(f"  {len(saved)} output images saved in {var_dir / 'outputs'}")
+        # Simulator outputs vanish with the simulator, and real ones after 7 days: the
+        # stack's copy-out (KQ_OUTPUTS, var/outputs by default) keeps them.
+        records = wait_for_outputs(producer.store.redis, jobs, OUTPUTS_WAIT_S)
+        saved = local_copies(records)
+        chain_lines = [_chain_line(producer, item.chain_id, saved) for item in chains]
+        _print_outputs(console, records, settings.outputs_url)
         console.print(f"  logs of every process: {var_dir / 'logs'}")
     counts = tally(jobs)
     if as_json:
         for job_id, job in zip(job_ids, jobs, strict=True):
-            print(json.dumps(_job_row(job_id, job)))
+            print(json.dumps(_job_row(job_id, job, records.get(job_id))))
     else:
         console.print(result_table(job_ids, jobs, saved))
+        for line in chain_lines:
+            console.print(line)
         console.print(f"finished in {elapsed:.1f} s")
     print(summary_line(counts))
     return 0 if counts.get("pending", 0) == 0 else 1
 
 
 def _wait_with_progress(
-    console: Console, producer: object, job_ids: Sequence[str], timeout_s: float
-) -> list[Job | None]:
-    from worker.producer import Producer
-
-    assert isinstance(producer, Producer)
+    console: Console, producer: Producer, batch_id: str, timeout_s: float
+) -> tuple[list[str], list[Job | None]]:
+    """Wait for every job of the batch, the chain steps written along the way included
+    (the batch's job list grows as steps complete)."""
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -147,19 +160,40 @@ def _wait_with_progress(
         console=console,
         transient=False,
     )
+    deadline = time.monotonic() + timeout_s
     with progress:
-        task = progress.add_task("edits", total=len(job_ids), detail="")
-
-        def show(jobs: list[Job | None]) -> None:
+        task = progress.add_task("edits", total=None, detail="")
+        while True:
+            job_ids = producer.store.batch_members(batch_id)
+            jobs = producer.get_jobs(job_ids)
             c = tally(jobs)
-            done = c["completed"] + c["failed"] + c["cancelled"]
             detail = (
                 f"{c['completed']} completed, {c['failed']} failed, "
                 f"{c['in_flight']} at provider, {c['queued']} queued"
             )
-            progress.update(task, completed=done, detail=detail)
+            done = c["completed"] + c["failed"] + c["cancelled"]
+            progress.update(task, total=len(job_ids), completed=done, detail=detail)
+            # All terminal, and no step written meanwhile (a step is written by the move
+            # that ends the one before it, so none can come after this).
+            settled = done == len(job_ids) and len(producer.store.batch_members(batch_id)) == done
+            if settled or time.monotonic() >= deadline:
+                return job_ids, jobs
+            time.sleep(0.25)
 
-        return producer.wait(job_ids, timeout_s=timeout_s, on_progress=show)
+
+def _chain_line(producer: Producer, chain_id: str, saved: Mapping[str, Path]) -> str:
+    chain = producer.get_chain(chain_id)
+    if chain is None:
+        return f"chain {chain_id[:8]}: missing"
+    colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(chain.state, "cyan")
+    ends = []
+    for end in chain.ends:
+        shown = str(saved.get(end.job_id) or (end.outputs[0] if end.outputs else end.reason))
+        ends.append(f"branch {end.branch} {end.state} at step {end.step}: {shown}")
+    return (
+        f"chain {chain_id[:8]}: [{colour}]{chain.state}[/], {chain.steps} steps, "
+        f"{len(chain.job_ids)} jobs; " + "; ".join(ends)
+    )
 
 
 def tally(jobs: Sequence[Job | None]) -> Counter[str]:
@@ -181,13 +215,14 @@ def tally(jobs: Sequence[Job | None]) -> Counter[str]:
     return counts
 
 
-def _job_row(job_id: str, job: Job | None) -> dict[str, object]:
+def _job_row(job_id: str, job: Job | None, kept: OutputsRecord | None) -> dict[str, object]:
     if job is None:
         return {"job_id": job_id, "state": "missing"}
     return {
         "job_id": job_id,
         "state": job.state.value,
         "outputs": list(job.outputs),
+        "stored_outputs": [] if kept is None else [c.uri for c in kept.stored],
         "reason": job.reason,
         "error": job.error,
         "resolved_by": job.resolved_by,
@@ -196,24 +231,52 @@ def _job_row(job_id: str, job: Job | None) -> dict[str, object]:
     }
 
 
-def download_outputs(jobs: Sequence[Job | None], folder: Path) -> dict[str, Path]:
-    """Fetch each completed job's first output into `folder`; job id -> file (best effort)."""
-    wanted = [j for j in jobs if j is not None and j.outputs][:MAX_DOWNLOADS]
-    if not wanted:
-        return {}
-    folder.mkdir(parents=True, exist_ok=True)
+def wait_for_outputs(
+    client: redis.Redis, jobs: Sequence[Job | None], timeout_s: float
+) -> dict[str, OutputsRecord]:
+    """Job id -> its copy-out, for the completed jobs whose outputs are kept, once each
+    one has settled (stored or failed) or `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    wanted = [j.id for j in jobs if j is not None and j.outputs]
+    found: dict[str, OutputsRecord] = {}
+    while True:
+        for job_id in wanted:
+            if job_id not in found or not found[job_id].settled:
+                record = read_record(client, job_id)
+                if record is not None:
+                    found[job_id] = record
+        waiting = [j for j in wanted if j in found and not found[j].settled]
+        if not waiting or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.2)
 
-    def fetch(client: httpx.Client, job: Job) -> tuple[str, Path] | None:
-        suffix = Path(urlsplit(job.outputs[0]).path).suffix or ".jpeg"
-        target = folder / f"{job.id[:8]}{suffix}"
-        try:
-            response = client.get(job.outputs[0])
-            response.raise_for_status()
-        except httpx.HTTPError:
-            return None
-        target.write_bytes(response.content)
-        return job.id, target
 
-    with httpx.Client(timeout=30, follow_redirects=True) as client, ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda job: fetch(client, job), wanted))
-    return dict(r for r in results if r is not None)
+def local_copies(records: Mapping[str, OutputsRecord]) -> dict[str, Path]:
+    """Job id -> the local file of its first stored output (file:// copies only)."""
+    saved: dict[str, Path] = {}
+    for job_id, record in records.items():
+        uri = record.stored[0].uri if record.stored else ""
+        if uri.startswith("file://"):
+            path = Path(unquote(urlsplit(uri).path))
+            # Shown relative to where `kq run` was started when it is below it.
+            saved[job_id] = (
+                path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+            )
+    return saved
+
+
+def _print_outputs(
+    console: Console, records: Mapping[str, OutputsRecord], outputs_url: str
+) -> None:
+    if not records:
+        return
+    stored = sum(len(r.stored) for r in records.values() if r.state == "stored")
+    where = unquote(outputs_url.removeprefix("file://"))
+    console.print(f"  {stored} output images saved in {where}")
+    failed = Counter(r.reason or "unknown" for r in records.values() if r.state == "failed")
+    if failed:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in failed.most_common())
+        console.print(f"  [red]outputs not kept for {sum(failed.values())} jobs[/red]: {reasons}")
+    pending = sum(1 for r in records.values() if not r.settled)
+    if pending:
+        console.print(f"  [yellow]{pending} jobs' outputs were still being copied[/yellow]")

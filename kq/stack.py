@@ -57,6 +57,7 @@ from kq.stack_config import (
     SIM_API_KEY,
     StackConfig,
     load_or_create_secret_key,
+    outputs_default,
     sim_admission_defaults,
 )
 from kq.supervisor import Supervisor
@@ -178,6 +179,7 @@ class Stack(Supervisor):
             self._env["KQ_BROKER_URL"] = user.broker_url
             self._announce(f"Celery broker at {redact_url(user.broker_url)}")
         self._env["KQ_SECRET_KEY"] = load_or_create_secret_key(cfg.var_dir, given)
+        self._env.update(outputs_default(cfg, user))
         self._start_provider(user)
         if cfg.start_receiver:
             url = self._start_listener(
@@ -209,6 +211,9 @@ class Stack(Supervisor):
         if cfg.start_beat:
             proc = self._launch("beat", _kq("beat"), self._heartbeat_ready("beat"))
             self._announce(f"beat ready (pid {proc.pid})")
+        outputs = self.child_settings().outputs_url
+        if outputs:
+            self._announce(f"outputs of completed jobs are copied to {redact_url(outputs)}")
         self._announce(f"logs in {cfg.var_dir / 'logs'}")
 
     def _start_redis(self) -> None:

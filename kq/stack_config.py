@@ -21,6 +21,8 @@ SIM_API_KEY = "sim-local-key"
 # The simulator has no account limits unless told to; ours follow it unless the user
 # (or a benchmark, or a test of admission control) set them.
 SIM_ADMISSION_DEFAULTS = {"KQ_MAX_IN_FLIGHT": "100000", "KQ_MAX_SUBMITS_PER_MINUTE": "1000000"}
+# Where `kq up` / `kq run` copy outputs by default (KQ_OUTPUTS unset), under var_dir.
+OUTPUTS_DIR = "outputs"
 # A warm Celery shutdown lets in-flight submits finish and ack before the worker exits.
 DEFAULT_WORKER_STOP_TIMEOUT_S = 20.0
 
@@ -40,6 +42,9 @@ class StackConfig:
     start_beat: bool = True
     start_receiver: bool = True
     extra_env: Mapping[str, str] = field(default_factory=dict)  # to every child; wins
+    # Copy completed jobs' outputs into var_dir/outputs (`kq up`, `kq run`) unless the user
+    # set KQ_OUTPUTS (a place of their own, or "off").
+    keep_outputs: bool = False
     host: str = "127.0.0.1"  # where the sim and receiver listen (Redis: always loopback)
     receiver_port: int | None = None  # None: a free port (set it when a tunnel points here)
     ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
@@ -55,6 +60,14 @@ class StackConfig:
             value = getattr(self, name)
             if not value >= 0:  # also refuses NaN
                 raise ValueError(f"{name}: expected a number of seconds >= 0, got {value!r}")
+
+
+def outputs_default(config: StackConfig, user: Settings) -> dict[str, str]:
+    """KQ_OUTPUTS for the children: var_dir/outputs when the stack keeps outputs and the
+    user chose nothing (their own KQ_OUTPUTS, "off" included, wins)."""
+    if not config.keep_outputs or "KQ_OUTPUTS" in user.set_in_env:
+        return {}
+    return {"KQ_OUTPUTS": (config.var_dir / OUTPUTS_DIR).resolve().as_uri()}
 
 
 def sim_admission_defaults(user: Settings) -> dict[str, str]:

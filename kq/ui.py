@@ -57,7 +57,7 @@ def result_table(
         seconds = job.seconds
         table.add_row(
             job_id[:8],
-            str(job.request.get("prompt", "")),
+            (f"{job.step}> " if job.chain_id else "") + str(job.request.get("prompt", "")),
             f"[{colours.get(state, 'white')}]{state}[/]",
             detail,
             job.resolved_by or "-",

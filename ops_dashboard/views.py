@@ -12,6 +12,7 @@ from typing import Any, Final
 import redis
 
 from worker import keys
+from worker.chain_store import ChainStore
 from worker.domain import Job
 from worker.events import decode_event
 from worker.producer import BatchProgress, Producer
@@ -54,6 +55,28 @@ def job_view(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
         "updated_at": updated_at or None,
         "in_dead_letters": dead is not None,
         "event": event,
+        "chain": chain_summary(client, job.chain_id) if job.chain_id else None,
+    }
+
+
+def chain_summary(client: redis.Redis, chain_id: str) -> dict[str, Any] | None:
+    """The chain a step job belongs to: its state and every step job written so far."""
+    chain = ChainStore(client).get(chain_id)
+    if chain is None:
+        return None
+    pipe = client.pipeline(transaction=False)
+    for job_id in chain.job_ids:
+        pipe.hmget(keys.job(job_id), "state", "step", "branch")
+    rows: list[Any] = pipe.execute()
+    return {
+        "id": chain.id,
+        "state": chain.state,
+        "run": chain.run,
+        "steps": chain.steps,
+        "jobs": [
+            {"job_id": job_id, "state": state or "expired", "step": step, "branch": branch}
+            for job_id, (state, step, branch) in zip(chain.job_ids, rows, strict=True)
+        ],
     }
 
 
@@ -75,6 +98,9 @@ def job_record(job: Job, event_id: str) -> dict[str, Any]:
         "version": job.version,
         "ambiguous": job.ambiguous,
         "idempotency_key": job.idempotency_key,
+        "chain_id": job.chain_id,
+        "step": job.step or None,
+        "branch": job.branch,
         "event_id": event_id,
         "created_at": job.created_at or None,
         "submitting_at": job.submitting_at or None,

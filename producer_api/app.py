@@ -36,6 +36,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from worker import logs
 from worker.batchfile import BatchFile
+from worker.chains import ChainItem, chain_from_dict
 from worker.domain import JobState, check_key, is_job_id
 from worker.errors import FieldError, ValidationError
 from worker.producer import Item, Producer, check_budget, job_json
@@ -145,6 +146,49 @@ def create_app(
         response.headers["Location"] = f"/v1/jobs/{item.job_id}"
         return response
 
+    @app.post("/v1/chains")
+    def create_chain() -> Response:
+        if (request.content_length or 0) > MAX_JOB_BYTES:
+            raise RequestEntityTooLarge()
+        data = _json_body(_read_body(MAX_JOB_BYTES))
+        if not isinstance(data, dict):
+            raise ValidationError.single("body", "expected a JSON object")
+        errors: list[FieldError] = []
+        batch_id = _collect(errors, lambda: check_key("batch_id", data.pop("batch_id", None)))
+        item = _collect(errors, lambda: chain_from_dict(data))
+        if errors or item is None:
+            raise ValidationError(errors)
+        write = producer.enqueue_chain(item, batch_id=batch_id or "")
+        response = jsonify(
+            {
+                "chain_id": write.chain_id,
+                "state": write.state,
+                "created": write.created,
+                "job_ids": [job_id for job_id, _, _ in item.first_jobs()],
+                "price_usd_if_completed": item.price_micros / 1_000_000,
+            }
+        )
+        response.status_code = 201 if write.created else 200
+        response.headers["Location"] = f"/v1/chains/{write.chain_id}"
+        return response
+
+    @app.get("/v1/chains/<chain_id>")
+    def get_chain(chain_id: str) -> Response:
+        found = producer.chain_json(chain_id) if is_job_id(chain_id) else None
+        if found is None:
+            return error(404, "not_found", f"no chain {chain_id[:64]!r} (unknown, or expired)")
+        return jsonify(found)
+
+    @app.post("/v1/chains/<chain_id>/cancel")
+    def cancel_chain(chain_id: str) -> Response:
+        chain = producer.get_chain(chain_id) if is_job_id(chain_id) else None
+        if chain is None:
+            return error(404, "not_found", f"no chain {chain_id[:64]!r}")
+        if chain.terminal:
+            return error(409, "conflict", f"the chain is already {chain.state}")
+        cancelled = producer.cancel_chain(chain_id)
+        return jsonify({"chain_id": chain_id, "cancelled_jobs": cancelled})
+
     @app.post("/v1/batches")
     def create_batch() -> Response:
         errors: list[FieldError] = []
@@ -174,7 +218,9 @@ def create_app(
                     raise ValidationError.single("body", "no edit requests in the body")
                 # Keys made up per line only when the client names the batch: then a
                 # retried POST resumes. A line's own idempotency_key always counts.
-                items: Iterator[Item] = batch.items(batch_id or "-", auto_keys=bool(batch_id))
+                items: Iterator[Item | ChainItem] = batch.items(
+                    batch_id or "-", auto_keys=bool(batch_id)
+                )
                 receipt = producer.enqueue_batch(
                     items,
                     batch_id=batch_id or None,

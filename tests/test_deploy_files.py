@@ -85,3 +85,23 @@ def test_the_image_holds_every_package_and_no_local_state() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".venv", "var", ".git", ".env"):
         assert entry in ignored, entry
+
+
+def test_sentinel_profile_runs_redis_with_sentinels() -> None:
+    """`--profile sentinel` adds a replica and three Sentinels, and with
+    KQ_REDIS_SENTINELS set every kq service finds Redis through them (and waits for the
+    replica before a paid submit); without the profile nothing of it starts."""
+    sentinels = "sentinel-1:26379,sentinel-2:26379,sentinel-3:26379"
+    env = {"COMPOSE_PROFILES": "sentinel", "KQ_REDIS_SENTINELS": sentinels}
+    config = resolved("compose.yaml", env=env)
+    ha = {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"}
+    assert ha <= set(config["services"])
+    assert "--replicaof" in config["services"]["redis-replica"]["command"]
+    for service in KQ_SERVICES:
+        settings = settings_of(config, service)
+        assert [port for _, port in settings.redis_sentinels] == [26379] * 3, service
+        assert settings.redis_master_name == "kq" and settings.redis_wait_replicas == 1
+    plain = resolved("compose.yaml")
+    # `config` lists every service; only the profile starts these.
+    assert all(plain["services"][name].get("profiles") == ["sentinel"] for name in ha)
+    assert settings_of(plain, "worker").redis_sentinels == ()

@@ -24,6 +24,7 @@ from worker import keys
 from worker.domain import EditRequest, JobState
 from worker.events import (
     EventConsumer,
+    ResultEvent,
     decode_event,
     follow,
     parse_since,
@@ -38,7 +39,7 @@ REQUEST = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
 CONTRACT_FIELDS = {
     "schema", "job_id", "batch_id", "state", "prediction_id", "outputs", "error", "reason",
     "task_code", "resolved_by", "created_at", "submitted_at", "finished_at", "attempts",
-    "version",
+    "version", "type",
 }  # fmt: skip
 
 
@@ -80,8 +81,9 @@ def test_every_contract_field_is_written_and_decoded(store: JobStore) -> None:
     ((entry_id, raw),) = store.events()
     assert set(raw) == CONTRACT_FIELDS
     event = decode_event(entry_id, raw)
-    assert (event.schema, event.job_id, event.batch_id, event.state) == (
-        1,
+    assert (event.schema, event.type, event.job_id, event.batch_id, event.state) == (
+        2,
+        "job",
         job_id,
         "b1",
         "completed",
@@ -335,3 +337,34 @@ def test_kq_events_follow_consumer_killed_and_restarted_half_way(
                 lines.thread.join(5)
         seen += [json.loads(line)["job_id"] for line in lines.lines]
     assert seen == ids
+
+
+def test_every_type_decodes_into_its_own_class_and_old_entries_are_jobs() -> None:
+    from worker.events import ChainEvent, OutputsEvent, decode_any
+
+    old = decode_any("1-0", {"schema": "1", "job_id": "j", "state": "completed"})
+    assert isinstance(old, ResultEvent) and old.type == "job" and old.schema == 1
+    chain = decode_any(
+        "2-0",
+        {
+            "schema": "2",
+            "type": "chain",
+            "chain_id": "c",
+            "state": "failed",
+            "run": "2",
+            "steps": "3",
+            "branches": "1",
+            "outputs": "[]",
+            "results": '[{"branch": "1", "state": "failed", "step": 2}]',
+            "failed_step": "2",
+        },
+    )
+    assert isinstance(chain, ChainEvent) and (chain.run, chain.failed_step) == (2, 2)
+    assert chain.results[0]["step"] == 2 and chain.to_dict()["outputs"] == []
+    stored = '[{"uri": "file:///o/a.png", "size": 5, "sha256": "ab"}]'
+    outputs = decode_any(
+        "3-0",
+        {"schema": "2", "type": "outputs", "job_id": "j", "state": "stored", "stored": stored},
+    )
+    assert isinstance(outputs, OutputsEvent) and outputs.stored[0].size == 5
+    assert outputs.to_dict()["stored"][0]["uri"] == "file:///o/a.png"

@@ -492,10 +492,12 @@ def test_stock_kombu_still_has_the_bug(doomed_redis: tuple[str, Callable[[], Non
         conn.close()
 
 
-def test_patched_transport_only_for_plain_redis_urls() -> None:
+def test_patched_transport_only_for_plain_redis_and_sentinel_urls() -> None:
     assert broker_transport_for("redis://127.0.0.1:6379/0") == REDIS_TRANSPORT
     assert broker_transport_for("rediss://cache.example:6380/0") is None
-    assert broker_transport_for("sentinel://a:26379;sentinel://b:26379") is None
+    # The Sentinel channel inherits the same bug (tests/test_sentinel.py shows it).
+    sentinel = "worker.celery_app:SentinelTransport"
+    assert broker_transport_for("sentinel://a:26379;sentinel://b:26379") == sentinel
 
 
 # --- kq worker's exit code ------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_terminal_move_appends_exactly_one_event(
     assert fields["job_id"] == "job1" and fields["batch_id"] == "b1"
     assert fields["state"] == "completed" and fields["prediction_id"] == PID
     assert json.loads(fields["outputs"]) == ["https://o/1.jpeg"]
-    assert fields["resolved_by"] == "webhook" and fields["schema"] == "1"
+    assert fields["resolved_by"] == "webhook" and fields["schema"] == "2"
     for key in ("error", "reason", "created_at", "submitted_at", "finished_at", "attempts"):
         assert key in fields
     assert redis_client.zscore(keys.POLL, "job1") is None

@@ -10,6 +10,7 @@ fault applied if any. The test/control endpoints live in ``control.py``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 import mimetypes
@@ -20,11 +21,12 @@ from flask import Flask, Response, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
-from wavespeed_sim.config import MODEL, MODEL_MULTI
+from wavespeed_sim.config import MODEL
 from wavespeed_sim.control import control_blueprint
 from wavespeed_sim.engine import Simulator
 from wavespeed_sim.images import render_output
 from wavespeed_sim.params import (
+    SIM_MODELS,
     ParamError,
     validate_delete,
     validate_list,
@@ -34,10 +36,17 @@ from wavespeed_sim.params import (
 
 MAX_UPLOAD_BYTES = 200 * 1024 * 1024  # the SDK's documented upload limit
 
+
+def submit_endpoint(model: str) -> str:
+    """The endpoint name of a model's submit route (`submit` for Kontext [max])."""
+    if model == MODEL:
+        return "submit"
+    return "submit_" + model.removeprefix("wavespeed-ai/flux-kontext-").replace("/", "_")
+
+
 # Endpoint name -> request-log kind.
 KINDS = {
-    "submit": "submit",
-    "submit_multi": "submit",
+    **{submit_endpoint(model): "submit" for model in SIM_MODELS},
     "result": "result",
     "list_predictions": "list",
     "delete_predictions": "delete",
@@ -143,13 +152,14 @@ def create_app(sim: Simulator) -> Flask:
             return ok(sim.wait_final(outcome.task_id, sim.config.sync_timeout_s))
         return ok(outcome.prediction)
 
-    @app.post(f"/api/v3/{MODEL}", endpoint="submit")
-    def submit() -> Response:
-        return submit_model(MODEL)
-
-    @app.post(f"/api/v3/{MODEL_MULTI}", endpoint="submit_multi")
-    def submit_multi() -> Response:
-        return submit_model(MODEL_MULTI)
+    # One submit route per model the provider serves (params.SIM_MODELS), alike in all.
+    for model in SIM_MODELS:
+        app.add_url_rule(
+            f"/api/v3/{model}",
+            endpoint=submit_endpoint(model),
+            view_func=functools.partial(submit_model, model),
+            methods=["POST"],
+        )
 
     @app.get("/api/v3/predictions/<task_id>/result", endpoint="result")
     def result(task_id: str) -> Response:
@@ -227,10 +237,12 @@ def create_app(sim: Simulator) -> Flask:
     @app.get("/outputs/<task_id>.jpeg", endpoint="output")
     def output(task_id: str) -> Response:
         g.task_id = task_id
-        prompt = sim.output_prompt(task_id)
-        if prompt is None:
+        found = sim.output_image(task_id)
+        if found is None:
+            # Past the retention (--retention-days) an output is gone, as at WaveSpeed.
             return error(404, "no such output (unknown, not completed, deleted or expired)")
-        return Response(render_output(prompt), mimetype="image/jpeg")
+        prompt, aspect_ratio = found
+        return Response(render_output(prompt, aspect_ratio), mimetype="image/jpeg")
 
     @app.route(
         "/api/v3/<path:rest>", endpoint="unknown_api", methods=["GET", "POST", "PUT", "DELETE"]

@@ -73,7 +73,9 @@ class SimConfig:
         None, "--seed", "int?", "seed of every random decision (default: random per run)"
     )
     balance: float = _knob(1000.0, "--balance", "money", "starting account balance in dollars")
-    price_per_image: float = _knob(0.08, "--price", "money", "dollars debited per created task")
+    price_per_image: float = _knob(
+        0.08, "--price", "money", "dollars per Kontext [max] image (others keep their ratio)"
+    )
     queue_delay_s: float = _knob(
         0.0, "--queue-delay", "seconds", "seconds a task waits in the queue before processing"
     )

@@ -22,7 +22,7 @@ from wavespeed_sim import lifecycle
 from wavespeed_sim.config import SimConfig, new_webhook_secret
 from wavespeed_sim.delivery import Deliverer, DeliverySettings, task_messages
 from wavespeed_sim.faults import FaultDice
-from wavespeed_sim.params import ListQuery
+from wavespeed_sim.params import ListQuery, price_of
 from wavespeed_sim.state import (
     RateLimiter,
     RequestLog,
@@ -180,7 +180,7 @@ class Simulator:
                     fault="rate_limit",
                     retry_after_s=wait_s,
                 )
-            price = _micros(cfg.price_per_image)
+            price = _micros(price_of(model, cfg.price_per_image))  # each model's own price
             if self._balance < price:
                 return SubmitOutcome(
                     402,
@@ -310,6 +310,16 @@ class Simulator:
         with self._cond:
             task = self._visible(task_id)
             return task.prompt if task is not None and task.status == "completed" else None
+
+    def output_image(self, task_id: str) -> tuple[str, str | None] | None:
+        """(prompt, aspect_ratio) drawn as the task's output, if it can be downloaded:
+        None when unknown, not completed, deleted, or past the retention (404)."""
+        with self._cond:
+            task = self._visible(task_id)
+            if task is None or task.status != "completed":
+                return None
+            ratio = task.params.get("aspect_ratio")
+            return task.prompt, ratio if isinstance(ratio, str) else None
 
     # --- ground truth for tests ---------------------------------------------------------
 

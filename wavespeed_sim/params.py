@@ -1,4 +1,4 @@
-"""Validation of request bodies, exactly per the spec's parameter table.
+"""Validation of request bodies, exactly per the spec's parameter table, per model.
 
 Every error is a ``ParamError`` whose message starts with the field's name, so a client
 (and a test) can tell which field was wrong. JSON ``null`` for an optional field counts
@@ -13,13 +13,57 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from wavespeed_sim.config import MODEL_MULTI
+from wavespeed_sim.config import MODEL, MODEL_MULTI
 
 ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
 SEED_MIN, SEED_MAX = -1, 2_147_483_647
 GUIDANCE_MIN, GUIDANCE_MAX = 1.0, 20.0
 MAX_PAGE_SIZE = 100
 DEFAULT_PAGE_SIZE = 20
+MODEL_PRO = "wavespeed-ai/flux-kontext-pro"
+MODEL_PRO_MULTI = "wavespeed-ai/flux-kontext-pro/multi"
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """One model the simulated provider serves: the parameters it reads, and its price."""
+
+    path: str
+    list_price: float  # dollars per image at the provider's list prices
+    max_images: int = 0  # 0: reads `image`; N: reads `images`, 1 to N URLs
+    seed: bool = True  # reads `seed` (a model that does not ignores it, like any unknown)
+    guidance_max: float = GUIDANCE_MAX
+    aspect_ratio: bool = True
+
+
+# The Kontext family as the *provider* documents it (wavespeed-api.md and WaveSpeed's public
+# model pages). This table mirrors the provider, not the client's registry (worker/models.py,
+# which the simulator must not import): were the two to disagree, the simulator should keep
+# answering as the provider does, and the client's tests would show the difference.
+SIM_MODELS: dict[str, SimModel] = {
+    m.path: m
+    for m in (
+        SimModel(MODEL, 0.08),
+        SimModel(MODEL_MULTI, 0.08, max_images=5, seed=False),
+        SimModel(MODEL_PRO, 0.04, seed=False, guidance_max=10.0, aspect_ratio=False),
+        SimModel(MODEL_PRO_MULTI, 0.04, max_images=5),
+    )
+}
+
+
+def price_of(model: str, max_price: float) -> float:
+    """Dollars debited per image of ``model`` when a Kontext [max] image costs ``max_price``
+    (the ``--price`` knob): each model keeps its list price's ratio to [max]'s."""
+    return max_price * SIM_MODELS[model].list_price / SIM_MODELS[MODEL].list_price
+
+
+def inputs_of(params: dict[str, object]) -> list[str]:
+    """The source image URLs of accepted params (``image`` or ``images``)."""
+    images = params.get("images")
+    if isinstance(images, list):
+        return [str(url) for url in images]
+    image = params.get("image")
+    return [image] if isinstance(image, str) else []
 
 
 class ParamError(ValueError):
@@ -53,7 +97,9 @@ def _is_number(value: object) -> bool:
 
 
 def validate_submit(model: str, body: object) -> dict[str, object]:
-    """Check a submit body for ``model``; return the accepted params (unknown ones dropped)."""
+    """Check a submit body for ``model``; return the accepted params (unknown ones, and
+    those the model does not read, dropped)."""
+    spec = SIM_MODELS[model]
     if not isinstance(body, dict):
         raise ParamError("body", "must be a JSON object")
     params: dict[str, object] = {}
@@ -63,10 +109,12 @@ def validate_submit(model: str, body: object) -> dict[str, object]:
         raise ParamError("prompt", f"required, a non-empty string; got {_show(prompt)}")
     params["prompt"] = prompt
 
-    if model == MODEL_MULTI:
+    if spec.max_images:
         images = body.get("images")
         if not isinstance(images, list) or not images:
             raise ParamError("images", f"required, a non-empty array of URLs; got {_show(images)}")
+        if len(images) > spec.max_images:
+            raise ParamError("images", f"at most {spec.max_images} images; got {len(images)} URLs")
         for index, url in enumerate(images):
             if not is_http_url(url):
                 raise ParamError(f"images[{index}]", f"must be an http(s) URL; got {_show(url)}")
@@ -76,25 +124,26 @@ def validate_submit(model: str, body: object) -> dict[str, object]:
         if not is_http_url(image):
             raise ParamError("image", f"required, an http(s) URL string; got {_show(image)}")
         params["image"] = image
-        seed = body.get("seed")
-        if seed is not None:
-            if not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX:
-                raise ParamError(
-                    "seed", f"must be an integer from {SEED_MIN} to {SEED_MAX}; got {_show(seed)}"
-                )
-            params["seed"] = seed
+    seed = body.get("seed")
+    if seed is not None and spec.seed:
+        if not _is_int(seed) or not SEED_MIN <= seed <= SEED_MAX:
+            raise ParamError(
+                "seed", f"must be an integer from {SEED_MIN} to {SEED_MAX}; got {_show(seed)}"
+            )
+        params["seed"] = seed
 
     guidance = body.get("guidance_scale")
     if guidance is not None:
-        if not _is_number(guidance) or not GUIDANCE_MIN <= guidance <= GUIDANCE_MAX:
+        if not _is_number(guidance) or not GUIDANCE_MIN <= guidance <= spec.guidance_max:
             raise ParamError(
                 "guidance_scale",
-                f"must be a number from {GUIDANCE_MIN} to {GUIDANCE_MAX}; got {_show(guidance)}",
+                f"must be a number from {GUIDANCE_MIN} to {spec.guidance_max}; "
+                f"got {_show(guidance)}",
             )
         params["guidance_scale"] = guidance
 
     ratio = body.get("aspect_ratio")
-    if ratio is not None:
+    if ratio is not None and spec.aspect_ratio:
         if ratio not in ASPECT_RATIOS:
             raise ParamError(
                 "aspect_ratio", f"must be one of {', '.join(ASPECT_RATIOS)}; got {_show(ratio)}"

@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from wavespeed_sim.config import TASK_ERRORS
+from wavespeed_sim.params import inputs_of
 
 FINAL_STATUSES = frozenset({"completed", "failed", "deleted"})
 REQUEST_LOG_LIMIT = 100_000  # entries kept; older ones fall off (a long `kq up` stays bounded)
@@ -172,13 +173,16 @@ class Task:
             "model": self.model,
             "status": self.status,
             "params": self.params,
+            # The source image(s) the task was asked to edit, whichever field carried them.
+            "inputs": inputs_of(self.params),
             "webhook": self.webhook,
             "base_url": self.base_url,
             "created_at": iso_ns(self.created_ns),
             "submitted_at": self.submitted_unix,
             "started_at": self.started_unix,
             "finished_at": self.finished_unix,
-            "charged": self.charged,
+            "charged": self.charged,  # dollars, at the model's own price
+            "charged_micros": round(self.charged * 1_000_000),
             "error": self.error,
             "code": self.code,
             "outputs": list(self.outputs),

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 import structlog
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
 from webhook_receiver.body_deadline import BodyDeadline
@@ -45,8 +45,13 @@ def create_app(
     secret_source: SecretSource | None = None,
     clock: Callable[[], float] = time.time,
     heartbeat: bool | None = None,
+    send_submits: Callable[[list[str]], None] | None = None,
 ) -> Flask:
     """Build the receiver on these settings; adapters default to real ones.
+
+    `send_submits`: puts job ids on the submit queue — the chain steps a delivery's move
+    wrote, sent once the answer has gone out. By default the Celery queue when the app
+    builds its own store; otherwise none, and the poller's check of queued jobs sends them.
 
     `heartbeat`: keep `kq:heartbeat:receiver:{pid}` alive for `kq status`; by default
     only when the app builds its own store (a serving process, not a test).
@@ -63,7 +68,15 @@ def create_app(
             settings.webhook_secret,
             provider.webhook_secret if settings.wavespeed_api_key else None,
         )
-    deps = Deps(store=store, provider=provider, settings=settings, clock=clock)
+    if send_submits is None and heartbeat:
+        send_submits = _celery_send(settings)
+
+    def remember_step(job_id: str) -> None:
+        g.setdefault("kq_spawned", []).append(job_id)
+
+    deps = Deps(
+        store=store, provider=provider, settings=settings, clock=clock, enqueue_submit=remember_step
+    )
     secrets = secret_source
 
     app = Flask("webhook_receiver")
@@ -177,4 +190,28 @@ def create_app(
             return answer(503, "unhealthy", redis=f"unreachable ({type(exc).__name__})")
         return answer(200, "ok", redis="ok")
 
+    @app.after_request
+    def send_spawned_steps(response: Response) -> Response:
+        # After the answer is written, so a slow broker never delays WaveSpeed's answer;
+        # a step that is not sent here is sent by the poller's check of queued jobs.
+        spawned: list[str] | None = g.pop("kq_spawned", None)
+        if spawned and send_submits is not None:
+            response.call_on_close(lambda: _send_quietly(send_submits, spawned))
+        return response
+
     return app
+
+
+def _celery_send(settings: Settings) -> Callable[[list[str]], None]:
+    from worker.celery_app import configure
+    from worker.tasks import enqueue_submits
+
+    configure(settings)
+    return enqueue_submits
+
+
+def _send_quietly(send: Callable[[list[str]], None], job_ids: list[str]) -> None:
+    try:
+        send(job_ids)
+    except Exception as exc:  # any failure: the poller sends what this could not
+        log.warning("chain.step_send_deferred", jobs=len(job_ids), error=repr(exc))

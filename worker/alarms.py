@@ -16,6 +16,7 @@ from worker.snapshot import (
     Alarm,
     AlarmName,
     Forwarding,
+    OutputsBacklog,
     Severity,
     StatusConfig,
     StatusSnapshot,
@@ -29,6 +30,7 @@ SEVERITY: Final[Mapping[AlarmName, Severity]] = {
     AlarmName.BEAT_DOWN: Severity.CRITICAL,
     AlarmName.RECEIVER_DOWN: Severity.WARNING,
     AlarmName.FORWARD_FAILING: Severity.WARNING,
+    AlarmName.OUTPUTS_NOT_COPIED: Severity.WARNING,
 }
 
 
@@ -88,6 +90,8 @@ def find_alarms(
         )
     if snapshot.forward is not None:
         found.extend(forward_alarms(snapshot.forward, cfg))
+    if snapshot.outputs is not None:
+        found.extend(outputs_alarms(snapshot.outputs, cfg))
     return tuple(found)
 
 
@@ -116,3 +120,26 @@ def forward_alarms(forwarding: Forwarding, cfg: StatusConfig) -> tuple[Alarm, ..
             f"{names}",
         ),
     )
+
+
+def outputs_alarms(backlog: OutputsBacklog, cfg: StatusConfig) -> tuple[Alarm, ...]:
+    """`outputs_not_copied`: completed jobs whose outputs are still not stored
+    `backlog.alert_after_s` after they completed (the copy keeps failing: the provider
+    deletes outputs after ~7 days), or copies given up for good lately."""
+    parts: list[str] = []
+    if backlog.overdue:
+        oldest = f", the oldest {backlog.oldest_s / 3600:.1f} h" if backlog.oldest_s else ""
+        parts.append(
+            f"{backlog.overdue} completed job(s) still without a stored copy of their outputs "
+            f"{backlog.alert_after_s / 3600:g}+ h after completing{oldest} (the provider "
+            "deletes them after ~7 days)"
+        )
+    if backlog.failed_recent:
+        parts.append(
+            f"{backlog.failed_recent} job(s)' outputs could not be copied at all in the last "
+            f"{cfg.outputs_failed_window_s / 3600:g} h (`kq job ID` shows the reason)"
+        )
+    if not parts:
+        return ()
+    name = AlarmName.OUTPUTS_NOT_COPIED
+    return (Alarm(name, SEVERITY[name], "; ".join(parts)),)

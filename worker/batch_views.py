@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from worker.domain import (
-    PRICE_PER_IMAGE_USD,
+    PRICE_PER_IMAGE_MICROS,
     Job,
 )
 
@@ -73,6 +73,8 @@ class BatchProgress:
     created_at: float
     now: float
     last_finished_at: float = 0.0
+    # The mean price of the batch's jobs (each at its model's price; models.average_price_micros).
+    price_micros: int = PRICE_PER_IMAGE_MICROS
 
     @property
     def terminal(self) -> int:
@@ -84,7 +86,7 @@ class BatchProgress:
 
     @property
     def cost_usd(self) -> float:
-        return round(self.paid * PRICE_PER_IMAGE_USD, 2)
+        return round(self.paid * self.price_micros / 1_000_000, 2)
 
     @property
     def rate_per_s(self) -> float:

@@ -12,6 +12,13 @@ line>` — an unchanged line maps to the same job on every run; an edited line i
 Text: UTF-8, with or without the byte-order mark spreadsheet programs write. A file that
 is not UTF-8 text at all (an image, a zip, UTF-16) is refused once, as a whole, rather
 than line by line. A refused line names every problem it has, not only the first.
+
+CSV columns are the JSONL fields (CSV_COLUMNS), `model` included; a multi-image model's
+`images` cell holds its URLs separated by spaces.
+
+Chains (worker/chains.py): a JSONL line with `steps` instead of `prompt` is a chain of
+edits, and counts as one item. CSV has no chains (a chain's steps are a nested list): a
+CSV header with `steps` is refused with a message saying to use JSONL.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from worker.chains import ChainItem, chain_from_dict, is_chain
 from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS
 from worker.errors import FieldError, ValidationError
 from worker.producer import ITEM_ENVELOPE_FIELDS, Item, item_from_dict
@@ -127,7 +135,7 @@ class BatchFile:
 
     def items(
         self, batch_id: str, *, skip: frozenset[int] = frozenset(), auto_keys: bool = True
-    ) -> Iterator[Item]:
+    ) -> Iterator[Item | ChainItem]:
         """The valid lines as Items with per-line keys; invalid lines are skipped.
         `auto_keys=False`: only a line's own `idempotency_key`, none made up."""
         for number, text, parsed in self._records():
@@ -188,12 +196,18 @@ def _csv_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
             continue
         if header is None:
             header = [h.strip() for h in row]
+            if "steps" in header:
+                raise ValidationError.single(
+                    "header",
+                    f"line {number}: a CSV file cannot hold chains (`steps` is a list of "
+                    "edits); write chains as JSONL lines",
+                )
             unknown = [h for h in header if h not in CSV_COLUMNS]
-            if unknown or "prompt" not in header or "image" not in header:
+            if unknown or "prompt" not in header or not {"image", "images"} & set(header):
                 raise ValidationError.single(
                     "header",
                     f"line {number}: expected columns from {', '.join(CSV_COLUMNS)} "
-                    f"including prompt and image; got {', '.join(header)}",
+                    f"including prompt and image (or images); got {', '.join(header)}",
                 )
             continue
         text = _csv_text(row)
@@ -226,6 +240,10 @@ def _csv_object(cells: dict[str, str]) -> _Cells:
                 data[name] = float(value)
             except ValueError:
                 errors.append(FieldError("guidance_scale", f"expected a number, got {value!r}"))
+        elif name == "images":
+            # A multi-image model's source URLs in one cell, separated by spaces (a URL
+            # never contains white space, so the split is unambiguous).
+            data[name] = value.split()
         elif name == "metadata":
             try:
                 data[name] = json.loads(value)
@@ -242,8 +260,8 @@ def _csv_text(row: list[str]) -> str:
     return out.getvalue().strip()
 
 
-def _check(parsed: object) -> Item:
-    """Validate one parsed line, naming every problem it has."""
+def _check(parsed: object) -> Item | ChainItem:
+    """Validate one parsed line (an edit, or a chain of edits), naming every problem."""
     early: tuple[FieldError, ...] = ()
     if isinstance(parsed, _Cells):
         early = parsed.errors
@@ -251,7 +269,11 @@ def _check(parsed: object) -> Item:
     if isinstance(parsed, ValidationError):
         raise parsed
     try:
-        item = item_from_dict(parsed, refused={"batch_id": BATCH_ID_PER_LINE})
+        item: Item | ChainItem
+        if is_chain(parsed):
+            item = chain_from_dict(parsed, refused={"batch_id": BATCH_ID_PER_LINE})
+        else:
+            item = item_from_dict(parsed, refused={"batch_id": BATCH_ID_PER_LINE})
     except ValidationError as exc:
         raise ValidationError([*early, *exc.errors]) from None
     if early:
@@ -259,12 +281,14 @@ def _check(parsed: object) -> Item:
     return item
 
 
-def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item:
+def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item | ChainItem:
     item = _check(parsed)
     if item.idempotency_key:
         return item
     line_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
     key = f"{batch_id}:{number}:{line_hash}"
+    if isinstance(item, ChainItem):
+        return item.with_key(key)
     return Item(item.request, key, item.priority, metadata=item.metadata)
 
 

@@ -18,6 +18,8 @@ POLL_QUEUE = "kq.poll"
 # Well above the longest task (a submit is one HTTP call with a 30 s timeout): a
 # message unacked this long is handed to another worker.
 VISIBILITY_TIMEOUT_S = 3600
+# How often beat triggers a copy-out sweep (it only touches jobs that are due).
+COPY_OUTPUTS_INTERVAL_S = 1.0
 
 
 class _Channel(kombu_redis.Channel):
@@ -57,13 +59,32 @@ class _Channel(kombu_redis.Channel):
 
 class RedisTransport(kombu_redis.Transport):
     """kombu's Redis transport with the channel above; `configure` selects it for
-    redis:// URLs. Other schemes (rediss://, sentinel://) keep kombu's own transport,
-    whose URL handling (TLS defaults, sentinels) a transport override would bypass."""
+    redis:// URLs. rediss:// keeps kombu's own transport, whose TLS defaults a transport
+    override would bypass."""
 
     Channel = _Channel
 
 
+class _SentinelChannel(kombu_redis.SentinelChannel):
+    """kombu's Sentinel channel with the same guard as `_Channel`: it inherits the
+    `_connparams` that crashes on a collected connection, and its pool is built from
+    `self.connection.client.alt`, which is just as gone by then."""
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise redis.ConnectionError("the broker connection of this channel is closed")
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """kombu's Sentinel transport with the channel above; `configure` selects it for
+    sentinel:// URLs (kombu still splits the `;`-separated Sentinel list itself)."""
+
+    Channel = _SentinelChannel
+
+
 REDIS_TRANSPORT = f"{__name__}:RedisTransport"
+SENTINEL_TRANSPORT = f"{__name__}:SentinelTransport"
 
 # KQ_BROKER_URL schemes that mean RabbitMQ (kombu's py-amqp transport).
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
@@ -102,6 +123,7 @@ app.conf.update(
         "kq.poll_due": {"queue": POLL_QUEUE},
         "kq.submit": {"queue": SUBMIT_QUEUE},
         "kq.submit_chunk": {"queue": SUBMIT_QUEUE},
+        "kq.copy_outputs": {"queue": POLL_QUEUE},
     },
     broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     broker_connection_retry_on_startup=True,
@@ -141,37 +163,63 @@ def configure(settings: Settings) -> Celery:
     app.conf.update(
         broker_url=broker,
         broker_transport=broker_transport_for(broker),
-        **(_rabbitmq_options() if is_rabbitmq(broker) else _redis_options(settings)),
+        **(_rabbitmq_options() if is_rabbitmq(broker) else _redis_options(settings, broker)),
         beat_schedule={
             "kq-poll-due": {
                 "task": "kq.poll_due",
                 "schedule": settings.sweep_interval_s,
                 # A sweep that waited longer than a few ticks is useless; a later one runs.
                 "options": {"expires": max(10.0, settings.sweep_interval_s * 5)},
-            }
+            },
+            # Copy-out of completed jobs' outputs (worker/outputs/), when KQ_OUTPUTS is set.
+            **(
+                {
+                    "kq-copy-outputs": {
+                        "task": "kq.copy_outputs",
+                        "schedule": COPY_OUTPUTS_INTERVAL_S,
+                        "options": {"expires": 10.0},
+                    }
+                }
+                if settings.keep_outputs
+                else {}
+            ),
         },
     )
     return app
 
 
 def broker_url(settings: Settings) -> str:
-    """The Celery broker: KQ_BROKER_URL when set, else the job store's Redis."""
-    return settings.broker_url or settings.redis_url
+    """The Celery broker: KQ_BROKER_URL when set, else the job store's Redis (through
+    its Sentinels when KQ_REDIS_SENTINELS is set: `sentinel://h1:p1/db;sentinel://h2:p2/db`,
+    with KQ_REDIS_URL's password for the primary)."""
+    if settings.broker_url or not settings.redis_sentinels:
+        return settings.broker_url or settings.redis_url
+    parts = urlsplit(settings.redis_url)
+    auth = parts.netloc.rpartition("@")[0]
+    db = parts.path.strip("/") or "0"
+    hosts = (f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in settings.redis_sentinels)
+    return ";".join(f"sentinel://{auth + '@' if auth else ''}{hp}/{db}" for hp in hosts)
 
 
 def is_rabbitmq(url: str) -> bool:
     return urlsplit(url).scheme in AMQP_SCHEMES
 
 
-def _redis_options(settings: Settings) -> dict[str, Any]:
-    """Redis as the broker, as it always was: kombu's lists, queues created on use."""
+def _redis_options(settings: Settings, broker: str) -> dict[str, Any]:
+    """Redis as the broker, as it always was: kombu's lists, queues created on use
+    (through Sentinel: the same, on whichever server is the primary)."""
+    options: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        # Look for such messages every few seconds, not every ~100 s (kombu's default).
+        "unacked_restore_interval": min(10.0, settings.visibility_timeout_s / 3),
+        "unacked_restore_throttle": 1,
+    }
+    if urlsplit(broker).scheme == "sentinel":
+        options["master_name"] = settings.redis_master_name
+        # A Sentinel that does not answer is skipped quickly for the next one.
+        options["sentinel_kwargs"] = {"socket_timeout": 5, "socket_connect_timeout": 5}
     return {
-        "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout_s,
-            # Look for such messages every few seconds, not every ~100 s (kombu's default).
-            "unacked_restore_interval": min(10.0, settings.visibility_timeout_s / 3),
-            "unacked_restore_throttle": 1,
-        },
+        "broker_transport_options": options,
         "task_queues": None,
         "task_default_queue_type": "classic",
         "task_default_exchange_type": "direct",
@@ -214,9 +262,10 @@ def _quorum_queue(name: str) -> Queue:
 
 
 def broker_transport_for(url: str) -> str | None:
-    """Our patched transport for plain redis:// URLs; None (kombu picks by scheme: amqp://
-    is py-amqp, which needs no such patch) else."""
-    return REDIS_TRANSPORT if urlsplit(url).scheme == "redis" else None
+    """Our patched transports for redis:// and sentinel:// URLs; None (kombu picks by
+    scheme: amqp:// is py-amqp, which needs no such patch) else."""
+    scheme = urlsplit(url).scheme
+    return {"redis": REDIS_TRANSPORT, "sentinel": SENTINEL_TRANSPORT}.get(scheme)
 
 
 def _drop_broker_connections() -> None:

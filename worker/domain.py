@@ -288,6 +288,10 @@ class Job:
     answer_lost_at: float = 0.0
     # The producer's own JSON object, stored as given (size-limited at enqueue); None: none.
     metadata: Mapping[str, Any] | None = None
+    # A step of a chain (worker/chains.py): its chain, step number (1-based) and branch.
+    chain_id: str = ""
+    step: int = 0
+    branch: str = ""
 
     @property
     def terminal(self) -> bool:

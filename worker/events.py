@@ -12,17 +12,18 @@ module is its Python side. Three ways to read:
   `reclaim` takes over what a consumer that never comes back left pending (XAUTOCLAIM).
   That is at-least-once delivery: process idempotently (keyed by `job_id`).
 
-A batch filter applies to all three; in a group, events of other batches are acked
-on sight, since a group that filters by batch has no other use for them.
+The stream holds three types of event (`worker.event_types`): `job` (one per finished
+job), `chain` (one per finished chain run) and `outputs` (a job's outputs copied out).
+Readers yield all of them unless `types` names some. A batch filter and a type filter
+apply to all three ways; in a group, events filtered out are acked on sight, since the
+group has no other use for them.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -30,7 +31,26 @@ import redis
 
 from worker import keys
 
-SCHEMA_VERSION: Final = 1
+# Re-exported: a consumer imports the whole events API from this module.
+from worker.event_types import (
+    CHAIN,
+    EVENT_TYPES,
+    JOB,
+    OUTPUTS,
+    SCHEMA_VERSION,
+    ChainEvent,
+    Event,
+    OutputsEvent,
+    ResultEvent,
+    StoredOutput,
+    as_text,
+    decode_any,
+    decode_chain_event,
+    decode_event,
+    decode_outputs_event,
+    event_type,
+)
+
 # Pending entries idle this long belong to a consumer presumed dead (XAUTOCLAIM).
 DEFAULT_RECLAIM_IDLE_MS: Final = 60_000
 DEFAULT_READ_COUNT: Final = 100
@@ -38,87 +58,6 @@ _PAGE: Final = 500
 _STREAM_ID = re.compile(r"^\d+(-\d+)?$")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-@dataclass(frozen=True)
-class ResultEvent:
-    """One terminal job result, decoded from a `kq:events` entry (see docs/events.md).
-
-    Times are unix seconds (None when the job never reached that step). `fields`
-    keeps the raw entry, so fields added by a later schema are not lost.
-    """
-
-    id: str
-    schema: int
-    job_id: str
-    batch_id: str
-    state: str
-    prediction_id: str
-    outputs: tuple[str, ...]
-    error: str
-    reason: str
-    task_code: int | None
-    resolved_by: str
-    created_at: float | None
-    submitted_at: float | None
-    finished_at: float | None
-    attempts: int
-    version: int
-    # The producer's own key and metadata object (added to schema 1; see docs/events.md).
-    idempotency_key: str = ""
-    metadata: Mapping[str, Any] | None = None
-    fields: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def time(self) -> float:
-        """When the event was appended (from its stream id), unix seconds."""
-        return int(self.id.split("-", 1)[0]) / 1000.0
-
-    @property
-    def latency_s(self) -> float | None:
-        """From enqueue to result; None if either time is unknown."""
-        if self.created_at is None or self.finished_at is None:
-            return None
-        return max(0.0, self.finished_at - self.created_at)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the decoded fields plus the stream id (raw fields left out)."""
-        data = asdict(self)
-        data.pop("fields")
-        data["outputs"] = list(self.outputs)
-        data["metadata"] = None if self.metadata is None else dict(self.metadata)
-        return data
-
-
-def decode_event(entry_id: Any, raw: Mapping[Any, Any]) -> ResultEvent:
-    """Build a ResultEvent from a stream entry; tolerant of missing or odd fields."""
-    f = {_s(k): _s(v) for k, v in raw.items()}
-    try:
-        outputs_raw = json.loads(f.get("outputs") or "[]")
-    except ValueError:
-        outputs_raw = []
-    outputs = tuple(str(x) for x in outputs_raw) if isinstance(outputs_raw, list) else ()
-    return ResultEvent(
-        id=_s(entry_id),
-        schema=_int(f.get("schema"), 1) or SCHEMA_VERSION,
-        job_id=f.get("job_id", ""),
-        batch_id=f.get("batch_id", ""),
-        state=f.get("state", ""),
-        prediction_id=f.get("prediction_id", ""),
-        outputs=outputs,
-        error=f.get("error", ""),
-        reason=f.get("reason", ""),
-        task_code=_int(f["task_code"], None) if f.get("task_code") else None,
-        resolved_by=f.get("resolved_by", ""),
-        created_at=_float(f.get("created_at")),
-        submitted_at=_float(f.get("submitted_at")),
-        finished_at=_float(f.get("finished_at")),
-        attempts=_int(f.get("attempts"), 0) or 0,
-        version=_int(f.get("version"), 0) or 0,
-        idempotency_key=f.get("idempotency_key", ""),
-        metadata=_object(f.get("metadata")),
-        fields=f,
-    )
 
 
 def parse_since(value: str, *, now: float | None = None) -> str:
@@ -166,9 +105,10 @@ def replay(
     since: str = "0-0",
     *,
     batch_id: str | None = None,
+    types: Collection[str] | None = None,
     until: str = "+",
     stream: str = keys.EVENTS,
-) -> Iterator[ResultEvent]:
+) -> Iterator[Event]:
     """Every retained event from stream id `since` (inclusive) to `until`, oldest first.
 
     Pages through XRANGE, so a long stream is never loaded at once.
@@ -177,18 +117,18 @@ def replay(
     while True:
         entries: Any = client.xrange(stream, min=start, max=until, count=_PAGE)
         for entry_id, raw in entries:
-            event = decode_event(entry_id, raw)
-            if batch_id is None or event.batch_id == batch_id:
+            event = decode_any(entry_id, raw)
+            if wanted(event, batch_id, types):
                 yield event
         if len(entries) < _PAGE:
             return
-        start = f"({_s(entries[-1][0])}"
+        start = f"({as_text(entries[-1][0])}"
 
 
-def latest(client: redis.Redis, count: int, *, stream: str = keys.EVENTS) -> list[ResultEvent]:
+def latest(client: redis.Redis, count: int, *, stream: str = keys.EVENTS) -> list[Event]:
     """The newest `count` events, newest first."""
     entries: Any = client.xrevrange(stream, count=count)
-    return [decode_event(i, raw) for i, raw in entries]
+    return [decode_any(i, raw) for i, raw in entries]
 
 
 def follow(
@@ -196,17 +136,18 @@ def follow(
     since: str = "$",
     *,
     batch_id: str | None = None,
+    types: Collection[str] | None = None,
     block_ms: int = 5_000,
     stream: str = keys.EVENTS,
     stop: Any = None,
-) -> Iterator[ResultEvent]:
+) -> Iterator[Event]:
     """Replay from `since` (unless it is `$`), then block for new events until `stop()`.
 
     `stop` is an optional callable checked between blocking reads.
     """
     last = since
     if since != "$":
-        for event in replay(client, since, batch_id=batch_id, stream=stream):
+        for event in replay(client, since, batch_id=batch_id, types=types, stream=stream):
             last = event.id
             yield event
         if last == since:
@@ -216,14 +157,14 @@ def follow(
     else:
         # Resolve `$` once, so events appended between two XREADs are not skipped.
         info: Any = client.xrevrange(stream, count=1)
-        last = _s(info[0][0]) if info else "0-0"
+        last = as_text(info[0][0]) if info else "0-0"
     while stop is None or not stop():
         reply: Any = client.xread({stream: last}, count=DEFAULT_READ_COUNT, block=block_ms)
         for _name, entries in reply or []:
             for entry_id, raw in entries:
-                last = _s(entry_id)
-                event = decode_event(entry_id, raw)
-                if batch_id is None or event.batch_id == batch_id:
+                last = as_text(entry_id)
+                event = decode_any(entry_id, raw)
+                if wanted(event, batch_id, types):
                     yield event
 
 
@@ -248,6 +189,7 @@ class EventConsumer:
         *,
         start: str = "0-0",
         batch_id: str | None = None,
+        types: Collection[str] | None = None,
         reclaim_idle_ms: int = DEFAULT_RECLAIM_IDLE_MS,
         stream: str = keys.EVENTS,
     ) -> None:
@@ -258,6 +200,7 @@ class EventConsumer:
         self.consumer = consumer
         self.start = start
         self.batch_id = batch_id
+        self.types = types
         self.reclaim_idle_ms = reclaim_idle_ms
         self.stream = stream
         # After a restart, first hand back what this consumer read but never acked.
@@ -280,9 +223,7 @@ class EventConsumer:
         self._group_ready = True
         return created
 
-    def read(
-        self, count: int = DEFAULT_READ_COUNT, block_ms: int | None = None
-    ) -> list[ResultEvent]:
+    def read(self, count: int = DEFAULT_READ_COUNT, block_ms: int | None = None) -> list[Event]:
         """The next events for this consumer: its own unacked ones first, then new ones.
 
         Returned events are pending until `ack`ed. `block_ms`: wait that long for new
@@ -312,7 +253,7 @@ class EventConsumer:
 
     def reclaim(
         self, min_idle_ms: int | None = None, count: int = DEFAULT_READ_COUNT
-    ) -> list[ResultEvent]:
+    ) -> list[Event]:
         """Take over events other consumers left pending for `min_idle_ms` (XAUTOCLAIM).
 
         The claimed events become this consumer's pending entries: process and ack
@@ -333,7 +274,7 @@ class EventConsumer:
                 start_id=cursor,
                 count=count - len(claimed),
             )
-            cursor = _s(reply[0])
+            cursor = as_text(reply[0])
             claimed.extend((i, raw) for i, raw in reply[1] if raw is not None)
             if cursor == "0-0":
                 break
@@ -360,19 +301,25 @@ class EventConsumer:
                 if raw:
                     entries.append((entry_id, raw))
                 else:
-                    gone.append(_s(entry_id))
+                    gone.append(as_text(entry_id))
         # A pending entry whose event was trimmed comes back with no fields: there is
         # nothing left to deliver, so drop it from the pending list.
         self.ack(*gone)
         return entries, len(gone)
 
-    def _keep(self, entries: Sequence[tuple[Any, Any]]) -> list[ResultEvent]:
-        events = [decode_event(i, raw) for i, raw in entries]
-        if self.batch_id is None:
+    def _keep(self, entries: Sequence[tuple[Any, Any]]) -> list[Event]:
+        events = [decode_any(i, raw) for i, raw in entries]
+        if self.batch_id is None and self.types is None:
             return events
-        other = [e.id for e in events if e.batch_id != self.batch_id]
-        self.ack(*other)
-        return [e for e in events if e.batch_id == self.batch_id]
+        self.ack(*(e.id for e in events if not wanted(e, self.batch_id, self.types)))
+        return [e for e in events if wanted(e, self.batch_id, self.types)]
+
+
+def wanted(event: Event, batch_id: str | None, types: Collection[str] | None) -> bool:
+    """The readers' filter: the event's batch (when one is named) and type (when named)."""
+    return (batch_id is None or event.batch_id == batch_id) and (
+        types is None or event.type in types
+    )
 
 
 def _before(stream_id: str) -> str:
@@ -382,31 +329,26 @@ def _before(stream_id: str) -> str:
     return f"{max(0, int(ms) - 1)}-{2**64 - 1}" if int(ms) > 0 else "0-0"
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _int(value: Any, default: int | None) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def _object(value: str | None) -> dict[str, Any] | None:
-    """A JSON object field ('' or anything else that is not an object: None)."""
-    if not value:
-        return None
-    try:
-        data = json.loads(value)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _float(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number > 0 else None
+__all__ = [
+    "CHAIN",
+    "EVENT_TYPES",
+    "JOB",
+    "OUTPUTS",
+    "SCHEMA_VERSION",
+    "ChainEvent",
+    "Event",
+    "EventConsumer",
+    "OutputsEvent",
+    "ResultEvent",
+    "StoredOutput",
+    "decode_any",
+    "decode_chain_event",
+    "decode_event",
+    "decode_outputs_event",
+    "event_type",
+    "follow",
+    "latest",
+    "parse_since",
+    "replay",
+    "time_to_id",
+]

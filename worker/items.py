@@ -20,6 +20,8 @@ from worker.domain import (
     kind_of,
 )
 from worker.errors import FieldError, ValidationError
+from worker.models import lookup
+from worker.request import model_of, required_message
 
 # The producer's metadata object, as compact UTF-8 JSON, at most this many bytes.
 MAX_METADATA_BYTES = 4096
@@ -99,35 +101,44 @@ def item_from_dict(
             errors.append(FieldError(name, refused[name]))
         elif name not in allowed:
             errors.append(FieldError(name, f"unknown field; allowed: {', '.join(allowed)}"))
-    missing = [name for name in ("prompt", "image") if data.get(name) is None]
-    errors.extend(FieldError(name, "is required") for name in missing)
+    # `image` or `images`, as the model (default Kontext [max]) takes.
+    model = lookup(model_of(data))
+    image_field = "image" if model is None else model.image_field
+    missing = [name for name in ("prompt", image_field) if data.get(name) is None]
+    errors.extend(
+        FieldError(name, "is required" if model is None else required_message(model))
+        if name == image_field
+        else FieldError(name, "is required")
+        for name in missing
+    )
     request: EditRequest | None = None
     try:
         # A missing prompt or image stands in as a valid one, so that the other
         # fields are still checked and every problem of the item is named together.
         request = EditRequest(
             prompt=_PLACEHOLDER_PROMPT if "prompt" in missing else data["prompt"],
-            image=_PLACEHOLDER_IMAGE if "image" in missing else data["image"],
+            image=_PLACEHOLDER_IMAGE if "image" in missing else data.get("image"),
             seed=data.get("seed"),
             guidance_scale=data.get("guidance_scale"),
             aspect_ratio=data.get("aspect_ratio"),
+            model=model_of(data),
+            images=(_PLACEHOLDER_IMAGE,) if "images" in missing else _listed(data.get("images")),
         )
     except ValidationError as exc:
         errors.extend(exc.errors)
-    image = data.get("image")
+    image, images = data.get("image"), data.get("images")
     # fullmatch: `$` alone would let a final newline through.
     if (
         isinstance(image, str)
         and not any(e.field == "image" for e in errors)
         and not _IMAGE_URL.fullmatch(image)
     ):
-        errors.append(
-            FieldError(
-                "image",
-                "expected http:// or https://, an ASCII host (user:password@ and :port "
-                "allowed; IDN in punycode; no IPv6 literal), then an optional path; "
-                f"got {image[:80]!r}",
-            )
+        errors.append(FieldError("image", _URL_FORM + f"got {image[:80]!r}"))
+    if isinstance(images, list) and not any(e.field == "images" for e in errors):
+        errors.extend(
+            FieldError("images", f"item {i}: " + _URL_FORM + f"got {url[:80]!r}")
+            for i, url in enumerate(images)
+            if isinstance(url, str) and not _IMAGE_URL.fullmatch(url)
         )
     key = priority = metadata = None
     try:
@@ -145,6 +156,18 @@ def item_from_dict(
     if errors or request is None:
         raise ValidationError(errors)
     return Item(request, key or "", priority or 0, metadata=metadata)
+
+
+_URL_FORM = (
+    "expected http:// or https://, an ASCII host (user:password@ and :port "
+    "allowed; IDN in punycode; no IPv6 literal), then an optional path; "
+)
+
+
+def _listed(value: object) -> Any:
+    """A JSON array of `images` as the tuple a request keeps (anything else as it is, for
+    the request to refuse by name)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def check_metadata(value: object) -> dict[str, Any] | None:

@@ -13,9 +13,15 @@
     kq:stats              hash: state:<s>, resolved_by:<how>, now:<s>, paid
     kq:latency            hash: latency histogram counters (written by transition.lua and
                           the receiver, exported by worker.metrics)
+    kq:outputs:due        zset: completed job id -> when its outputs are copied out next
+                          (written by transition.lua when the store keeps outputs)
+    kq:chain:{id}         hash: a chain of edits (see worker/chains.py, lua/chain_step.lua)
+    kq:chainjobs:{id}     list: a chain's step job ids in creation order
+    kq:chainends:{id}     hash: branch -> JSON of how that branch ended
     kq:adm:*              admission control (slots, submit window, waiting lines; admission.py)
     kq:tm:*               telemetry counters per minute and day (telemetry.py)
     kq:heartbeat:{role}:{pid}, kq:heartbeats   liveness of each process
+    kq:replprobe          string: bumped before each Redis WAIT of a submit (replication.py)
 
 Lua scripts get the fixed keys as KEYS; keys they derive from a job's own fields (its
 batch, its prediction id) are built from the prefixes below, passed in as arguments.
@@ -34,6 +40,9 @@ DLQ: Final = "kq:dlq"
 ATTEMPTS: Final = "kq:attempts"
 LATENCY: Final = "kq:latency"
 HEARTBEATS: Final = "kq:heartbeats"
+# A counter a submit bumps just before Redis WAIT (see worker/replication.py).
+REPLICATION_PROBE: Final = "kq:replprobe"
+OUTPUTS_DUE: Final = "kq:outputs:due"
 
 JOB_PREFIX: Final = "kq:job:"
 BATCH_PREFIX: Final = "kq:batch:"
@@ -41,6 +50,9 @@ BATCH_JOBS_PREFIX: Final = "kq:batchjobs:"
 PREDICTION_PREFIX: Final = "kq:pred:"
 WEBHOOK_ID_PREFIX: Final = "kq:whid:"
 HEARTBEAT_PREFIX: Final = "kq:heartbeat:"
+CHAIN_PREFIX: Final = "kq:chain:"
+CHAIN_JOBS_PREFIX: Final = "kq:chainjobs:"
+CHAIN_ENDS_PREFIX: Final = "kq:chainends:"
 
 # Admission control (see admission.py and lua/admission.lua).
 ADM_SLOTS: Final = "kq:adm:slots"
@@ -80,6 +92,18 @@ def webhook_id(delivery_id: str) -> str:
 
 def admission_wait(batch_id: str) -> str:
     return ADM_WAIT_PREFIX + batch_id
+
+
+def chain(chain_id: str) -> str:
+    return CHAIN_PREFIX + chain_id
+
+
+def chain_jobs(chain_id: str) -> str:
+    return CHAIN_JOBS_PREFIX + chain_id
+
+
+def chain_ends(chain_id: str) -> str:
+    return CHAIN_ENDS_PREFIX + chain_id
 
 
 def heartbeat(role: str, pid: int) -> str:
@@ -125,3 +149,12 @@ def fwd_dead(subscriber_id: str) -> str:
 
 def fwd_health(subscriber_id: str) -> str:
     return f"{FWD_PREFIX}health:{subscriber_id}"
+
+
+# Copy-out of outputs (see worker/outputs/). kq:outputs:due (OUTPUTS_DUE above) holds the
+# completed jobs whose outputs are not stored yet, scored by when to try (or until when
+# a copier holds them); its Lua scripts are lua/outputs_*.lua.
+#   kq:outputs:failed     zset: job id -> when its copy failed for good (alarm, metrics)
+#   kq:outputs:stats      hash: stored, failed, retries, bytes (totals, for metrics)
+OUTPUTS_FAILED: Final = "kq:outputs:failed"
+OUTPUTS_STATS: Final = "kq:outputs:stats"

@@ -11,6 +11,9 @@ fixed set (states, outcomes, queue and role names): no job ids, no batch ids.
 - `ForwardCollector`: outbound webhooks (`kq forward --metrics-port P`): deliveries by
   endpoint and outcome, pending, dead, oldest undelivered age, failing time. The
   `endpoint` label is the subscriber id (a configured, bounded set), never a URL.
+- `kq_outputs_*` (in `kq metrics`, once any job's outputs were kept): copy-out pending,
+  overdue (not stored KQ_OUTPUTS_ALERT_AFTER_S after completing), oldest pending age,
+  jobs stored / failed, retries, bytes; `kq_alarm{name="outputs_not_copied"}` with them.
 - Latency histograms (`HISTOGRAMS`), real Prometheus histograms (`_bucket{le}`, `_sum`,
   `_count`) whose counters live in Redis (`kq:latency`), so every process that sees an
   event counts it in the same place and any exporter serves the deployment's total:
@@ -49,6 +52,7 @@ from worker.snapshot import (
     TERMINAL,
     AlarmName,
     Forwarding,
+    OutputsBacklog,
     StatusConfig,
     StatusSnapshot,
 )
@@ -235,6 +239,44 @@ def status_metrics(snap: StatusSnapshot) -> Iterator[Metric]:
     yield alarm
     if snap.forward is not None:
         yield from forward_metrics(snap.forward)
+    if snap.outputs is not None:
+        yield from outputs_metrics(snap.outputs)
+
+
+def outputs_metrics(backlog: OutputsBacklog) -> Iterator[Metric]:
+    """The `kq_outputs_*` families: copy-out of completed jobs' outputs (worker/outputs/)."""
+    yield _gauge(
+        "kq_outputs_pending",
+        "Completed jobs whose outputs are not stored yet (first copy, retry, or copying)",
+        backlog.pending,
+    )
+    yield _gauge(
+        "kq_outputs_overdue",
+        "Completed jobs whose outputs are still not stored KQ_OUTPUTS_ALERT_AFTER_S after "
+        "completing",
+        backlog.overdue,
+    )
+    yield _gauge(
+        "kq_outputs_oldest_pending_seconds",
+        "Since the oldest job whose outputs are not stored yet completed (0: none)",
+        backlog.oldest_s or 0.0,
+    )
+    copied = CounterMetricFamily(
+        "kq_outputs_copied",
+        "Jobs whose copy-out settled: stored, or failed for good (with a reason)",
+        labels=["state"],
+    )
+    copied.add_metric(["stored"], backlog.stored)
+    copied.add_metric(["failed"], backlog.failed)
+    yield copied
+    yield CounterMetricFamily(
+        "kq_outputs_retries",
+        "Copy-out attempts that failed and were retried",
+        value=backlog.retries,
+    )
+    yield CounterMetricFamily(
+        "kq_outputs_stored_bytes", "Bytes of output images stored", value=backlog.bytes
+    )
 
 
 class ForwardCollector(Collector):

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from worker import telemetry
-from worker.domain import Job, JobState, Prediction, Reason, ResolvedBy
+from worker.domain import MODEL, Job, JobState, Prediction, Reason, ResolvedBy
 from worker.errors import (
     PermanentError,
     ProviderError,
@@ -242,7 +242,12 @@ def _unowned_candidates(deps: Deps, job: Job) -> list[Prediction]:
     found: list[Prediction] = []
     for page in range(1, RECONCILE_MAX_PAGES + 1):
         items = deps.provider.list_predictions(
-            created_after=after, created_before=before, page=page, page_size=100
+            # Only the job's own model's tasks can be its task (no `model`: Kontext [max]).
+            model=job.request.get("model", MODEL),
+            created_after=after,
+            created_before=before,
+            page=page,
+            page_size=100,
         )
         for item in items:
             if not _matches_request(item, job):
@@ -268,9 +273,7 @@ def _matches_request(item: Any, job: Job) -> bool:
     echoed = item.get("input") if hasattr(item, "get") else None
     if not isinstance(echoed, dict):
         return True
-    return echoed.get("prompt") == job.request.get("prompt") and echoed.get("image") == (
-        job.request.get("image")
-    )
+    return all(echoed.get(name) == job.request.get(name) for name in ("prompt", "image", "images"))
 
 
 def _iso(ts: float) -> str:

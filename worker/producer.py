@@ -26,13 +26,17 @@ from typing import Any, TypeVar
 
 import structlog
 
+from worker import keys
 from worker.batch_views import BatchProgress, BatchReceipt, job_json
+from worker.chain_store import RETRIED, ChainStore, ChainWrite
+from worker.chains import Chain, ChainItem, chain_from_dict, chain_json, is_chain
 from worker.domain import (
     PRICE_PER_IMAGE_MICROS,
     EditRequest,
     Job,
     JobState,
     check_key,
+    job_id_for_key,
 )
 from worker.errors import QueueUnavailable
 
@@ -49,6 +53,7 @@ from worker.items import (
     new_batch_id,
     new_job_id,
 )
+from worker.models import average_price_micros
 from worker.service import Deps, cancel_job
 from worker.store import NEW, JobStore
 
@@ -72,6 +77,10 @@ class Producer:
     clock: Callable[[], float] = field(default=time.time)
     # For cancel: the provider client used to delete submitted tasks (best effort).
     deps: Deps | None = None
+    chains: ChainStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chains = ChainStore(self.store.redis)
 
     # --- enqueue -------------------------------------------------------------------
 
@@ -114,7 +123,7 @@ class Producer:
 
     def enqueue_batch(
         self,
-        items: Iterable[Item | EditRequest | Mapping[str, object]],
+        items: Iterable[Item | ChainItem | EditRequest | Mapping[str, object]],
         *,
         batch_id: str | None = None,
         budget_usd: float | None = None,
@@ -138,15 +147,69 @@ class Producer:
         created = existing = resent = 0
         job_ids: list[str] | None = [] if keep_job_ids else None
         for chunk in _chunks(items, ENQUEUE_CHUNK):
-            coerced = [Item.coerce(item) for item in chunk]
-            c, e, r = self._write_chunk([(item.job_id, item) for item in coerced], batch_id)
+            coerced = [coerce_item(item) for item in chunk]
+            plain = [(i.job_id, i) for i in coerced if isinstance(i, Item)]
+            c, e, r = self._write_chunk(plain, batch_id)
+            # A chain counts as one item: created, or existing (its queued steps resent).
+            for chain in (i for i in coerced if isinstance(i, ChainItem)):
+                write = self._write_chain(chain, batch_id)
+                if write.created:
+                    c += 1
+                else:
+                    e, r = e + 1, r + len(write.to_send)
             created, existing, resent = created + c, existing + e, resent + r
             if job_ids is not None:
-                job_ids.extend(item.job_id for item in coerced)
+                job_ids.extend(i.job_id if isinstance(i, Item) else i.chain_id for i in coerced)
             if on_chunk is not None:
                 on_chunk(BatchReceipt(batch_id, created, existing, resent))
         ids = None if job_ids is None else tuple(job_ids)
         return BatchReceipt(batch_id, created, existing, resent, ids)
+
+    # --- chains ----------------------------------------------------------------------
+
+    def enqueue_chain(
+        self, chain: ChainItem | Mapping[str, object], *, batch_id: str = ""
+    ) -> ChainWrite:
+        """Validate and write a chain of edits (see worker/chains.py); its step-1 jobs are
+        sent now, every later step by the move that ends the step before it. Idempotent
+        for a repeated `idempotency_key`: the same chain, nothing written twice."""
+        item = chain if isinstance(chain, ChainItem) else chain_from_dict(chain)
+        if batch_id:
+            check_key("batch_id", batch_id)
+        return self._write_chain(item, batch_id)
+
+    def get_chain(self, chain_id: str) -> Chain | None:
+        return self.chains.get(chain_id)
+
+    def chain_json(self, chain_id: str) -> dict[str, Any] | None:
+        """The chain and its step jobs as JSON (None: unknown or expired)."""
+        chain = self.chains.get(chain_id)
+        return None if chain is None else chain_json(chain, self.store.get_many(chain.job_ids))
+
+    def cancel_chain(self, chain_id: str) -> int:
+        """Stop a chain: no further step is written, and its unfinished steps are
+        cancelled; returns how many were. The chain ends `cancelled` (its one event)."""
+        self.chains.request_cancel(chain_id)
+        chain = self.chains.get(chain_id)
+        if chain is None:
+            return 0
+        jobs = self.store.get_many(chain.job_ids)
+        return sum(1 for j in jobs if j is not None and not j.terminal and self.cancel_job(j.id))
+
+    def _write_chain(self, chain: ChainItem, batch_id: str) -> ChainWrite:
+        write = self.chains.create(chain, batch_id=batch_id, now=self.clock())
+        self._send_deferrable(list(write.to_send))
+        return write
+
+    def _send_deferrable(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        try:
+            self.send(job_ids)
+        except QueueUnavailable as exc:
+            # The jobs are recorded, queued, with a check on the poll schedule: the
+            # poller sends them once the broker is back. The enqueue itself succeeded.
+            log.warning("enqueue.send_deferred", jobs=len(job_ids), error=str(exc))
 
     def _write_chunk(
         self, chunk: Sequence[tuple[str, Item]], batch_id: str
@@ -165,14 +228,17 @@ class Producer:
             for (job_id, _), answer in zip(chunk, answers, strict=True)
             if answer in (NEW, JobState.QUEUED.value)
         ]
-        if to_send:
-            try:
-                self.send(to_send)
-            except QueueUnavailable as exc:
-                # The jobs are recorded, queued, with a check on the poll schedule: the
-                # poller sends them once the broker is back. The enqueue itself succeeded.
-                log.warning("enqueue.send_deferred", jobs=len(to_send), error=str(exc))
+        self._send_deferrable(to_send)
         created = sum(1 for a in answers if a == NEW)
+        if batch_id and created:
+            # What the batch's new jobs cost if each gets its task, at each one's model's
+            # price: its cost is priced by the mean of this (BatchProgress.price_micros).
+            estimate = sum(
+                item.request.price_micros
+                for (_, item), answer in zip(chunk, answers, strict=True)
+                if answer == NEW
+            )
+            self.store.redis.hincrby(keys.batch(batch_id), "estimate_micros", estimate)
         resent = len(to_send) - created
         return created, len(answers) - created, resent
 
@@ -233,6 +299,9 @@ class Producer:
             created_at=raw.get("created_at", 0.0),
             last_finished_at=raw.get("last_finished_at", 0.0),
             now=self.clock(),
+            price_micros=average_price_micros(
+                counts.get("total", 0), counts.get("estimate_micros", 0)
+            ),
         )
 
     # --- wait ----------------------------------------------------------------------
@@ -314,8 +383,18 @@ class Producer:
         for job in self.store.get_many(job_ids):
             if job is None or job.state not in (JobState.FAILED, JobState.CANCELLED):
                 continue
-            request = EditRequest.from_dict(job.request)
             key = f"redrive:{job.id}"
+            if job.chain_id:
+                # A chain step: written again in its chain, whose branch (and, if it had
+                # ended, the chain itself) reopens; the chain then goes on from there.
+                new_id = job_id_for_key(key)
+                answer = self.chains.retry_step(job.id, new_id, job.chain_id, now=self.clock())
+                if answer in (RETRIED, "exists"):
+                    new_ids[job.id] = new_id
+                    if answer == RETRIED:
+                        self._send_deferrable([new_id])
+                continue
+            request = EditRequest.from_dict(job.request)
             new_ids[job.id] = self.enqueue(
                 Item(request, key, metadata=job.metadata),
                 batch_id=job.batch_id,
@@ -328,6 +407,18 @@ class Producer:
         if self.deps is None:
             raise RuntimeError("this Producer was built without provider access (deps)")
         return self.deps
+
+
+def coerce_item(
+    value: Item | ChainItem | EditRequest | Mapping[str, object],
+) -> Item | ChainItem:
+    """An enqueue_batch item: a chain when it is one (it has `steps`), else an edit."""
+    if isinstance(value, ChainItem):
+        return value
+    if is_chain(value):
+        assert isinstance(value, Mapping)
+        return chain_from_dict(value, refused={"batch_id": "give the batch id to the batch"})
+    return Item.coerce(value)
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -13,21 +13,25 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from worker import models
 from worker.errors import FieldError, ValidationError
+from worker.models import DEFAULT_MODEL, MODELS, Model, lookup
 
-# Limits taken from wavespeed-api.md ("Submit parameters").
-SEED_MIN = -1
-SEED_MAX = 2_147_483_647
-GUIDANCE_MIN = 1.0
-GUIDANCE_MAX = 20.0
-ASPECT_RATIOS = ("21:9", "16:9", "4:3", "3:2", "1:1", "2:3", "3:4", "9:16", "9:21")
+# Limits taken from wavespeed-api.md ("Submit parameters"); per model in worker.models.
+SEED_MIN = models.SEED_MIN
+SEED_MAX = models.SEED_MAX
+ASPECT_RATIOS = models.ASPECT_RATIOS
+GUIDANCE_MIN = DEFAULT_MODEL.guidance_min
+GUIDANCE_MAX = DEFAULT_MODEL.guidance_max
 # The provider documents no maximum; these keep one bad producer from filling Redis.
 MAX_PROMPT_CHARS = 4_000
 MAX_URL_CHARS = 4_096
 MAX_KEY_CHARS = 200
-MODEL = "wavespeed-ai/flux-kontext-max"
-PRICE_PER_IMAGE_USD = 0.08
-PRICE_PER_IMAGE_MICROS = 80_000  # budgets are kept in integer micro-dollars
+# The default model (Kontext [max]) and its price; a job's own price is
+# `EditRequest.price_micros` (budgets are kept in integer micro-dollars).
+MODEL = DEFAULT_MODEL.path
+PRICE_PER_IMAGE_USD = DEFAULT_MODEL.price_usd
+PRICE_PER_IMAGE_MICROS = DEFAULT_MODEL.price_micros
 
 HEX32_RE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -45,58 +49,134 @@ _PLAIN_HTTP_URL = re.compile(r"https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:[/?#][!
 _SPACE_OR_CONTROL = re.compile(r"[\s\x00-\x1f\x7f]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _KEY_RE = re.compile(r"^[A-Za-z0-9._:/@+=-]+$")
-REQUEST_FIELDS = ("prompt", "image", "seed", "guidance_scale", "aspect_ratio")
+REQUEST_FIELDS = ("prompt", "image", "images", "model", "seed", "guidance_scale", "aspect_ratio")
 ENVELOPE_FIELDS = ("batch_id", "idempotency_key", "priority")
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
 
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One validated edit: what a producer asks for, in the provider's own terms."""
+    """One validated edit: what a producer asks for, in the provider's own terms.
+
+    `model` names a `worker.models` entry (default Kontext [max]); a single-image model
+    edits `image`, a /multi model takes `images` (a tuple of URLs) and no `image`.
+    """
 
     prompt: str
-    image: str
+    image: str | None = None
     seed: int | None = None
     guidance_scale: float | None = None
     aspect_ratio: str | None = None
+    model: str = MODEL
+    images: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.images, list):
+            # Callers may pass a list; a frozen request keeps (and hashes) a tuple.
+            object.__setattr__(self, "images", tuple(self.images))
         errors = _check_request(self)
         if errors:
             raise ValidationError(errors)
 
+    @property
+    def spec(self) -> Model:
+        """The model's registry entry (always found: validation refused unknown models)."""
+        return MODELS[self.model]
+
+    @property
+    def price_micros(self) -> int:
+        """What one task of this request costs, in micro-dollars (its model's price)."""
+        return self.spec.price_micros
+
+    @property
+    def price_usd(self) -> float:
+        return self.spec.price_usd
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The source image URLs, whichever field carries them."""
+        return self.images if self.images is not None else (self.image or "",)
+
     @classmethod
     def from_dict(cls, data: object) -> EditRequest:
-        """Build from untrusted JSON-like data; every bad or unknown field is reported."""
+        """Build from untrusted JSON-like data; every bad or unknown field is reported.
+
+        A request without `model` (every job stored before models existed) is Kontext [max].
+        """
         if not isinstance(data, Mapping):
             raise ValidationError.single("request", f"expected a JSON object, got {kind_of(data)}")
         unknown = sorted(set(map(str, data)) - set(REQUEST_FIELDS) - set(ENVELOPE_FIELDS))
         errors = [
             FieldError(k, f"unknown field; allowed: {', '.join(REQUEST_FIELDS)}") for k in unknown
         ]
-        for name in ("prompt", "image"):
-            if name not in data or data[name] is None:
-                errors.append(FieldError(name, "is required"))
+        if data.get("prompt") is None:
+            errors.append(FieldError("prompt", "is required"))
+            # Otherwise the constructor names a missing image together with the rest.
+            model = lookup(model_of(data))
+            if model is not None and data.get(model.image_field) is None:
+                errors.append(FieldError(model.image_field, required_message(model)))
         if errors:
             raise ValidationError(errors)
+        images = data.get("images")
         return cls(
             prompt=data["prompt"],
-            image=data["image"],
+            image=data.get("image"),
             seed=data.get("seed"),
             guidance_scale=data.get("guidance_scale"),
             aspect_ratio=data.get("aspect_ratio"),
+            model=model_of(data),
+            images=tuple(images) if isinstance(images, list | tuple) else images,
         )
 
-    def to_payload(self) -> dict[str, Any]:
-        """The JSON body for the submit call; unset options are left to the provider."""
-        payload: dict[str, Any] = {"prompt": self.prompt, "image": self.image}
+    def to_dict(self) -> dict[str, Any]:
+        """The request as JSON (what a job record stores; `from_dict` reads it back).
+        `model` is left out for the default model, so such records read as before."""
+        data: dict[str, Any] = {"prompt": self.prompt}
+        if self.model != MODEL:
+            data["model"] = self.model
+        if self.images is not None:
+            data["images"] = list(self.images)
+        else:
+            data["image"] = self.image
+        self._options(data)
+        return data
+
+    # The stored form keeps its historical name (JobStore writes `to_payload()`).
+    to_payload = to_dict
+
+    def submit_body(self) -> dict[str, Any]:
+        """The JSON body for the submit call to the model's path: only the parameters that
+        model takes (the model itself is in the path); unset options are left to the
+        provider."""
+        body: dict[str, Any] = {"prompt": self.prompt}
+        if self.spec.multi:
+            body["images"] = list(self.images or ())
+        else:
+            body["image"] = self.image
+        self._options(body)
+        return body
+
+    def _options(self, data: dict[str, Any]) -> None:
         if self.seed is not None:
-            payload["seed"] = self.seed
+            data["seed"] = self.seed
         if self.guidance_scale is not None:
-            payload["guidance_scale"] = self.guidance_scale
+            data["guidance_scale"] = self.guidance_scale
         if self.aspect_ratio is not None:
-            payload["aspect_ratio"] = self.aspect_ratio
-        return payload
+            data["aspect_ratio"] = self.aspect_ratio
+
+
+def model_of(data: Mapping[str, Any]) -> Any:
+    """The `model` a JSON-like request names; absent or null means the default (stored
+    requests from before models existed have none)."""
+    value = data.get("model")
+    return MODEL if value is None else value
+
+
+def required_message(model: Model) -> str:
+    """What a missing source image field of `model` is told."""
+    if model.multi:
+        return f"is required by {model.path}: an array of 1 to {model.max_images} image URLs"
+    return "is required"
 
 
 def kind_of(value: object) -> str:
@@ -126,13 +206,28 @@ def _check_request(req: EditRequest) -> list[FieldError]:
     elif _SURROGATE.search(req.prompt):
         # JSON can carry them ("\ud800"), but no UTF-8 request body can.
         errors.append(FieldError("prompt", "must be valid Unicode (no lone surrogates)"))
-    url_error = check_http_url(req.image)
-    if url_error:
-        errors.append(FieldError("image", url_error))
-    if req.seed is not None and (
-        isinstance(req.seed, bool)
-        or not isinstance(req.seed, int)
-        or not SEED_MIN <= req.seed <= SEED_MAX
+    model = lookup(req.model)
+    if model is None:
+        shown = repr(req.model) if isinstance(req.model, str) else kind_of(req.model)
+        errors.append(
+            FieldError("model", f"unknown model {shown[:100]}; known: {', '.join(MODELS)}")
+        )
+        return errors  # the other fields' limits depend on the model
+    errors.extend(_check_images(req, model))
+    for name, value, taken in (
+        ("seed", req.seed, model.seed),
+        ("aspect_ratio", req.aspect_ratio, model.aspect_ratio),
+    ):
+        if value is not None and not taken:
+            errors.append(FieldError(name, f"not taken by {model.path}; {_takes(model)}"))
+    if (
+        model.seed
+        and req.seed is not None
+        and (
+            isinstance(req.seed, bool)
+            or not isinstance(req.seed, int)
+            or not SEED_MIN <= req.seed <= SEED_MAX
+        )
     ):
         errors.append(
             FieldError(
@@ -144,16 +239,22 @@ def _check_request(req: EditRequest) -> list[FieldError]:
         isinstance(g, bool)
         or not isinstance(g, int | float)
         # The range first: isfinite() overflows on an integer too large for a float.
-        or not GUIDANCE_MIN <= g <= GUIDANCE_MAX
+        or not model.guidance_min <= g <= model.guidance_max
         or not math.isfinite(g)
     ):
+        which = "" if model is DEFAULT_MODEL else f" for {model.path}"
         errors.append(
             FieldError(
                 "guidance_scale",
-                f"expected a number from {GUIDANCE_MIN} to {GUIDANCE_MAX}, got {g!r}",
+                f"expected a number from {model.guidance_min} to {model.guidance_max}{which}, "
+                f"got {g!r}",
             )
         )
-    if req.aspect_ratio is not None and req.aspect_ratio not in ASPECT_RATIOS:
+    if (
+        model.aspect_ratio
+        and req.aspect_ratio is not None
+        and req.aspect_ratio not in ASPECT_RATIOS
+    ):
         errors.append(
             FieldError(
                 "aspect_ratio",
@@ -161,6 +262,55 @@ def _check_request(req: EditRequest) -> list[FieldError]:
             )
         )
     return errors
+
+
+def _check_images(req: EditRequest, model: Model) -> list[FieldError]:
+    """The source image field the model takes, and refusal of the one it does not."""
+    multi_paths = ", ".join(m.path for m in MODELS.values() if m.multi)
+    if not model.multi:
+        errors = []
+        if req.images is not None:
+            errors.append(
+                FieldError(
+                    "images",
+                    f"not taken by {model.path}, which edits one `image`; "
+                    f"several source images need a multi-image model ({multi_paths})",
+                )
+            )
+        if req.image is None:
+            errors.append(FieldError("image", required_message(model)))
+        else:
+            url_error = check_http_url(req.image)
+            if url_error:
+                errors.append(FieldError("image", url_error))
+        return errors
+    errors = []
+    if req.image is not None:
+        errors.append(
+            FieldError(
+                "image",
+                f"not taken by {model.path}; give the source images as `images`, "
+                f"an array of 1 to {model.max_images} URLs",
+            )
+        )
+    images = req.images
+    expected = f"expected an array of 1 to {model.max_images} http(s) URLs"
+    if images is None:
+        errors.append(FieldError("images", required_message(model)))
+    elif not isinstance(images, tuple):
+        errors.append(FieldError("images", f"{expected}, got {kind_of(images)}"))
+    elif not 1 <= len(images) <= model.max_images:
+        errors.append(FieldError("images", f"{expected} for {model.path}, got {len(images)} URLs"))
+    else:
+        for index, url in enumerate(images):
+            url_error = check_http_url(url)
+            if url_error:
+                errors.append(FieldError("images", f"item {index}: {url_error}"))
+    return errors
+
+
+def _takes(model: Model) -> str:
+    return f"it takes {', '.join(model.params)}"
 
 
 def check_http_url(value: object) -> str | None:

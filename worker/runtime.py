@@ -11,10 +11,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from worker import keys
 from worker.admission import Admission
@@ -35,24 +37,48 @@ HEARTBEAT_EVERY_S = 5.0
 def make_redis(settings: Settings, *, fail_fast: bool = False) -> redis.Redis:
     """A client for the job store. `fail_fast` (the receiver): short timeouts and no
     retries, so a stalled Redis gives a prompt error (a 503 the provider retries) instead
-    of holding the request past the provider's own timeout."""
+    of holding the request past the provider's own timeout.
+
+    With KQ_REDIS_SENTINELS the client asks the Sentinels for the primary whenever it
+    connects, and drops a connection whose server turned into a replica (redis-py answers
+    READONLY with a ConnectionError and reconnects), so it follows a failover by itself.
+    """
     if fail_fast:
-        return redis.Redis.from_url(
-            settings.redis_url,
-            decode_responses=True,
-            health_check_interval=30,
-            socket_connect_timeout=FAIL_FAST_TIMEOUT_S,
-            socket_timeout=FAIL_FAST_TIMEOUT_S,
-            retry=Retry(NoBackoff(), 0),
-        )
+        options: dict[str, Any] = {
+            "socket_connect_timeout": FAIL_FAST_TIMEOUT_S,
+            "socket_timeout": FAIL_FAST_TIMEOUT_S,
+            "retry": Retry(NoBackoff(), 0),
+        }
+    else:
+        options = {"socket_connect_timeout": 5, "socket_timeout": 10, "retry_on_timeout": True}
+    if settings.redis_sentinels:
+        return _sentinel_master(settings, options)
     return redis.Redis.from_url(
-        settings.redis_url,
+        settings.redis_url, decode_responses=True, health_check_interval=30, **options
+    )
+
+
+def _sentinel_master(settings: Settings, options: dict[str, Any]) -> redis.Redis:
+    """A client of the Sentinel-managed primary; KQ_REDIS_URL lends its database number,
+    username and password (the Sentinels themselves are asked without a password)."""
+    url = settings.redis_url or "redis:///0"
+    parsed = redis.connection.parse_url(url)  # type: ignore[no-untyped-call]
+    auth = {k: parsed[k] for k in ("username", "password", "db") if parsed.get(k) is not None}
+    # A Sentinel that does not answer within this long is skipped for the next one.
+    timeout = options["socket_connect_timeout"]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(settings.redis_sentinels),
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        settings.redis_master_name,
+        redis_class=redis.Redis,
         decode_responses=True,
         health_check_interval=30,
-        socket_connect_timeout=5,
-        socket_timeout=10,
-        retry_on_timeout=True,
+        **auth,
+        **options,
     )
+    return client
 
 
 def make_store(settings: Settings, client: redis.Redis | None = None) -> JobStore:
@@ -60,6 +86,7 @@ def make_store(settings: Settings, client: redis.Redis | None = None) -> JobStor
         client or make_redis(settings),
         result_ttl_s=settings.result_ttl_s,
         events_maxlen=settings.events_maxlen,
+        keep_outputs=settings.keep_outputs,  # KQ_OUTPUTS: completed jobs are copied out
     )
 
 

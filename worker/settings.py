@@ -63,6 +63,24 @@ DEFAULT_FORWARD_TIMEOUT_S = 10.0
 DEFAULT_FORWARD_CONCURRENCY = 4
 DEFAULT_FORWARD_RETRY_BASE_S = 10.0
 DEFAULT_FORWARD_RETRY_FOR_S = 24 * 3600.0
+# Copy-out of outputs (worker/outputs/): how long one download may wait for bytes (x3 for
+# the whole file), the largest image accepted, the first retry's wait (doubling, capped),
+# how many failed downloads end it, when to give up altogether (counted from the job's
+# end: the provider deletes outputs after 7 days), and when `kq status` starts to warn.
+DEFAULT_OUTPUTS_TIMEOUT_S = 30.0
+DEFAULT_OUTPUTS_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_OUTPUTS_RETRY_BASE_S = 5.0
+DEFAULT_OUTPUTS_MAX_ATTEMPTS = 12
+DEFAULT_OUTPUTS_GIVE_UP_S = 6 * 24 * 3600.0
+DEFAULT_OUTPUTS_ALERT_AFTER_S = 3 * 3600.0
+# KQ_OUTPUTS values that mean "off" even where `kq up` / `kq run` would turn it on.
+OUTPUTS_OFF = frozenset({"off", "none", "0", "false"})
+# Redis high availability (README "Running on several machines"): the Sentinel master
+# name, and how long a submit waits for a replica to confirm its `submitting` record.
+DEFAULT_REDIS_MASTER_NAME = "kq"
+DEFAULT_REDIS_WAIT_TIMEOUT_MS = 1000
+# How long a SIGTERMed worker may finish the submits it started before it leaves anyway.
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +125,25 @@ class Settings:
     forward_concurrency: int = DEFAULT_FORWARD_CONCURRENCY
     forward_retry_base_s: float = DEFAULT_FORWARD_RETRY_BASE_S
     forward_retry_for_s: float = DEFAULT_FORWARD_RETRY_FOR_S
+    # High availability: KQ_REDIS_SENTINELS (host:port,...) and KQ_REDIS_MASTER_NAME make
+    # every client find the primary through Sentinel (KQ_REDIS_URL then only gives the
+    # database number and password); KQ_REDIS_WAIT_REPLICAS replicas (default: 1 with
+    # Sentinel, else 0 = off) must confirm a `submitting` record before its submit is sent.
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_master_name: str = DEFAULT_REDIS_MASTER_NAME
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = DEFAULT_REDIS_WAIT_TIMEOUT_MS
+    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S  # KQ_DRAIN_TIMEOUT_S
+    # Copy-out (worker/outputs/): KQ_OUTPUTS is file:///dir, a directory, or
+    # s3://bucket/prefix ("" = off; AWS credentials from the standard AWS_* variables).
+    outputs_url: str = ""
+    s3_endpoint_url: str = ""  # KQ_S3_ENDPOINT_URL: MinIO, R2, ... ("" = AWS)
+    outputs_timeout_s: float = DEFAULT_OUTPUTS_TIMEOUT_S
+    outputs_max_bytes: int = DEFAULT_OUTPUTS_MAX_BYTES
+    outputs_retry_base_s: float = DEFAULT_OUTPUTS_RETRY_BASE_S
+    outputs_max_attempts: int = DEFAULT_OUTPUTS_MAX_ATTEMPTS
+    outputs_give_up_s: float = DEFAULT_OUTPUTS_GIVE_UP_S
+    outputs_alert_after_s: float = DEFAULT_OUTPUTS_ALERT_AFTER_S
     # Which variables the environment set (non-empty): `kq up` / `kq run` fill in local
     # defaults (shorter polling, no simulated account limits) only where the user did not.
     set_in_env: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
@@ -114,6 +151,11 @@ class Settings:
     @property
     def webhooks_enabled(self) -> bool:
         return bool(self.webhook_public_url)
+
+    @property
+    def keep_outputs(self) -> bool:
+        """Whether completed jobs' outputs are copied to KQ_OUTPUTS."""
+        return bool(self.outputs_url)
 
     @property
     def secret_values(self) -> tuple[str, ...]:
@@ -148,6 +190,9 @@ class Settings:
             for key, value in _read_env_file(var_dir / STACK_ENV_FILE).items():
                 source.setdefault(key, value)
         redis_url = source.get("KQ_REDIS_URL", "")
+        sentinels = parse_sentinels(source.get("KQ_REDIS_SENTINELS", ""))
+        if sentinels and not redis_url and not local_stack:
+            redis_url = "redis:///0"  # database 0, no password: the primary comes from Sentinel
         if not redis_url and not local_stack:
             raise ConfigError(
                 "KQ_REDIS_URL is not set (and no running `kq up` stack was found in "
@@ -248,6 +293,37 @@ class Settings:
             forward_retry_for_s=_num(
                 source, "KQ_FORWARD_RETRY_FOR_S", DEFAULT_FORWARD_RETRY_FOR_S, minimum=0
             ),
+            redis_sentinels=sentinels,
+            redis_master_name=(
+                source.get("KQ_REDIS_MASTER_NAME", "").strip() or DEFAULT_REDIS_MASTER_NAME
+            ),
+            redis_wait_replicas=int(
+                _num(source, "KQ_REDIS_WAIT_REPLICAS", 1 if sentinels else 0, minimum=0)
+            ),
+            redis_wait_timeout_ms=int(
+                _num(source, "KQ_REDIS_WAIT_TIMEOUT_MS", DEFAULT_REDIS_WAIT_TIMEOUT_MS, minimum=1)
+            ),
+            drain_timeout_s=_num(source, "KQ_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S, minimum=0),
+            outputs_url=_outputs_url(source.get("KQ_OUTPUTS", "")),
+            s3_endpoint_url=source.get("KQ_S3_ENDPOINT_URL", "").strip(),
+            outputs_timeout_s=_num(
+                source, "KQ_OUTPUTS_TIMEOUT_S", DEFAULT_OUTPUTS_TIMEOUT_S, minimum=0.1
+            ),
+            outputs_max_bytes=int(
+                _num(source, "KQ_OUTPUTS_MAX_BYTES", DEFAULT_OUTPUTS_MAX_BYTES, minimum=1)
+            ),
+            outputs_retry_base_s=_num(
+                source, "KQ_OUTPUTS_RETRY_BASE_S", DEFAULT_OUTPUTS_RETRY_BASE_S, minimum=0.01
+            ),
+            outputs_max_attempts=int(
+                _num(source, "KQ_OUTPUTS_MAX_ATTEMPTS", DEFAULT_OUTPUTS_MAX_ATTEMPTS, minimum=1)
+            ),
+            outputs_give_up_s=_num(
+                source, "KQ_OUTPUTS_GIVE_UP_S", DEFAULT_OUTPUTS_GIVE_UP_S, minimum=1
+            ),
+            outputs_alert_after_s=_num(
+                source, "KQ_OUTPUTS_ALERT_AFTER_S", DEFAULT_OUTPUTS_ALERT_AFTER_S, minimum=0
+            ),
             set_in_env=frozenset(
                 name for name, value in source.items() if value and name.startswith(_OURS)
             ),
@@ -285,6 +361,40 @@ def _num(env: Mapping[str, str], name: str, default: float, *, minimum: float) -
         raise ConfigError(f"{name}: expected a number, got {raw!r}") from None
     if not value >= minimum:  # also refuses NaN
         raise ConfigError(f"{name}: expected a number >= {minimum}, got {raw!r}")
+    return value
+
+
+def parse_sentinels(raw: str) -> tuple[tuple[str, int], ...]:
+    """KQ_REDIS_SENTINELS: `host:port,host:port` (IPv6 as `[::1]:26379`); "" = none."""
+    found = []
+    for item in (part.strip() for part in raw.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"KQ_REDIS_SENTINELS: expected host:port[,host:port...], got {item!r}"
+            )
+        found.append((host, int(port)))
+    return tuple(found)
+
+
+def _outputs_url(raw: str) -> str:
+    """KQ_OUTPUTS checked: "" (or off/none) = off; file:///dir, a directory, s3://bucket."""
+    value = raw.strip()
+    if value.lower() in OUTPUTS_OFF:
+        return ""
+    scheme, _, rest = value.partition("://") if "://" in value else ("", "", value)
+    host = rest.split("/", 1)[0]
+    if (
+        scheme not in ("", "file", "s3")
+        or (scheme == "s3" and not host)
+        or (scheme == "file" and host not in ("", "localhost"))
+    ):
+        raise ConfigError(
+            f"KQ_OUTPUTS: expected file:///dir, a directory or s3://bucket/prefix, got {raw!r}"
+        )
     return value
 
 

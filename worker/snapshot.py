@@ -47,6 +47,9 @@ class StatusConfig:
     rejected_min: int = 3
     batch_scan: int = 200  # at most this many batches looked at for "running batches"
     forward_failing_s: float = 600.0  # alarm when a `kq forward` endpoint fails this long
+    # alarm when completed jobs' outputs are not stored this long (KQ_OUTPUTS_ALERT_AFTER_S)
+    outputs_alert_after_s: float = 3 * 3600.0
+    outputs_failed_window_s: float = 24 * 3600.0  # ... or a copy was given up this lately
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,7 @@ class AlarmName(StrEnum):
     BEAT_DOWN = "beat_down"
     RECEIVER_DOWN = "receiver_down"
     FORWARD_FAILING = "forward_failing"
+    OUTPUTS_NOT_COPIED = "outputs_not_copied"
 
 
 class Severity(StrEnum):
@@ -266,6 +270,21 @@ class Forwarding:
 
 
 @dataclass(frozen=True)
+class OutputsBacklog:
+    """Copy-out of completed jobs' outputs (worker/outputs/): what is not stored yet."""
+
+    pending: int  # jobs whose outputs wait for a first copy, a retry, or are being copied
+    overdue: int  # of those, completed more than `alert_after_s` ago (scanned ones)
+    oldest_s: float | None  # the oldest pending one: seconds since its job completed
+    failed_recent: int  # copies given up for good lately (StatusConfig.outputs_failed_window_s)
+    stored: int  # jobs whose outputs were stored, in all
+    failed: int  # jobs whose copy was given up, in all
+    retries: int  # failed attempts that were retried, in all
+    bytes: int  # bytes stored, in all
+    alert_after_s: float
+
+
+@dataclass(frozen=True)
 class StatusSnapshot:
     """The whole system at one moment; see `worker.status` for where each part comes from."""
 
@@ -289,6 +308,8 @@ class StatusSnapshot:
     alarms: tuple[Alarm, ...] = ()
     # Outbound webhooks; None where the reader was not asked for them.
     forward: Forwarding | None = None
+    # Copy-out; None where no job's outputs were ever kept.
+    outputs: OutputsBacklog | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The `kq status --json` object (JSON-ready: dicts, lists, str, numbers, None)."""

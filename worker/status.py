@@ -15,6 +15,8 @@ show it and it survives restarts (unlike Flower, which forgets on restart):
     cost                  kq:stats `paid` (jobs that got a provider task) x the price;
                           today from telemetry; per running batch from kq:batch:{id}
     heartbeats            kq:heartbeats, the index of kq:heartbeat:{role}:{pid} keys
+    outputs (copy-out)    kq:outputs:due (a bounded scan reads each job's finished_at),
+                          kq:outputs:failed, kq:outputs:stats (worker/outputs/records.py)
 
 `collect` returns a `worker.snapshot.StatusSnapshot` (its `to_json()` is the
 `kq status --json` format; `kq.ui` draws it, `worker.metrics` exports it) with the
@@ -37,8 +39,10 @@ from worker import keys, telemetry
 from worker.admission import Admission
 from worker.alarms import find_alarms
 from worker.domain import PRICE_PER_IMAGE_USD, Job, JobState
-from worker.events import ResultEvent, decode_event, time_to_id
+from worker.events import JOB, ResultEvent, decode_event, event_type, time_to_id
 from worker.forward.health import read_forwarding
+from worker.models import MICROS_PER_USD, average_price_micros
+from worker.outputs.records import read_backlog
 from worker.snapshot import (
     CELERY_QUEUES,
     CELERY_UNACKED,
@@ -128,6 +132,13 @@ def collect(
         deadline_s=deadline_s,
         admission=None if admission is None else admission.snapshot(ts),
         forward=read_forwarding(client, now=ts),
+        outputs=read_backlog(
+            client,
+            ts,
+            alert_after_s=cfg.outputs_alert_after_s,
+            failed_window_s=cfg.outputs_failed_window_s,
+            scan=cfg.overdue_scan,
+        ),
     )
     return replace(snapshot, alarms=find_alarms(snapshot, rejected_recent, cfg))
 
@@ -140,7 +151,7 @@ def _recent_events(client: redis.Redis, since: float, cfg: StatusConfig) -> list
     entries: Any = client.xrevrange(
         keys.EVENTS, max="+", min=time_to_id(since), count=cfg.max_events
     )
-    return [decode_event(i, raw) for i, raw in entries]
+    return [decode_event(i, raw) for i, raw in entries if event_type(raw) == JOB]
 
 
 def _jobs(
@@ -314,11 +325,18 @@ def _cost(
     cfg: StatusConfig,
 ) -> Cost:
     paid = stats.get("paid", 0)
+    # Each task at its own model's price: the submits counted with their price give the
+    # mean price of a paid task (the Lua `paid` counter has no price of its own).
+    totals = telemetry.totals(client)
+    mean = average_price_micros(totals["submit.submitted"], totals[telemetry.COST_SUBMITTED_MICROS])
+    today_micros = today[telemetry.COST_SUBMITTED_MICROS] or round(
+        today["submit.submitted"] * PRICE_PER_IMAGE_USD * MICROS_PER_USD
+    )
     return Cost(
         price_usd=PRICE_PER_IMAGE_USD,
         paid_jobs=paid,
-        total_usd=round(paid * PRICE_PER_IMAGE_USD, 2),
-        today_usd=round(today["submit.submitted"] * PRICE_PER_IMAGE_USD, 2),
+        total_usd=round(paid * mean / MICROS_PER_USD, 2),
+        today_usd=round(today_micros / MICROS_PER_USD, 2),
         running_batches=_running_batches(client, active, cfg),
     )
 
@@ -352,7 +370,12 @@ def _running_batches(
                 terminal=terminal,
                 **{s.value: counts.get(s.value, 0) for s in TERMINAL},
                 paid=counts.get("paid", 0),
-                cost_usd=round(counts.get("paid", 0) * PRICE_PER_IMAGE_USD, 2),
+                cost_usd=round(
+                    counts.get("paid", 0)
+                    * average_price_micros(total, counts.get("estimate_micros", 0))
+                    / MICROS_PER_USD,
+                    2,
+                ),
             )
         )
     return tuple(running[: cfg.list_limit])  # in batch id order already

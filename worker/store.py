@@ -36,11 +36,18 @@ _TRANSITION_PREFIXES: Final = (
     keys.BATCH_PREFIX,
     keys.BATCH_JOBS_PREFIX,
     keys.ADM_WAIT_PREFIX,
+    keys.JOB_PREFIX,
+    keys.CHAIN_PREFIX,
+    keys.CHAIN_JOBS_PREFIX,
+    keys.CHAIN_ENDS_PREFIX,
 )
 REMOVE: Final = "rm"
 # A job still `queued` this long after it was written (or put back) is looked at by the
 # poller: its submit message may be gone (see poller.poll_job), so it gets another.
 QUEUED_CHECK_S: Final = 60.0
+# A chain step written by a transition is sent by whoever made the move when it can (the
+# worker); otherwise (the receiver) the poller's check sends it this soon after.
+SPAWNED_CHECK_S: Final = 1.0
 
 FieldValue = str | int | float
 # A job to write: (id, request, idempotency key, priority), optionally with its metadata.
@@ -60,6 +67,8 @@ class TransitionResult:
     outcome: TransitionOutcome
     state: str
     version: int
+    # Chain step jobs the move wrote, queued (see lua/chain_step.lua): send them.
+    spawned: tuple[str, ...] = ()
 
     @property
     def applied(self) -> bool:
@@ -67,18 +76,30 @@ class TransitionResult:
 
 
 def _result(answer: Any) -> TransitionResult:
-    outcome, state, version = answer
-    return TransitionResult(TransitionOutcome(str(outcome)), str(state), int(version))
+    outcome, state, version = answer[:3]
+    spawned = tuple(str(answer[3]).split(",")) if len(answer) > 3 and answer[3] else ()
+    return TransitionResult(TransitionOutcome(str(outcome)), str(state), int(version), spawned)
 
 
 class JobStore:
     """Job records in Redis; every state change goes through `transition`."""
 
-    def __init__(self, client: redis.Redis, *, result_ttl_s: int, events_maxlen: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        result_ttl_s: int,
+        events_maxlen: int,
+        keep_outputs: bool = False,
+    ) -> None:
         self.redis = client
         self.result_ttl_s = result_ttl_s
         self.events_maxlen = events_maxlen
-        self._transition = client.register_script(_script("transition.lua"))
+        # Completed jobs are queued for copy-out (kq:outputs:due, worker/outputs/).
+        self.keep_outputs = keep_outputs
+        self._transition = client.register_script(
+            _script("chain_step.lua") + _script("transition.lua")
+        )
         self._claim_due = client.register_script(_script("claim_due.lua"))
         self._create_jobs = client.register_script(_script("create_jobs.lua"))
         self._reserve_budget = client.register_script(_script("reserve_budget.lua"))
@@ -223,6 +244,8 @@ class JobStore:
             "1" if attempt_created_no_task else "0",
             WEBHOOK_ID_TTL_S if webhook_id else "",
             *_TRANSITION_PREFIXES,
+            now + SPAWNED_CHECK_S,
+            "1" if self.keep_outputs else "0",
         ]
         for name, value in (fields or {}).items():
             args.extend((name, value))
@@ -231,6 +254,7 @@ class JobStore:
             *_TRANSITION_KEYS,
             keys.webhook_id(webhook_id),
             keys.LATENCY,
+            keys.OUTPUTS_DUE,
         ]
         return _result(self._transition(keys=script_keys, args=args))
 
@@ -368,6 +392,9 @@ def decode_job(raw: Mapping[str, str]) -> Job:
         candidates=tuple(c for c in (raw.get("candidates") or "").split(",") if c),
         candidates_seen=_seen(raw.get("candidates_seen") or ""),
         metadata=metadata if isinstance(metadata, dict) else None,
+        chain_id=raw.get("chain_id", ""),
+        step=int(num("step")),
+        branch=raw.get("branch", ""),
     )
 
 

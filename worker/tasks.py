@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -12,7 +14,10 @@ from kombu.exceptions import OperationalError
 
 from worker import poller
 from worker.celery_app import SUBMIT_QUEUE, app
+from worker.drain import Drain
 from worker.errors import ConfigError, QueueUnavailable
+from worker.outputs import Copier, make_copier
+from worker.outputs.copier import COPY_THREADS
 from worker.service import Deps, SubmitOutcome, submit_job
 
 log = structlog.get_logger("kq.tasks")
@@ -27,6 +32,12 @@ CHUNK_THREADS = 16
 _deps: Deps | None = None
 _poll_pool: ThreadPoolExecutor | None = None
 _chunk_pool: ThreadPoolExecutor | None = None
+# The chunks' submits not finished yet, handed back when the worker drains (SIGTERM).
+_drain = Drain()
+# Copy-out (kq.copy_outputs): built on first use, from this process's settings.
+_copier: Copier | None = None
+_copy_pool: ThreadPoolExecutor | None = None
+_copy_lock = threading.Lock()
 
 
 def install(deps: Deps) -> None:
@@ -86,13 +97,62 @@ def submit_chunk(job_ids: list[str]) -> dict[str, int]:
         )
         return {"bad_message": 1}
     deps = process_deps()
-    outcomes = list(submit_pool().map(lambda job_id: submit_job(deps, job_id), job_ids))
+    pool = submit_pool()
+    futures = [pool.submit(submit_job, deps, job_id) for job_id in job_ids]
+    _drain.track(zip(futures, job_ids, strict=True))
     counts: dict[str, int] = {}
-    for job_id, result in zip(job_ids, outcomes, strict=True):
-        counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1
-        if result.outcome is SubmitOutcome.RETRY:
-            submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE, countdown=retry_countdown(0))
+    try:
+        for job_id, future in zip(job_ids, futures, strict=True):
+            try:
+                result = future.result()
+            except CancelledError:  # the worker is draining: handed back, unstarted
+                counts["handed_back"] = counts.get("handed_back", 0) + 1
+                continue
+            counts[result.outcome.value] = counts.get(result.outcome.value, 0) + 1
+            if result.outcome is SubmitOutcome.RETRY:
+                submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE, countdown=retry_countdown(0))
+    finally:
+        _drain.forget(futures)
     return counts
+
+
+@app.task(name="kq.copy_outputs", acks_late=True, ignore_result=True)
+def copy_outputs() -> dict[str, int]:
+    """One copy-out sweep over completed jobs whose outputs are due (scheduled by beat
+    when KQ_OUTPUTS is set; see worker/outputs/)."""
+    global _copier, _copy_pool
+    deps = process_deps()
+    if not deps.settings.keep_outputs:
+        return {"claimed": 0}
+    with _copy_lock:  # two sweeps starting together on the threads pool build one copier
+        if _copier is None:
+            _copier = make_copier(deps.store.redis, deps.settings)
+        if _copy_pool is None:
+            _copy_pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="kq-copy")
+        copier, pool = _copier, _copy_pool
+    report = copier.sweep(pool)
+    return {"claimed": report.claimed, **report.outcomes}
+
+
+def drain(timeout_s: float, on_timeout: Callable[[], None]) -> None:
+    """The worker got SIGTERM: chunks hand back the submits they have not started, and
+    `on_timeout` runs if the worker is still here `timeout_s` later (see worker/drain.py)."""
+    _drain.begin(_hand_back, timeout_s, on_timeout)
+
+
+def draining() -> bool:
+    return _drain.draining
+
+
+def _hand_back(job_ids: list[str]) -> None:
+    # Each job is still `queued`: it goes back as its own `kq.submit`, for another worker
+    # (or this one, started again). If the broker is away, the poller's queued check
+    # sends it later.
+    for job_id in job_ids:
+        try:
+            submit.apply_async(args=[job_id], queue=SUBMIT_QUEUE)
+        except Exception as exc:
+            log.warning("drain.hand_back_failed", job_id=job_id, error=repr(exc))
 
 
 def submit_pool() -> ThreadPoolExecutor:

@@ -40,6 +40,7 @@ SUBMIT_OUTCOMES: Final = (
     "ambiguous",  # the answer was lost; reconciliation decides
     "rejected",  # 4xx: the job failed
     "exhausted",  # retries used up: the job failed
+    "unreplicated",  # no replica confirmed the `submitting` record: put back, not sent
 )
 WEBHOOK_OUTCOMES: Final = (
     "applied",
@@ -85,10 +86,14 @@ POLL_OUTCOMES: Final = (
         for outcome in ("applied", "rejected", "conflict", "mismatch", "missing")
     ),
 )
+COST_SUBMITTED_MICROS: Final = "cost.submitted_micros"
 NAMES: Final = frozenset(
     [f"submit.{n}" for n in SUBMIT_OUTCOMES]
     + [f"webhook.{n}" for n in WEBHOOK_OUTCOMES]
     + [f"poll.{n}" for n in POLL_OUTCOMES]
+    # Not an outcome: micro-dollars of the tasks counted in submit.submitted, each at its
+    # own model's price (worker.models), for the cost today and in total.
+    + [COST_SUBMITTED_MICROS]
 )
 
 

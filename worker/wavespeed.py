@@ -34,7 +34,7 @@ from worker.errors import (
     ValidationError,
 )
 
-SUBMIT_PATH = f"/api/v3/{MODEL}"
+SUBMIT_PATH = f"/api/v3/{MODEL}"  # the default model's; see submit_path()
 MAX_MESSAGE_CHARS = 300
 
 
@@ -72,10 +72,16 @@ class WaveSpeedClient:
     # --- calls -----------------------------------------------------------------
 
     def submit(self, request: EditRequest, *, webhook_url: str | None) -> Prediction:
-        """Create a task; with `webhook_url`, WaveSpeed POSTs the result there."""
+        """Create a task at the request's model path, sending only the parameters that
+        model takes; with `webhook_url`, WaveSpeed POSTs the result there."""
         params = {"webhook": webhook_url} if webhook_url else None
         data = self._call(
-            "submit", "POST", SUBMIT_PATH, json=request.to_payload(), params=params, ambiguous=True
+            "submit",
+            "POST",
+            submit_path(request.model),
+            json=request.submit_body(),
+            params=params,
+            ambiguous=True,
         )
         return self._prediction("submit", data, ambiguous=True)
 
@@ -87,14 +93,18 @@ class WaveSpeedClient:
     def list_predictions(
         self,
         *,
+        model: str | None = MODEL,
         created_after: str | None = None,
         created_before: str | None = None,
         status: str | None = None,
         page: int = 1,
         page_size: int = 100,
     ) -> list[Mapping[str, Any]]:
-        """One page of the last 7 days' predictions for our model (raw items)."""
-        body: dict[str, Any] = {"page": page, "page_size": page_size, "model": MODEL}
+        """One page of the last 7 days' predictions of `model` (None: of every model; raw
+        items, whose `model` field says which)."""
+        body: dict[str, Any] = {"page": page, "page_size": page_size}
+        if model is not None:
+            body["model"] = model
         if created_after:
             body["created_after"] = created_after
         if created_before:
@@ -217,6 +227,11 @@ class WaveSpeedClient:
         except ValidationError as exc:
             cls: type[ProviderError] = AmbiguousError if ambiguous else ProviderResponseError
             raise cls(f"{name}: malformed prediction in answer: {exc}") from None
+
+
+def submit_path(model: str) -> str:
+    """The submit call's path for a model (a `worker.models` path)."""
+    return f"/api/v3/{model}"
 
 
 def _provider_message(response: httpx.Response) -> str:

@@ -422,6 +422,28 @@ function pollsLine(job, polls) {
 }
 
 // Show a job; `quiet` (the periodic refresh of a live job) redraws only what changed.
+// A step job's chain: its state and each step job (click one to look it up).
+function chainPanel(chain, current) {
+  const box = el("div", null, "chain");
+  box.id = "job-chain";
+  const head = el("p");
+  head.appendChild(document.createTextNode("chain "));
+  head.appendChild(el("strong", chain.id, "mono"));
+  head.appendChild(document.createTextNode(" — " + chain.state + ", " + plural(chain.steps, "step", "steps") +
+    (chain.run > 1 ? ", run " + chain.run : "")));
+  box.appendChild(head);
+  const table = el("table");
+  const body = el("tbody");
+  chain.jobs.forEach(j => {
+    const cells = [["step " + j.step + (j.branch && j.branch !== "1" ? " (" + j.branch + ")" : "")],
+      [j.job_id, "mono job-link" + (j.job_id === current ? " current" : "")], [j.state]];
+    body.appendChild(row(cells, { state: j.state }));
+  });
+  table.appendChild(body);
+  box.appendChild(table);
+  return box;
+}
+
 async function lookup(id, quiet) {
   id = (id || "").trim().toLowerCase();
   const out = $("job-result");
@@ -464,6 +486,8 @@ async function lookup(id, quiet) {
   if (job.batch_id) actions.appendChild(button("Show batch " + job.batch_id, "", () => showBatch(job.batch_id)));
   if (data.in_dead_letters) actions.appendChild(el("span", "  in the dead-letter list", "muted"));
   out.appendChild(actions);
+
+  if (data.chain) out.appendChild(chainPanel(data.chain, job.id));
 
   const list = el("ol", null, "timeline");
   data.timeline.forEach((step, i) => {

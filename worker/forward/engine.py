@@ -37,7 +37,7 @@ import redis
 import structlog
 
 from worker.errors import ConfigError
-from worker.events import EventConsumer, ResultEvent
+from worker.events import Event, EventConsumer
 from worker.forward.outbox import GROUP, Delivery, Outbox
 from worker.forward.policy import (
     DEFAULT_BREAKER_COOLDOWN_S,
@@ -360,7 +360,7 @@ class Forwarder:
             reclaim_idle_ms=cfg.reclaim_idle_ms,
         )
 
-    def _route(self, events: list[ResultEvent]) -> None:
+    def _route(self, events: list[Event]) -> None:
         if not events:
             return
         # The subscribers as they are now (one HGETALL), so one added a moment ago gets

@@ -31,7 +31,7 @@ from typing import Any, Final
 import redis
 
 from worker import keys
-from worker.events import ResultEvent
+from worker.events import Event
 from worker.forward.signing import render
 from worker.forward.subscribers import Subscriber, describe
 
@@ -112,9 +112,7 @@ class Outbox:
             return False
         return True
 
-    def route(
-        self, events: Sequence[ResultEvent], subscribers: Iterable[Subscriber], now: float
-    ) -> int:
+    def route(self, events: Sequence[Event], subscribers: Iterable[Subscriber], now: float) -> int:
         """Queue each event for every subscriber it matches and ack it, atomically.
 
         Returns how many deliveries were queued.

@@ -27,7 +27,7 @@ from typing import Final
 from standardwebhooks import Webhook
 
 from worker.errors import ValidationError
-from worker.events import ResultEvent
+from worker.events import Event
 
 SECRET_PREFIX: Final = "whsec_"  # noqa: S105 (the spec's prefix, not a secret)
 # The spec asks for 24..64 random bytes; we make 32.
@@ -66,13 +66,13 @@ def webhook_id(subscriber_id: str, event_id: str) -> str:
     return f"msg_{event_id}_{subscriber_id}"
 
 
-def event_type(event: ResultEvent) -> str:
-    """`job.completed`, `job.failed`, `job.cancelled`; an event that names its own
-    `type` (later kinds of events) keeps it."""
-    return event.fields.get("type") or f"job.{event.state}"
+def event_type(event: Event) -> str:
+    """`<type>.<state>`: `job.completed`, `job.failed`, `job.cancelled`,
+    `chain.completed`/`failed`/`cancelled`, `outputs.stored`/`failed`."""
+    return f"{event.type}.{event.state}"
 
 
-def render(event: ResultEvent) -> str:
+def render(event: Event) -> str:
     """The webhook body for `event` (compact JSON, ASCII)."""
     body = {
         "type": event_type(event),

@@ -40,7 +40,7 @@ import redis
 from worker import keys
 from worker.domain import JobState
 from worker.errors import ConfigError, FieldError, ValidationError
-from worker.events import ResultEvent
+from worker.events import Event
 from worker.forward.signing import check_secret, generate_secret
 
 ID_PATTERN: Final = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -81,7 +81,7 @@ class Subscriber:
     source: str = SOURCE_REDIS
     created_at: float = 0.0
 
-    def matches(self, event: ResultEvent) -> bool:
+    def matches(self, event: Event) -> bool:
         """Whether `event` is for this subscriber (batch id prefix and state filter)."""
         if self.batch_prefix and not event.batch_id.startswith(self.batch_prefix):
             return False

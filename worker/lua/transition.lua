@@ -4,6 +4,7 @@
 -- KEYS[8] waiter count  KEYS[9] wake list      KEYS[10] open submit attempts (zset)
 -- KEYS[11] this webhook delivery's dedupe key (used when ARGV[11] is not '')
 -- KEYS[12] latency histogram counters (hash; see the end of the terminal branch)
+-- KEYS[13] outputs to copy out (zset; see worker/outputs/)
 -- ARGV[1] target state          ARGV[2] comma list of states it may come from
 -- ARGV[3] expected version or '' ARGV[4] prediction id the job must have (or none) or ''
 -- ARGV[5] now                    ARGV[6] record TTL once terminal (s)
@@ -12,7 +13,13 @@
 -- ARGV[10] '1': this attempt is known to have created no task (close it in KEYS[10])
 -- ARGV[11] webhook dedupe TTL (s), or '' when the move does not come from a webhook
 -- ARGV[12..15] key prefixes: prediction owner, batch counters, batch members, admission line
--- ARGV[16..] field, value pairs to write with the move
+-- ARGV[16..19] key prefixes: job, chain, chain's jobs, chain's branch ends
+-- ARGV[20] when a chain step written by this move gets its queued check (poll score)
+-- ARGV[21] '1': completed jobs' outputs are copied out (queue them in KEYS[13])
+-- ARGV[22..] field, value pairs to write with the move
+--
+-- Answer: {outcome, state, version} and, for an applied move, the ids of the chain step
+-- jobs it wrote (chain_step.lua, in front of this file) as a 4th element, comma-separated.
 --
 -- With ARGV[11], a delivery counts as seen exactly when this call has applied it or found
 -- it stale: the mark and the move happen together, or (on any error) neither does.
@@ -56,7 +63,7 @@ local batch_id = redis.call('HGET', job, 'batch_id') or ''
 local batch = BATCH .. batch_id
 version = version + 1
 redis.call('HSET', job, 'state', ARGV[1], 'version', version, 'updated_at', ARGV[5])
-for i = 16, #ARGV, 2 do
+for i = 22, #ARGV, 2 do
   redis.call('HSET', job, ARGV[i], ARGV[i + 1])
 end
 
@@ -111,13 +118,14 @@ end
 if ARGV[8] == '1' then
   local f = redis.call('HMGET', job, 'batch_id', 'prediction_id', 'outputs', 'error', 'reason',
     'task_code', 'resolved_by', 'created_at', 'submitted_at', 'finished_at', 'attempts')
-  local event = {'schema', '1', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
+  local event = {'schema', '2', 'type', 'job', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
     'prediction_id', f[2] or '', 'outputs', f[3] or '[]', 'error', f[4] or '',
     'reason', f[5] or '', 'task_code', f[6] or '', 'resolved_by', f[7] or '',
     'created_at', f[8] or '', 'submitted_at', f[9] or '', 'finished_at', f[10] or '',
     'attempts', f[11] or '0', 'version', tostring(version)}
-  -- The producer's own key and metadata, when the job has them (docs/events.md).
-  for _, name in ipairs({'idempotency_key', 'metadata'}) do
+  -- The producer's own key and metadata, and its place in a chain, when the job has them
+  -- (docs/events.md).
+  for _, name in ipairs({'idempotency_key', 'metadata', 'chain_id', 'step', 'branch'}) do
     local value = redis.call('HGET', job, name)
     if value and value ~= '' then
       table.insert(event, name)
@@ -169,4 +177,22 @@ if ARGV[8] == '1' then
     end
   end
 end
-return finish('applied', ARGV[1], version)
+local spawned = {}
+if ARGV[8] == '1' then
+  if ARGV[1] == 'completed' and ARGV[21] == '1'
+      and (redis.call('HGET', job, 'outputs') or '[]') ~= '[]' then
+    redis.call('ZADD', KEYS[13], 'NX', tonumber(ARGV[5]), job_id)
+  end
+  local chain_id = redis.call('HGET', job, 'chain_id')
+  if chain_id and chain_id ~= '' then
+    spawned = chain_advance({job = job, job_id = job_id, target = ARGV[1], now = ARGV[5],
+      ttl = ttl, maxlen = ARGV[7], chain_id = chain_id, events = KEYS[2], poll = KEYS[3],
+      stats = KEYS[4], BATCH = BATCH, BATCH_JOBS = BATCH_JOBS, JOBP = ARGV[16],
+      CHAIN = ARGV[17], CHAIN_JOBS = ARGV[18], CHAIN_ENDS = ARGV[19], spawn_check = ARGV[20],
+      batch_id = batch_id, priority = redis.call('HGET', job, 'priority') or '0',
+      metadata = redis.call('HGET', job, 'metadata') or ''})
+  end
+end
+local answer = finish('applied', ARGV[1], version)
+table.insert(answer, table.concat(spawned, ','))
+return answer

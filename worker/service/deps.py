@@ -5,11 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
 
 from worker.admission import Admission
+from worker.domain import JobState
+from worker.errors import QueueUnavailable
 from worker.settings import Settings
-from worker.store import JobStore
+from worker.store import JobStore, TransitionResult
 from worker.wavespeed import WaveSpeedClient
+
+log = structlog.get_logger("kq.service")
 
 
 @dataclass
@@ -24,3 +31,19 @@ class Deps:
     enqueue_submit: Callable[[str], None] = field(default=lambda job_id: None)
     # Account-wide limits shared through Redis; None: no admission control.
     admission: Admission | None = None
+
+    def transition(self, job_id: str, target: JobState, **kwargs: Any) -> TransitionResult:
+        """`JobStore.transition`, then send the chain steps the move wrote (if any).
+
+        Sending is best effort: a step written and not sent (no queue in this process,
+        the broker away, a crash right here) is sent by the poller's check of queued
+        jobs, which the same move scheduled (store.SPAWNED_CHECK_S).
+        """
+        result = self.store.transition(job_id, target, **kwargs)
+        for spawned in result.spawned:
+            try:
+                self.enqueue_submit(spawned)
+            except QueueUnavailable as exc:
+                log.warning("chain.step_send_deferred", job_id=spawned, error=str(exc))
+                break
+        return result

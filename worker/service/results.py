@@ -25,7 +25,7 @@ log = structlog.get_logger("kq.service")
 def record_submitted(deps: Deps, job_id: str, prediction_id: str) -> TransitionResult:
     """submitting -> submitted with the provider's id; polled later if no webhook comes."""
     now = deps.clock()
-    return deps.store.transition(
+    return deps.transition(
         job_id,
         JobState.SUBMITTED,
         now=now,
@@ -54,7 +54,7 @@ def apply_update(
     if outcome is None:
         return None
     now = deps.clock()
-    result = deps.store.transition(
+    result = deps.transition(
         job_id,
         outcome.state,
         now=now,
@@ -120,7 +120,7 @@ def apply_webhook(
         deps.store.schedule_poll(job_id, now, only_if_scheduled=True)
         return Verifying(job.state.value)
     # An ambiguous (or not yet recorded) submit: the URL says whose task this is.
-    recorded = deps.store.transition(
+    recorded = deps.transition(
         job_id,
         JobState.SUBMITTED,
         now=now,
@@ -151,7 +151,7 @@ def fail_job(
     `created_no_task`: the submit attempt being left is known to have created no task.
     """
     now = deps.clock()
-    return deps.store.transition(
+    return deps.transition(
         job_id,
         JobState.FAILED,
         now=now,
@@ -178,7 +178,7 @@ def cancel_job(deps: Deps, job_id: str) -> TransitionResult:
     its own task when its record is refused; see submit.py).
     """
     now = deps.clock()
-    result = deps.store.transition(
+    result = deps.transition(
         job_id,
         JobState.CANCELLED,
         now=now,

@@ -7,9 +7,8 @@ from enum import StrEnum
 
 import structlog
 
-from worker import telemetry
+from worker import replication, telemetry
 from worker.domain import (
-    PRICE_PER_IMAGE_MICROS,
     EditRequest,
     JobState,
     Reason,
@@ -99,7 +98,7 @@ def _submit(
         fail_job(deps, job_id, Reason.INVALID_REQUEST, str(exc))
         bound.error("submit.invalid_request", error=str(exc))
         return SubmitResult(SubmitOutcome.FAILED, str(exc))
-    if not store.reserve_budget(job_id, job.batch_id, PRICE_PER_IMAGE_MICROS):
+    if not store.reserve_budget(job_id, job.batch_id, request.price_micros):
         fail_job(deps, job_id, Reason.BUDGET, "the batch budget would be exceeded by this image")
         bound.warning("submit.over_budget")
         return SubmitResult(SubmitOutcome.FAILED, "over budget")
@@ -124,6 +123,9 @@ def _submit(
     if not claim.applied:
         bound.info("submit.lost_race", outcome=claim.outcome, state=claim.state)
         return SubmitResult(SubmitOutcome.SKIPPED, f"job moved to {claim.state}")
+    unreplicated = _unless_replicated(deps, job_id, claim.version, bound)
+    if unreplicated is not None:
+        return unreplicated
 
     hook = (
         webhook_url(settings.webhook_public_url, settings.secret_key, job_id)
@@ -173,13 +175,50 @@ def _submit(
     bound = bound.bind(prediction_id=prediction.id)
     recorded = record_submitted(deps, job_id, prediction.id)
     bound.info("submit.ok", recorded=recorded.outcome.value)
-    telemetry.count(store.redis, "submit.submitted")
+    # The job's own model's price: cost today and in total (worker.status).
+    telemetry.count_many(
+        store.redis, {"submit.submitted": 1, telemetry.COST_SUBMITTED_MICROS: request.price_micros}
+    )
     if recorded.outcome is TransitionOutcome.REJECTED and recorded.state == JobState.CANCELLED:
         # Cancelled while our POST was in flight: the task exists, so drop it.
         best_effort_delete(deps, prediction.id)
     if prediction.final:
         apply_update(deps, job_id, prediction, ResolvedBy.WORKER)
     return SubmitResult(SubmitOutcome.SUBMITTED, prediction.id)
+
+
+def _unless_replicated(
+    deps: Deps, job_id: str, version: int, bound: structlog.BoundLogger
+) -> SubmitResult | None:
+    """None when the `submitting` record reached KQ_REDIS_WAIT_REPLICAS replicas (or the
+    check is off); else the job goes back to queued unsent, as after an attempt known to
+    have created no task, and is retried later (RETRY, with back-off; never failed for it).
+
+    A failover could otherwise promote a replica that never saw the claim, and the job
+    would be submitted, and paid, again."""
+    settings = deps.settings
+    if settings.redis_wait_replicas <= 0:
+        return None
+    answer = replication.confirm_claim(
+        deps.store.redis,
+        job_id,
+        version=version,
+        replicas=settings.redis_wait_replicas,
+        timeout_ms=settings.redis_wait_timeout_ms,
+    )
+    if answer.confirmed:
+        return None
+    deps.store.transition(
+        job_id,
+        JobState.QUEUED,
+        now=deps.clock(),
+        expect_version=version,
+        poll_at=deps.clock() + QUEUED_CHECK_S,
+        attempt_created_no_task=True,
+    )
+    bound.warning("submit.unreplicated", replicas=answer.replicas, detail=answer.detail)
+    telemetry.count(deps.store.redis, "submit.unreplicated")
+    return SubmitResult(SubmitOutcome.RETRY, f"not replicated: {answer.detail}")
 
 
 def submit_watchdog_s(settings: Settings) -> float:
