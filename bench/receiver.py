@@ -28,7 +28,15 @@ from urllib.parse import urlencode
 import httpx
 from flask import Flask, Response
 
-from bench.common import REPO_ROOT, Row, bench_stack, stack_settings
+from bench.common import (
+    REPO_ROOT,
+    Row,
+    bench_stack,
+    cpu_per_job_ms,
+    cpu_snapshot,
+    process_tree,
+    stack_settings,
+)
 from bench.loadgen import LoadResult, Request, blast
 from kq.procs import Proc, free_port
 from kq.stack import Stack
@@ -61,12 +69,21 @@ def run(*, quick: bool) -> list[Row]:
             bare_url = _start_bare(stack)
             deliveries = _sign(jobs, settings.secret_key, secret)
             _load(bare_url, deliveries[:warm], deadline_s)  # warm-up, not counted
+            bare_groups = {"server": process_tree(stack.procs["bare-flask"].pid)}
+            before = cpu_snapshot(bare_groups)
             base = _load(bare_url, deliveries[warm:], deadline_s)
+            base_cpu = cpu_per_job_ms(before, cpu_snapshot(bare_groups), n)
             stack.procs["bare-flask"].stop()  # its CPU goes back to the receiver
             # Signed again: the timestamps must be fresh (±300 s) when ours checks them.
             deliveries = _sign(jobs, settings.secret_key, secret)
             _load(stack.receiver_url, deliveries[:warm], deadline_s)  # warm-up, not counted
+            groups = {
+                "server": process_tree(stack.procs["receiver"].pid),
+                "redis": [stack.procs["redis"].pid],
+            }
+            before = cpu_snapshot(groups)
             ours = _load(stack.receiver_url, deliveries[warm:], deadline_s)
+            ours_cpu = cpu_per_job_ms(before, cpu_snapshot(groups), n)
             applied = int(store.redis.xlen(keys.EVENTS)) - warm
         finally:
             store.redis.close()
@@ -91,6 +108,14 @@ def run(*, quick: bool) -> list[Row]:
             base.percentile_ms(0.99),
             "ms",
             note=f"{LOAD_PROCESSES * THREADS_PER_PROCESS} connections, keep-alive",
+        ),
+        Row.reported(
+            "receiver",
+            "CPU per delivery (receiver + Redis) vs bare Flask 204",
+            ours_cpu["server"] + ours_cpu["redis"],
+            base_cpu["server"],
+            "ms",
+            note=f"receiver {ours_cpu['server']:.3f} ms, Redis {ours_cpu['redis']:.3f} ms",
         ),
     ]
 

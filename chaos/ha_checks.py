@@ -71,6 +71,25 @@ def provider_cap_held(tasks: Sequence[Mapping[str, Any]], cap: int) -> Check:
     return Check("admission cap never exceeded", peak <= cap, counts)
 
 
+def every_paid_task_kept(ev: Evidence) -> Check:
+    """Every task we paid for ended as its own job's result: a failover that lost a job's
+    `submitted` record and its webhook's effect must not leave the task unattributed
+    (the job failed `submit_ambiguous` while its task completed)."""
+    kept: dict[str, str] = {}
+    for job_id in ev.ids:
+        events = ev.seen.events.get(job_id, [])
+        if len(events) == 1:
+            kept[job_id] = events[0].get("prediction_id", "")
+    wanted = set(ev.ids)
+    lost = [
+        f"{invariants.task_job(t)}: task {t['id']} ({t['status']}) not kept by its job"
+        for t in ev.tasks
+        if invariants.task_job(t) in wanted and kept.get(invariants.task_job(t)) != t["id"]
+    ]
+    counts = f"{len(ev.tasks) - len(lost)}/{len(ev.tasks)} paid tasks kept by their own job"
+    return Check("every paid task kept by its job", not lost, counts, tuple(lost[:5]))
+
+
 def check_failover_run(ev: Evidence, cap: int) -> list[Check]:
     """The invariants a failover run must hold, in the order they are printed."""
     return [
@@ -78,6 +97,7 @@ def check_failover_run(ev: Evidence, cap: int) -> list[Check]:
         invariants.one_event_per_job(ev),
         invariants.outputs_match_the_simulator(ev),
         invariants.paid_once(ev),
+        every_paid_task_kept(ev),
         provider_cap_held(ev.tasks, cap),
         invariants.gauges_back_to_zero(ev),
         invariants.no_slot_leaked(ev),

@@ -187,7 +187,9 @@ class Cluster:
             "--host", "0.0.0.0", "--port", str(SIM_PORT), "--seed", str(self.plan.seed),
             "--api-key", SIM_KEY, "--webhook-secret", self.webhook_secret,
             "--inference-time", "0.5", "--queue-delay", "0.3",
-            "--webhook-retry-base", "1.0", "--webhook-timeout", "3",
+            # WaveSpeed retries a delivery for minutes; 3 + 6 + 12 s here outlasts the
+            # ~15 s a failover leaves the new primary without a replica (webhooks 503).
+            "--webhook-retry-base", "3.0", "--webhook-timeout", "3",
         )  # fmt: skip
         self._start("sim", "sim", kq("sim", *sim_args))
         self._wait_http(self.url("sim", SIM_PORT) + "/_sim/health", "sim")

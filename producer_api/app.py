@@ -6,6 +6,9 @@
     GET  /v1/batches/{id}         a batch's progress                      200 / 404
     GET  /v1/batches/{id}/jobs    a batch's jobs, paged, by state         200 / 404
     POST /v1/jobs/{id}/cancel     cancel a job                            200 / 404 / 409
+    POST /v1/chains               a chain of edits (JSON object)          201 new / 200 existing
+    GET  /v1/chains/{id}          a chain, its branches and step jobs     200 / 404
+    POST /v1/chains/{id}/cancel   cancel a chain                          200 / 404 / 409
     GET  /healthz                 Redis reachable (no token needed)
 
 Errors are JSON: {"error": {"code", "message", "fields": [{"field", "message"}]}}, also

@@ -20,7 +20,7 @@ from tests.conftest import wait_for
 from tests.support import fast_stack
 from worker import runtime
 from worker.celery_app import configure
-from worker.chains import MAX_BRANCHES, chain_from_dict, step_job_id
+from worker.chains import MAX_BRANCHES, PREVIOUS_OUTPUT, chain_from_dict, step_job_id
 from worker.errors import ValidationError
 from worker.events import ChainEvent, ResultEvent, replay
 from worker.producer import Producer
@@ -84,8 +84,8 @@ def test_chain_defaults_step_overrides_and_price() -> None:
     expected = 80_000 + 2 * 80_000 + 2 * item.steps[2][0].request.price_micros
     assert item.price_micros == expected
     templates = json.loads(item.steps_json())
-    assert "image" not in templates[1][0]["request"] and templates[1][0]["input"] == "image"
-    assert templates[0][0]["request"]["image"] == IMAGE
+    assert json.loads(templates[1][0]["request"])["image"] == PREVIOUS_OUTPUT
+    assert json.loads(templates[0][0]["request"])["image"] == IMAGE
     # Same key, same chain id and step ids: re-enqueueing writes nothing twice.
     again = chain_from_dict({"image": IMAGE, "steps": [{"prompt": "a"}], "idempotency_key": "k"})
     twin = chain_from_dict({"image": IMAGE, "steps": [{"prompt": "a"}], "idempotency_key": "k"})
@@ -129,9 +129,16 @@ class Harness:
 
 
 @pytest.fixture(scope="module")
-def h(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     with fast_stack(tmp_path_factory.mktemp("chains"), seed=5) as stack:
         yield Harness(stack)
+
+
+@pytest.fixture
+def h(shared: Harness) -> Harness:
+    # Celery's app is process-wide: a test with a stack of its own re-pointed it.
+    configure(shared.settings)
+    return shared
 
 
 def test_three_step_chain_feeds_each_output_into_the_next_step(h: Harness) -> None:
@@ -227,17 +234,15 @@ def test_kill_9_mid_batch_loses_no_chain_and_pays_no_step_twice(
     quick = {"KQ_HTTP_TIMEOUT_S": "3", "KQ_AMBIGUOUS_GRACE_S": "3"}
     with fast_stack(var, seed=9, worker_concurrency=4, extra_env=quick) as stack:
         hh = Harness(stack)
-        hh.sim.post("/_sim/config", json={"inference_time_s": 0.5}).raise_for_status()
-        receipt = hh.producer.enqueue_batch(
-            [chain(f"s1-{n}", f"s2-{n}", f"s3-{n}") for n in range(50)],
-            batch_id="chains50",
-            keep_job_ids=True,
-        )
-        chain_ids = list(receipt.job_ids or ())
-        assert len(chain_ids) == 50
+        # Three steps of 1.5 s each: the kills land while chains are mid-way.
+        hh.sim.post("/_sim/config", json={"inference_time_s": 1.5}).raise_for_status()
+        items = [chain_from_dict(chain(f"s1-{n}", f"s2-{n}", f"s3-{n}")) for n in range(50)]
+        receipt = hh.producer.enqueue_batch(items, batch_id="chains50", keep_job_ids=True)
+        chain_ids = [item.chain_id for item in items]
+        assert list(receipt.job_ids or ()) == [item.first_jobs()[0][0] for item in items]
         unfinished_at_kill = []
-        for _ in range(2):
-            time.sleep(2.0)
+        for pause in (1.0, 2.0):
+            time.sleep(pause)
             chains_now = [hh.producer.get_chain(c) for c in chain_ids]
             unfinished_at_kill.append(sum(1 for c in chains_now if c and not c.terminal))
             stack.kill("worker", signal.SIGKILL)
@@ -291,3 +296,56 @@ def test_the_receiver_sends_the_next_step_itself(tmp_path: Path) -> None:
         assert time.monotonic() - started < 50
         jobs = hh.store.get_many(done.job_ids)
         assert all(j is not None and j.resolved_by == "webhook" for j in jobs)
+
+
+def test_a_multi_image_step_gets_the_previous_output_first(h: Harness) -> None:
+    """A later step on a /multi model takes `images`: the previous output, then its own."""
+    reference = "https://example.com/reference.jpg"
+    spec = {
+        "image": IMAGE,
+        "steps": [
+            {"prompt": "make it night", "model": "wavespeed-ai/flux-kontext-pro"},
+            {
+                "prompt": "put the style of the second image on the first",
+                "model": "wavespeed-ai/flux-kontext-max/multi",
+                "images": [reference],
+            },
+        ],
+    }
+    write = h.producer.enqueue_chain(spec)
+    done = h.wait_chain(write.chain_id)
+    assert done.state == "completed"
+    tasks = h.tasks_by_job()
+    first, second = (tasks[j][0] for j in done.job_ids)
+    assert first["model"] == "wavespeed-ai/flux-kontext-pro"
+    assert second["model"] == "wavespeed-ai/flux-kontext-max/multi"
+    assert second["params"]["images"] == [first["outputs"][0], reference]
+
+
+def test_batch_files_take_chain_lines_and_csv_says_to_use_jsonl(tmp_path: Path) -> None:
+    from worker.batchfile import BatchFile
+    from worker.chains import ChainItem
+
+    lines = [
+        json.dumps({"prompt": "plain", "image": IMAGE}),
+        json.dumps(chain("a", "b")),
+        json.dumps({"image": IMAGE, "steps": [{"prompt": "x", "seed": "nope"}]}),
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with BatchFile(str(path)) as batch:
+        scan = batch.scan()
+        assert (scan.valid, scan.invalid) == (2, 1)
+        assert [e.field for e in scan.errors[0].errors] == ["steps[0].seed"]
+        items = list(batch.items("b1"))
+    assert isinstance(items[1], ChainItem) and len(items[1].steps) == 2
+    # The same line always makes the same chain (a re-run resumes it).
+    with BatchFile(str(path)) as batch:
+        again = list(batch.items("b1"))
+    assert isinstance(again[1], ChainItem) and again[1].chain_id == items[1].chain_id
+
+    csv_path = tmp_path / "chains.csv"
+    csv_path.write_text("prompt,image,steps\nx,https://example.com/a.jpg,[]\n")
+    with BatchFile(str(csv_path)) as batch, pytest.raises(ValidationError) as caught:
+        batch.scan()
+    assert "JSONL" in str(caught.value)

@@ -486,3 +486,23 @@ def test_batch_budget_reserves_each_jobs_own_price(harness: Harness) -> None:
     )
     (job,) = h.wait_all(receipt.job_ids)
     assert job.state is JobState.FAILED and job.reason == "budget"
+
+
+@pytest.mark.integration
+def test_a_mixed_batch_costs_each_task_at_its_own_price(harness: Harness) -> None:
+    """One max ($0.08) and one pro ($0.04) edit: the batch and the account's totals
+    count $0.12 exactly (not two tasks at a mean price), as the simulator charged."""
+    h = harness
+    before = h.store.stats().get("paid_micros", 0)
+    receipt = h.producer.enqueue_batch(
+        [{"prompt": "max", "image": A}, {"prompt": "pro", "model": PRO.path, "image": A}],
+        batch_id="models-mixed",
+        keep_job_ids=True,
+    )
+    jobs = h.wait_all(receipt.job_ids)
+    assert all(j.state is JobState.COMPLETED for j in jobs)
+    charged = sum(h.task_for(j.id)["charged_micros"] for j in jobs)
+    assert charged == 120_000
+    progress = h.producer.batch_progress("models-mixed")
+    assert progress is not None and progress.cost_usd == 0.12
+    assert h.store.stats()["paid_micros"] - before == charged

@@ -7,6 +7,8 @@
 - `submit_job` with KQ_REDIS_WAIT_REPLICAS=1 and no replica: the provider is never
   called, the job is back in `queued` (its attempt recorded as having created no task),
   and the outcome is a retry, counted as `submit.unreplicated`.
+- The receiver answers a delivery 200 only once its effect is on a replica (else 503,
+  and WaveSpeed sends it again).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from dataclasses import replace
 import httpx
 import pytest
 
+from tests.support import make_submitted_job, prediction_body, serve_in_thread
+from tests.test_receiver import deliver
+from webhook_receiver.app import create_app
 from worker import replication, telemetry
 from worker.celery_app import _redis_options, broker_transport_for, broker_url
 from worker.domain import EditRequest, JobState
@@ -113,3 +118,22 @@ def test_submit_waits_for_a_replica_and_never_posts_without_one(
     assert job is not None and job.state is JobState.QUEUED and not job.prediction_id
     assert telemetry.totals(store.redis)["submit.unreplicated"] == 1
     client.close()
+
+
+def test_receiver_acknowledges_a_webhook_only_once_it_is_on_a_replica(
+    store: JobStore, settings: Settings
+) -> None:
+    """KQ_REDIS_WAIT_REPLICAS=1 and no replica: the delivery is applied on the primary
+    but answered 503 (so WaveSpeed sends it again), also when it comes again; with the
+    check off the same Redis answers 200."""
+    make_submitted_job(store)
+    waiting = replace(settings, redis_wait_replicas=1, redis_wait_timeout_ms=100)
+    with serve_in_thread(create_app(waiting, store=store)) as url:
+        first = deliver(url, settings, prediction_body())
+        assert first.status_code == 503 and "replica" in first.json()["error"]
+        assert store.get("job1").state is JobState.COMPLETED  # type: ignore[union-attr]
+        assert deliver(url, settings, prediction_body()).status_code == 503
+    with serve_in_thread(create_app(settings, store=store)) as url:
+        again = deliver(url, settings, prediction_body())
+        assert again.status_code == 200 and again.json()["result"] == "duplicate"
+    assert len(store.events()) == 1

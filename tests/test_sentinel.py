@@ -2,7 +2,8 @@
 
 A private primary + replica + three Sentinels (`chaos.redis_ha`), and the real stack
 (worker, beat, receiver, simulator) pointed at the Sentinels with KQ_REDIS_SENTINELS.
-While batches are being processed:
+Beside them `kq api`, `kq dashboard`, `kq metrics` and `kq forward`. While batches are
+being processed:
 
 1. `SENTINEL FAILOVER`: the replica is promoted, the old primary demoted;
 2. kill -9 of the old primary (a replica by then): the new primary has no replica, so
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 import uuid
@@ -35,9 +37,12 @@ from kq.procs import free_port
 from kq.stack import Stack, StackConfig
 from tests.conftest import wait_for
 from tests.support import FAST_STACK_ENV
-from worker import runtime, telemetry
+from tests.test_redis_restart import _spawn_http
+from worker import keys, runtime, telemetry
 from worker.celery_app import SENTINEL_TRANSPORT, configure
+from worker.forward.health import ROLE as FORWARD_ROLE
 from worker.settings import Settings
+from worker.store import JobStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -53,8 +58,13 @@ MAX_IN_FLIGHT = 12
 # check (about a minute); the rest end within seconds. Bounds a wait, never slept through.
 SETTLE_S = 300.0
 
+API_TOKEN = "api-token-for-the-sentinel-test"
+OPS_TOKEN = "ops-token-for-the-sentinel-test"
+
 STACK_ENV = {
     **FAST_STACK_ENV,
+    "KQ_API_TOKEN": API_TOKEN,
+    "KQ_OPS_TOKEN": OPS_TOKEN,
     "KQ_AMBIGUOUS_GRACE_S": "5",
     "KQ_AMBIGUOUS_SETTLE_S": "10",
     "KQ_MAX_IN_FLIGHT": str(MAX_IN_FLIGHT),
@@ -119,10 +129,65 @@ class HealthWatch:
         return [status for at, status in list(self.answers) if at >= since]
 
 
+def start_readers(stack: Stack) -> dict[str, str]:
+    """`kq api`, `kq dashboard`, `kq metrics` and `kq forward` beside the stack, on the
+    same Sentinel settings; returns their base URLs."""
+    urls = {
+        "api": _spawn_http(stack, "api", ["api", "--workers", "1", "--threads", "4"], "/healthz"),
+        "dashboard": _spawn_http(stack, "dashboard", ["dashboard"], "/healthz"),
+        "metrics": _spawn_http(stack, "metrics", ["metrics"], "/metrics"),
+    }
+    port = free_port("127.0.0.1")
+    urls["forward"] = f"http://127.0.0.1:{port}"
+    argv = [
+        sys.executable, "-m", "kq.cli", "forward", "--consumer", "sentinel-test",
+        "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
+    ]  # fmt: skip
+    stack._spawn("forward", argv, lambda _proc: _http_ok(urls["forward"] + "/metrics"))
+    return urls
+
+
+def readers_work_again(stack: Stack, urls: dict[str, str], store: JobStore) -> str:
+    """After the failovers, with no restart: the API takes a job, the dashboard and both
+    metrics endpoints answer, the forwarder writes its heartbeat again. Returns the job."""
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+
+    def api_accepts() -> str | None:
+        try:
+            answer = httpx.post(
+                f"{urls['api']}/v1/jobs",
+                json={"prompt": "via api", "image": IMAGE},
+                headers=headers,
+                timeout=5,
+                trust_env=False,
+            )
+        except httpx.HTTPError:
+            return None
+        return str(answer.json()["job_id"]) if answer.status_code == 201 else None
+
+    job_id: str = wait_for(api_accepts, timeout_s=30, interval_s=0.2)
+    ops = {"Authorization": f"Bearer {OPS_TOKEN}"}
+    wait_for(lambda: _http_ok(urls["dashboard"] + "/api/status", ops), timeout_s=30)
+    wait_for(lambda: _http_ok(urls["metrics"] + "/metrics"), timeout_s=30)
+    wait_for(lambda: _http_ok(urls["forward"] + "/metrics"), timeout_s=30)
+    beat = keys.heartbeat(FORWARD_ROLE, stack.procs["forward"].pid)
+    store.redis.delete(beat)
+    wait_for(lambda: store.redis.exists(beat), timeout_s=30)
+    return job_id
+
+
+def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
+    try:
+        return httpx.get(url, headers=headers, timeout=3, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def test_every_process_follows_sentinel_failovers(tmp_path: Path) -> None:
     """A forced failover, a replica killed (submits held back, not sent), and the
     primary killed (the receiver answers 503, then recovers), all mid-run: every job ends
-    terminal with one event, none is paid twice, and no process is restarted."""
+    terminal with one event, none is paid twice, and no process is restarted; the API,
+    dashboard, metrics and forwarder work afterwards as they are."""
     with redis_ha(tmp_path / "redis") as ha:
         first = ha.primary()
         assert first is not None
@@ -140,6 +205,7 @@ def test_every_process_follows_sentinel_failovers(tmp_path: Path) -> None:
             configure(settings)
             store = runtime.make_store(settings)
             producer = runtime.make_producer(settings)
+            readers = start_readers(stack)
             pids = {name: proc.pid for name, proc in stack.procs.items()}
             ids: list[str] = []
             prompts: dict[str, str] = {}
@@ -211,6 +277,11 @@ def test_every_process_follows_sentinel_failovers(tmp_path: Path) -> None:
                 wait_for(settled, timeout_s=SETTLE_S, interval_s=0.5)
                 mark("every job terminal")
                 during = health.statuses_since(crash)
+                via_api = readers_work_again(stack, readers, store)
+                ids.append(via_api)
+                prompts[via_api] = "via api"
+                wait_for(settled, timeout_s=60, interval_s=0.2)
+                mark("api, dashboard, metrics and forward answer; a job via the api done")
 
             ev = ha_checks.gather(store, settings, stack.sim_url, ids, prompts)
             checks = ha_checks.check_failover_run(ev, MAX_IN_FLIGHT)

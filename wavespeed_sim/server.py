@@ -1,7 +1,13 @@
 """``SimServer``: the simulator on a real socket, in a background thread or in the foreground.
 
-werkzeug's threaded server answers each request in its own thread and always closes the
-connection after the response, so stopping never waits on idle keep-alive clients.
+werkzeug's request handler on a server of our own: connections are served by a pool of
+reused threads and kept alive between requests (HTTP/1.1), so a client with a pooled
+connection (httpx, the SDK's session) pays neither a TCP handshake nor a new thread per
+call. werkzeug's own threaded server does both (a thread per connection, and it closes
+every connection after one response because it cannot tell how much of a request body the
+app left unread); here a body is read whole before the app sees it, so the next request
+line is always where the handler looks. A connection idle for KEEP_ALIVE_IDLE_S is closed,
+and stopping shuts down every open connection, so it never waits on idle clients.
 
     with SimServer(SimConfig(port=0, inference_time_s=0.1)) as server:
         httpx.get(server.url + "/_sim/health")
@@ -9,26 +15,100 @@ connection after the response, so stopping never waits on idle keep-alive client
 
 from __future__ import annotations
 
+import contextlib
+import io
+import socket
+import socketserver
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
+from typing import Any
 
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 
 from wavespeed_sim.app import create_app
 from wavespeed_sim.config import SimConfig
 from wavespeed_sim.engine import Simulator
 
 POLL_INTERVAL_S = 0.1  # how quickly serve_forever notices shutdown()
+# A kept-alive connection holds a pool thread; one idle this long is closed.
+KEEP_ALIVE_IDLE_S = 5.0
+# Most connections served at once (each holds a thread while open; threads are reused).
+# Generous: a client may open one per thread of its own (the SDK baseline: 200).
+POOL_THREADS = 512
+# Bodies up to this size are read whole before the app runs (kept-alive connection);
+# a larger or chunked one is streamed and its connection closed after the response.
+MAX_BUFFERED_BODY = 64 * 1024 * 1024
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _KeepAliveHandler(WSGIRequestHandler):
+    """werkzeug's handler, keeping the connection open after a response when it can."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = KEEP_ALIVE_IDLE_S  # socket timeout: an idle kept-alive connection ends
+    _reusable = False
+
+    def make_environ(self) -> Any:
+        environ = super().make_environ()
+        length = environ.get("CONTENT_LENGTH") or "0"
+        self._reusable = not self.close_connection and "wsgi.input_terminated" not in environ
+        if self._reusable and length.isdigit() and int(length) <= MAX_BUFFERED_BODY:
+            # The whole body now: whatever the app reads, the next request starts here.
+            environ["wsgi.input"] = io.BytesIO(self.rfile.read(int(length)) if length else b"")
+        else:
+            self._reusable = False
+        return environ
+
+    def send_header(self, keyword: str, value: str) -> None:
+        if keyword.lower() == "connection" and value.lower() == "close" and self._reusable:
+            value = "keep-alive"  # werkzeug always asks to close; this one may stay open
+        super().send_header(keyword, value)
+
+
+class _PooledServer(BaseWSGIServer):
+    """A werkzeug WSGI server whose connections are served by a pool of reused threads."""
+
+    multithread = True
+
+    def __init__(self, host: str, port: int, app: Any, handler: type[WSGIRequestHandler]) -> None:
+        super().__init__(host, port, app, handler)
+        self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="sim-http")
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._open_lock:
+            self._open.add(request)
+        self._pool.submit(self._serve, request, client_address)
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            with self._open_lock:
+                self._open.discard(request)
+            self.shutdown_request(request)
+
+    def server_close(self) -> None:
+        """Close the listening socket and every open connection; wait for the threads."""
+        socketserver.TCPServer.server_close(self)
+        with self._open_lock:
+            for conn in list(self._open):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _QuietHandler(_KeepAliveHandler):
     """No access log line per request (the request log at /_sim/requests has them all)."""
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """Say nothing."""
 
 
-class _LoudHandler(WSGIRequestHandler):
+class _LoudHandler(_KeepAliveHandler):
     """werkzeug's usual access log (``--log-requests``)."""
 
 
@@ -42,9 +122,7 @@ class SimServer:
         handler = _LoudHandler if cfg.log_requests else _QuietHandler
         # make_server binds now, so `url` is known (port 0 included) before start().
         try:
-            self._server: BaseWSGIServer = make_server(
-                cfg.host, cfg.port, self.app, threaded=True, request_handler=handler
-            )
+            self._server: BaseWSGIServer = _PooledServer(cfg.host, cfg.port, self.app, handler)
         except BaseException:  # werkzeug exits (SystemExit) when it cannot bind
             self.sim.stop()  # close the webhook client and pool it already made
             raise

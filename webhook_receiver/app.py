@@ -25,10 +25,10 @@ from werkzeug.exceptions import RequestEntityTooLarge, RequestTimeout
 
 from webhook_receiver.body_deadline import BodyDeadline
 from webhook_receiver.signing_secret import SecretSource
-from worker import runtime, telemetry
+from worker import replication, runtime, telemetry
 from worker.domain import Prediction, TransitionOutcome
 from worker.errors import ProviderError, ValidationError
-from worker.histograms import WEBHOOK_RECEIVE_TO_APPLIED, observe
+from worker.histograms import WEBHOOK_RECEIVE_TO_APPLIED, observe_into
 from worker.metrics import receiver_metrics
 from worker.service import Deps, Verifying, apply_webhook
 from worker.settings import Settings
@@ -36,6 +36,25 @@ from worker.signing import WEBHOOK_PATH, token_matches, verify_v3
 from worker.store import JobStore
 
 log = structlog.get_logger("kq.receiver")
+
+
+# The receiver's Redis calls time out after 0.75 s (runtime.FAIL_FAST_TIMEOUT_S): its
+# replica wait must end before that.
+MAX_REPLICA_WAIT_MS = 500
+
+
+def _unless_replicated(client: redis.Redis, settings: Settings) -> str | None:
+    """None when the delivery's effect is on KQ_REDIS_WAIT_REPLICAS replicas (or the check
+    is off); else why not. Answered 503, the delivery comes again (applied by then, or
+    applied again on a promoted replica that lost it: a failover never eats a webhook)."""
+    if settings.redis_wait_replicas <= 0:
+        return None
+    answer = replication.confirm_written(
+        client,
+        replicas=settings.redis_wait_replicas,
+        timeout_ms=min(settings.redis_wait_timeout_ms, MAX_REPLICA_WAIT_MS),
+    )
+    return None if answer.confirmed else answer.detail
 
 
 def create_app(
@@ -60,8 +79,12 @@ def create_app(
         heartbeat = store is None
     # Fail fast: a stalled Redis must give WaveSpeed a prompt 503, within its own timeout.
     store = store or runtime.make_store(settings, runtime.make_redis(settings, fail_fast=True))
+    # Outcome counts and the apply latency: summed here, written in the background by a
+    # serving process (no round trip of a delivery's own), at once otherwise (tests).
+    tally = telemetry.Buffered(store.redis)
     if heartbeat:
         runtime.start_heartbeat("receiver", store.redis)
+        tally.start()
     provider = runtime.make_provider(settings)
     if secret_source is None:
         secret_source = SecretSource(
@@ -90,7 +113,7 @@ def create_app(
     ) -> Response:
         if count and request.path == WEBHOOK_PATH:  # outcome counters, for ops (best effort)
             outcome = outcome or ("malformed" if result == "bad_request" else result)
-            telemetry.count(store.redis, f"webhook.{outcome}")
+            tally.count(f"webhook.{outcome}")
         response = jsonify({"result": result, **extra})
         response.status_code = status
         return response
@@ -161,11 +184,15 @@ def create_app(
         result = apply_webhook(deps, job_id, prediction, webhook_id)
         if result is None:
             return answer(200, "not_final")
+        unreplicated = _unless_replicated(store.redis, settings)
+        if unreplicated is not None:
+            bound.warning("receiver.unreplicated", detail=unreplicated)
+            return answer(503, "unavailable", count=False, error="not yet on a replica; retry")
         if isinstance(result, Verifying):
             # A reported failure is confirmed by the provider's GET before it ends the job.
             return answer(200, "verifying", state=result.state)
         if result.applied:
-            observe(store.redis, WEBHOOK_RECEIVE_TO_APPLIED, time.perf_counter() - received)
+            observe_into(tally, WEBHOOK_RECEIVE_TO_APPLIED, time.perf_counter() - received)
             return answer(200, "applied", state=result.state)
         if result.outcome is TransitionOutcome.DUPLICATE:
             bound.info("receiver.duplicate")

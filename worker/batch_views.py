@@ -75,6 +75,9 @@ class BatchProgress:
     last_finished_at: float = 0.0
     # The mean price of the batch's jobs (each at its model's price; models.average_price_micros).
     price_micros: int = PRICE_PER_IMAGE_MICROS
+    # What the paid tasks cost, each at its own model's price (None: a batch written
+    # before prices were counted; then paid x the mean price above).
+    paid_micros: int | None = None
 
     @property
     def terminal(self) -> int:
@@ -86,6 +89,8 @@ class BatchProgress:
 
     @property
     def cost_usd(self) -> float:
+        if self.paid_micros is not None:
+            return round(self.paid_micros / 1_000_000, 2)
         return round(self.paid * self.price_micros / 1_000_000, 2)
 
     @property

@@ -56,6 +56,7 @@ class ChainStore:
             if chain.metadata is None
             else json.dumps(chain.metadata, separators=(",", ":"), ensure_ascii=False),
             keys.JOB_PREFIX,
+            chain.price_micros,
         ]
         for job_id, branch, request in chain.first_jobs():
             args.extend((job_id, branch, json.dumps(request.to_payload(), separators=(",", ":"))))

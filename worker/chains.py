@@ -49,8 +49,9 @@ CHAIN_FIELDS: Final = (
 STEP_FIELDS: Final = ("prompt", "images", "variants", *CHAIN_DEFAULTS)
 VARIANT_FIELDS: Final = ("prompt", "images", *CHAIN_DEFAULTS)
 T = TypeVar("T")
-# Stands in for the previous step's output while a later step is validated.
-_PREVIOUS_OUTPUT: Final = "https://previous-step.invalid/output"
+# Stands in for the previous step's output in a later step's request (validated with it,
+# stored with it; lua/chain_step.lua replaces it, the same text, with the output URL).
+PREVIOUS_OUTPUT: Final = "https://previous-step.invalid/output"
 
 
 class ChainState:
@@ -65,18 +66,14 @@ class ChainState:
 class Variant:
     """One job a step makes: its request, less the input the previous step supplies."""
 
-    request: EditRequest  # for step 1: complete; later: its input is a placeholder
+    request: EditRequest  # for step 1: complete; later: its input is PREVIOUS_OUTPUT
     input: str  # "image" or "images": where the previous step's output goes
 
-    def template(self, first_step: bool) -> dict[str, Any]:
-        """The stored form (lua/chain_step.lua fills the input in for later steps)."""
-        data = self.request.to_dict()
-        if not first_step:
-            if self.input == "images":
-                data["images"] = [u for u in data["images"] if u != _PREVIOUS_OUTPUT]
-            else:
-                data.pop("image", None)
-        return {"request": data, "input": self.input}
+    def template(self) -> dict[str, Any]:
+        """The stored form: the request as JSON text, in which lua/chain_step.lua puts
+        the previous output in place of PREVIOUS_OUTPUT — a text splice, so no number is
+        re-encoded on the way (cjson would round a guidance_scale to 14 digits)."""
+        return {"request": json.dumps(self.request.to_dict(), separators=(",", ":"))}
 
 
 @dataclass(frozen=True)
@@ -100,7 +97,7 @@ class ChainItem:
 
     def steps_json(self) -> str:
         return json.dumps(
-            [[v.template(n == 0) for v in variants] for n, variants in enumerate(self.steps)],
+            [[v.template() for v in variants] for variants in self.steps],
             separators=(",", ":"),
             ensure_ascii=False,
         )
@@ -162,6 +159,7 @@ def chain_from_dict(data: object, *, refused: Mapping[str, str] | None = None) -
     if "prompt" in data:
         errors.append(FieldError("prompt", "a chain has no prompt of its own: give each step one"))
     defaults = {k: data[k] for k in CHAIN_DEFAULTS if k in data}
+    _check_defaults(defaults, errors)
     source = {k: data[k] for k in ("image", "images") if k in data}
     if not source:
         errors.append(FieldError("image", "is required: the source image of step 1"))
@@ -172,6 +170,20 @@ def chain_from_dict(data: object, *, refused: Mapping[str, str] | None = None) -
     if errors:
         raise ValidationError(errors)
     return ChainItem(steps, key or "", priority or 0, metadata=metadata)
+
+
+def _check_defaults(defaults: Mapping[str, Any], errors: list[FieldError]) -> None:
+    """The chain's own defaults are checked as they are written, even where every step
+    overrides them (a bad value is a mistake either way): the model by name, the rest
+    against Kontext [max]'s ranges (a step's own model checks them again, merged)."""
+    model = defaults.get("model")
+    if model is not None and lookup(model) is None:
+        errors.append(FieldError("model", f"unknown model {model!r}; known: {', '.join(MODELS)}"))
+    options = {k: v for k, v in defaults.items() if k != "model"}
+    try:
+        EditRequest.from_dict({"prompt": "-", "image": PREVIOUS_OUTPUT, **options})
+    except ValidationError as exc:
+        errors.extend(exc.errors)
 
 
 def _collect(errors: list[FieldError], check: Callable[[], T]) -> T | None:
@@ -260,20 +272,36 @@ def _variants(raw: object, where: str, errors: list[FieldError]) -> list[dict[st
 def _variant(
     fields: dict[str, Any], source: dict[str, Any] | None, where: str, errors: list[FieldError]
 ) -> Variant | None:
+    # null means "not set" for every field, as in a plain edit.
+    fields = {k: v for k, v in fields.items() if v is not None}
+    extra = fields.get("images")
+    if extra is not None and not isinstance(extra, list):
+        errors.append(
+            FieldError(f"{where}.images", f"expected an array of image URLs, got {kind_of(extra)}")
+        )
+        return None
     model = lookup(fields.get("model", next(iter(MODELS))))
     input_field = model.image_field if model is not None else "image"
     request = dict(fields)
     if source is not None:
+        if extra is not None:
+            errors.append(
+                FieldError(
+                    f"{where}.images",
+                    "step 1 edits the chain's own `image`/`images`: give the source there",
+                )
+            )
+            return None
         request.update(source)
     elif input_field == "images":
-        request["images"] = [_PREVIOUS_OUTPUT, *(fields.get("images") or [])]
-    else:
-        request["image"] = _PREVIOUS_OUTPUT
-    if source is None and input_field == "image" and "images" in fields:
+        request["images"] = [PREVIOUS_OUTPUT, *(extra or [])]
+    elif extra is not None:
         errors.append(
             FieldError(f"{where}.images", "only a /multi model takes `images` on a later step")
         )
         return None
+    else:
+        request["image"] = PREVIOUS_OUTPUT
     try:
         return Variant(EditRequest.from_dict(request), input_field)
     except ValidationError as exc:

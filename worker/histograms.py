@@ -96,6 +96,16 @@ def observe(client: redis.Redis, spec: HistogramSpec, seconds: float, label: str
         pass
 
 
+def observe_into(
+    sink: telemetry.Buffered, spec: HistogramSpec, seconds: float, label: str = ""
+) -> None:
+    """`observe`, summed in a Buffered sink and written with its next round trip."""
+    value = max(0.0, seconds)
+    field = f"{spec.span}|{label}|"
+    sink.add(keys.LATENCY, field + str(bucket_slot(spec.bounds, value)), n=1)
+    sink.add(keys.LATENCY, field + "sum", seconds=value)
+
+
 def read_latency(client: redis.Redis) -> dict[str, str]:
     """The raw `kq:latency` counters (a bounded hash: about 150 fields)."""
     raw: Any = client.hgetall(keys.LATENCY)

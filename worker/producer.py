@@ -28,8 +28,9 @@ import structlog
 
 from worker import keys
 from worker.batch_views import BatchProgress, BatchReceipt, job_json
-from worker.chain_store import RETRIED, ChainStore, ChainWrite
-from worker.chains import Chain, ChainItem, chain_from_dict, chain_json, is_chain
+from worker.chain_producer import ChainMethods
+from worker.chain_store import RETRIED, ChainStore
+from worker.chains import ChainItem, chain_from_dict, is_chain
 from worker.domain import (
     PRICE_PER_IMAGE_MICROS,
     EditRequest,
@@ -69,8 +70,12 @@ PAGE_SCAN_MAX = 5000
 
 
 @dataclass
-class Producer:
-    """Enqueue jobs and read them back. Thread-safe when its adapters are."""
+class Producer(ChainMethods):
+    """Enqueue jobs and read them back. Thread-safe when its adapters are.
+
+    Chains of edits: `enqueue_chain`, `get_chain`, `chain_json`, `cancel_chain`
+    (worker/chain_producer.py).
+    """
 
     store: JobStore
     send: Callable[[list[str]], None]
@@ -137,7 +142,8 @@ class Producer:
         with `worker.batchfile` when you need all-or-nothing). Re-enqueueing the same
         idempotency keys resumes: existing jobs are not duplicated, and those still
         queued are sent to the workers again. `on_chunk` sees the running totals.
-        `keep_job_ids`: the receipt lists the job of every item, in item order.
+        `keep_job_ids`: the receipt lists the job of every item, in item order (for a
+        chain, its first step-1 job).
         """
         batch_id = batch_id or new_batch_id()
         check_key("batch_id", batch_id)
@@ -159,47 +165,14 @@ class Producer:
                     e, r = e + 1, r + len(write.to_send)
             created, existing, resent = created + c, existing + e, resent + r
             if job_ids is not None:
-                job_ids.extend(i.job_id if isinstance(i, Item) else i.chain_id for i in coerced)
+                # A chain's entry is its (first) step-1 job, a job like the others.
+                job_ids.extend(
+                    i.job_id if isinstance(i, Item) else i.first_jobs()[0][0] for i in coerced
+                )
             if on_chunk is not None:
                 on_chunk(BatchReceipt(batch_id, created, existing, resent))
         ids = None if job_ids is None else tuple(job_ids)
         return BatchReceipt(batch_id, created, existing, resent, ids)
-
-    # --- chains ----------------------------------------------------------------------
-
-    def enqueue_chain(
-        self, chain: ChainItem | Mapping[str, object], *, batch_id: str = ""
-    ) -> ChainWrite:
-        """Validate and write a chain of edits (see worker/chains.py); its step-1 jobs are
-        sent now, every later step by the move that ends the step before it. Idempotent
-        for a repeated `idempotency_key`: the same chain, nothing written twice."""
-        item = chain if isinstance(chain, ChainItem) else chain_from_dict(chain)
-        if batch_id:
-            check_key("batch_id", batch_id)
-        return self._write_chain(item, batch_id)
-
-    def get_chain(self, chain_id: str) -> Chain | None:
-        return self.chains.get(chain_id)
-
-    def chain_json(self, chain_id: str) -> dict[str, Any] | None:
-        """The chain and its step jobs as JSON (None: unknown or expired)."""
-        chain = self.chains.get(chain_id)
-        return None if chain is None else chain_json(chain, self.store.get_many(chain.job_ids))
-
-    def cancel_chain(self, chain_id: str) -> int:
-        """Stop a chain: no further step is written, and its unfinished steps are
-        cancelled; returns how many were. The chain ends `cancelled` (its one event)."""
-        self.chains.request_cancel(chain_id)
-        chain = self.chains.get(chain_id)
-        if chain is None:
-            return 0
-        jobs = self.store.get_many(chain.job_ids)
-        return sum(1 for j in jobs if j is not None and not j.terminal and self.cancel_job(j.id))
-
-    def _write_chain(self, chain: ChainItem, batch_id: str) -> ChainWrite:
-        write = self.chains.create(chain, batch_id=batch_id, now=self.clock())
-        self._send_deferrable(list(write.to_send))
-        return write
 
     def _send_deferrable(self, job_ids: list[str]) -> None:
         if not job_ids:
@@ -302,6 +275,7 @@ class Producer:
             price_micros=average_price_micros(
                 counts.get("total", 0), counts.get("estimate_micros", 0)
             ),
+            paid_micros=counts.get("paid_micros") if "paid_micros" in counts else None,
         )
 
     # --- wait ----------------------------------------------------------------------
@@ -356,7 +330,11 @@ class Producer:
         return cancel_job(self._deps(), job_id).applied
 
     def cancel_batch(self, batch_id: str) -> int:
-        """Cancel every job of a batch that is not terminal yet; returns how many."""
+        """Cancel every job of a batch that is not terminal yet; returns how many.
+
+        The batch's chains are told to stop first, so that no step completing during the
+        walk (a long one: each submitted job costs a provider delete) writes its next."""
+        self._stop_chains_of_batch(batch_id)
         cancelled = 0
         offset = 0
         while True:

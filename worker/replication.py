@@ -33,6 +33,23 @@ class Replicated:
     detail: str = ""
 
 
+def confirm_written(client: redis.Redis, *, replicas: int, timeout_ms: int) -> Replicated:
+    """Wait until `replicas` replicas hold every write answered so far (the receiver asks
+    before acknowledging a webhook: a delivery answered 200 whose effect a failover then
+    loses would never be delivered again). Never raises: a Redis error is a no."""
+    pipe = client.pipeline(transaction=False)
+    pipe.incr(keys.REPLICATION_PROBE)
+    pipe.execute_command("WAIT", replicas, timeout_ms)  # type: ignore[no-untyped-call]
+    try:
+        _, acked = pipe.execute()
+    except redis.RedisError as exc:
+        return Replicated(False, 0, f"redis: {type(exc).__name__}")
+    acked = int(acked)
+    if acked < replicas:
+        return Replicated(False, acked, f"{acked} of {replicas} replicas within {timeout_ms} ms")
+    return Replicated(True, acked)
+
+
 def confirm_claim(
     client: redis.Redis,
     job_id: str,

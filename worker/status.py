@@ -325,17 +325,19 @@ def _cost(
     cfg: StatusConfig,
 ) -> Cost:
     paid = stats.get("paid", 0)
-    # Each task at its own model's price: the submits counted with their price give the
-    # mean price of a paid task (the Lua `paid` counter has no price of its own).
+    # Each task at its own model's price: transition.lua adds it to `paid_micros` when it
+    # counts the task as paid. Counters from before that fall back to the mean price of
+    # the submits counted with their price.
     totals = telemetry.totals(client)
     mean = average_price_micros(totals["submit.submitted"], totals[telemetry.COST_SUBMITTED_MICROS])
+    spent = stats["paid_micros"] if "paid_micros" in stats else paid * mean
     today_micros = today[telemetry.COST_SUBMITTED_MICROS] or round(
         today["submit.submitted"] * PRICE_PER_IMAGE_USD * MICROS_PER_USD
     )
     return Cost(
         price_usd=PRICE_PER_IMAGE_USD,
         paid_jobs=paid,
-        total_usd=round(paid * mean / MICROS_PER_USD, 2),
+        total_usd=round(spent / MICROS_PER_USD, 2),
         today_usd=round(today_micros / MICROS_PER_USD, 2),
         running_batches=_running_batches(client, active, cfg),
     )
@@ -371,8 +373,12 @@ def _running_batches(
                 **{s.value: counts.get(s.value, 0) for s in TERMINAL},
                 paid=counts.get("paid", 0),
                 cost_usd=round(
-                    counts.get("paid", 0)
-                    * average_price_micros(total, counts.get("estimate_micros", 0))
+                    (
+                        counts["paid_micros"]
+                        if "paid_micros" in counts
+                        else counts.get("paid", 0)
+                        * average_price_micros(total, counts.get("estimate_micros", 0))
+                    )
                     / MICROS_PER_USD,
                     2,
                 ),

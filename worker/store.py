@@ -45,9 +45,10 @@ REMOVE: Final = "rm"
 # A job still `queued` this long after it was written (or put back) is looked at by the
 # poller: its submit message may be gone (see poller.poll_job), so it gets another.
 QUEUED_CHECK_S: Final = 60.0
-# A chain step written by a transition is sent by whoever made the move when it can (the
-# worker); otherwise (the receiver) the poller's check sends it this soon after.
-SPAWNED_CHECK_S: Final = 1.0
+# A chain step written by a transition is sent by whoever made the move (the worker, or
+# the receiver once its answer is out); if that send is lost, the poller's check of
+# queued jobs sends it this soon after (sooner than QUEUED_CHECK_S: a chain is waiting).
+SPAWNED_CHECK_S: Final = 10.0
 
 FieldValue = str | int | float
 # A job to write: (id, request, idempotency key, priority), optionally with its metadata.
@@ -162,12 +163,16 @@ class JobStore:
     def set_batch_fields(self, batch_id: str, fields: Mapping[str, FieldValue]) -> None:
         self.redis.hset(keys.batch(batch_id), mapping=_mapping(fields))
 
-    def reserve_budget(self, job_id: str, batch_id: str, price_micros: int) -> bool:
-        """Reserve one image's price against the job's batch budget (idempotent per job)."""
+    def reserve_budget(
+        self, job_id: str, batch_id: str, price_micros: int, *, chain_id: str = ""
+    ) -> bool:
+        """Reserve one image's price against the job's batch budget (idempotent per job);
+        a chain step reserves its whole chain's price, once per chain."""
         if not batch_id:
             return True
         ok = self._reserve_budget(
-            keys=[keys.job(job_id), keys.batch(batch_id)], args=[price_micros]
+            keys=[keys.job(job_id), keys.batch(batch_id), keys.chain(chain_id)],
+            args=[price_micros],
         )
         return bool(ok)
 

@@ -12,10 +12,17 @@ round trip that bumps the same names in three hashes:
 Counting is best effort and must never hurt the caller: a Redis error (or anything
 else) is swallowed, because losing a counter is better than failing a webhook or a
 submit. Names are a small fixed vocabulary (see NAMES) so metric labels stay bounded.
+
+A process on a hot path (the receiver) keeps its counts in a `Buffered` sink instead:
+summed in memory and written by a background thread in one pipelined round trip every
+FLUSH_EVERY_S, so a delivery pays no round trip of its own for them (at most that long
+of counts is lost if the process dies hard; a normal exit writes them).
 """
 
 from __future__ import annotations
 
+import atexit
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -113,21 +120,105 @@ def count(client: redis.Redis, name: str, n: int = 1, *, now: float | None = Non
 def count_many(client: redis.Redis, counts: Mapping[str, int], *, now: float | None = None) -> None:
     """Add several counters in one round trip; unknown names and zeros are skipped."""
     try:
-        items = [(k, int(v)) for k, v in counts.items() if k in NAMES and int(v)]
-        if not items:
-            return
-        ts = time.time() if now is None else now
-        minute, day = minute_key(int(ts // 60)), day_key(ts)
         pipe = client.pipeline(transaction=False)
-        for name, value in items:
-            pipe.hincrby(minute, name, value)
-            pipe.hincrby(day, name, value)
-            pipe.hincrby(keys.TELEMETRY_TOTAL, name, value)
-        pipe.expire(minute, BUCKET_TTL_S)
-        pipe.expire(day, DAY_TTL_S)
-        pipe.execute()
+        if _queue_counts(pipe, counts, time.time() if now is None else now):
+            pipe.execute()
     except Exception:  # noqa: S110 - telemetry must never fail the work it describes
         pass
+
+
+def _queue_counts(pipe: Any, counts: Mapping[str, int], ts: float) -> bool:
+    """Queue the increments of `counts` on `pipe`; False when there is nothing to count."""
+    items = [(k, int(v)) for k, v in counts.items() if k in NAMES and int(v)]
+    if not items:
+        return False
+    minute, day = minute_key(int(ts // 60)), day_key(ts)
+    for name, value in items:
+        pipe.hincrby(minute, name, value)
+        pipe.hincrby(day, name, value)
+        pipe.hincrby(keys.TELEMETRY_TOTAL, name, value)
+    pipe.expire(minute, BUCKET_TTL_S)
+    pipe.expire(day, DAY_TTL_S)
+    return True
+
+
+# How often a Buffered sink writes what it has summed (a counter is that late at most).
+FLUSH_EVERY_S: Final = 0.25
+
+
+class Buffered:
+    """Counters and raw hash increments summed in this process, written in one round trip.
+
+    `count` takes a name of NAMES; `add` takes any field of any hash (the latency
+    histograms: worker.histograms.observe_into). Until `start()` every call writes at
+    once (what a test or a short-lived process wants); after it, a daemon thread writes
+    every `every_s` seconds and once more at exit. Never raises; a failed write loses
+    that interval's counts, as a failed `count` does.
+    """
+
+    def __init__(self, client: redis.Redis, every_s: float = FLUSH_EVERY_S) -> None:
+        self._client = client
+        self._every_s = every_s
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._ints: Counter[tuple[str, str]] = Counter()
+        self._floats: dict[tuple[str, str], float] = {}
+        self._stop: threading.Event | None = None
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+        if self._stop is None:
+            self.flush()
+
+    def add(self, key: str, field: str, n: int = 0, seconds: float = 0.0) -> None:
+        """Add `n` (HINCRBY) and `seconds` (HINCRBYFLOAT) to `field` of hash `key`."""
+        with self._lock:
+            if n:
+                self._ints[(key, field)] += n
+            if seconds:
+                self._floats[(key, field)] = self._floats.get((key, field), 0.0) + seconds
+        if self._stop is None:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what has been summed so far (one pipelined round trip)."""
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+            ints, self._ints = self._ints, Counter()
+            floats, self._floats = self._floats, {}
+        if not (counts or ints or floats):
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            _queue_counts(pipe, counts, time.time())
+            for (key, field), n in ints.items():
+                pipe.hincrby(key, field, n)
+            for (key, field), seconds in floats.items():
+                pipe.hincrbyfloat(key, field, seconds)
+            pipe.execute()
+        except Exception:  # noqa: S110 - telemetry must never fail the work it describes
+            pass
+
+    def start(self) -> Buffered:
+        """Write in the background from now on (and at exit); returns self."""
+        if self._stop is not None:
+            return self
+        stop = self._stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self._every_s):
+                self.flush()
+
+        threading.Thread(target=loop, name="kq-telemetry", daemon=True).start()
+        atexit.register(self.close)
+        return self
+
+    def close(self) -> None:
+        """Stop the background writes and write what is left."""
+        if self._stop is not None:
+            self._stop.set()
+        self.flush()
 
 
 def recent(client: redis.Redis, minutes: int, *, now: float | None = None) -> Counter[str]:

@@ -2,8 +2,10 @@
 -- (store.py puts this file in front of transition.lua: one script, one atomic move).
 --
 -- A chain (kq:chain:{id}, see worker/chains.py) holds `steps`: a JSON list, one entry per
--- step, each a list of variants {"request": {...}, "input": "image" | "images"}; more than
--- one variant fans the branch out. When a step completes, the next step's job(s) are
+-- step, each a list of variants {"request": "<request JSON text>"}; more than one variant
+-- fans the branch out. A later step's request text holds PREVIOUS (chains.PREVIOUS_OUTPUT)
+-- where the previous step's output goes; it is replaced as text, so nothing in the
+-- request is decoded and re-encoded (cjson would round numbers). When a step completes, the next step's job(s) are
 -- written here, queued, with ids derived from (chain, branch, step): a move that is
 -- retried or replayed can never write a step twice, and no worker has to wait for it.
 -- When a branch ends (last step done, a step failed or cancelled, or the chain is being
@@ -13,20 +15,19 @@ local function json_str(value)
   return cjson.encode(value or '')
 end
 
+local PREVIOUS = '"https://previous-step.invalid/output"'
+
 -- Write one spawned step job, queued, exactly like create_jobs.lua writes a new one.
 local function chain_spawn(c, step_no, branch, variant, image)
-  local req = variant.request
-  if variant.input == 'images' then
-    table.insert(req.images, 1, image)
-  else
-    req.image = image
-  end
+  local text = variant.request
+  local from, to = string.find(text, PREVIOUS, 1, true)
+  local request = string.sub(text, 1, from - 1) .. cjson.encode(image) .. string.sub(text, to + 1)
   local id = string.sub(redis.sha1hex('kq-chain:' .. c.chain_id .. ':' .. branch .. ':'
     .. step_no), 1, 32)
   local key = c.JOBP .. id
   if redis.call('EXISTS', key) == 1 then return nil end
   redis.call('HSET', key, 'id', id, 'state', 'queued', 'version', 1,
-    'request', cjson.encode(req), 'idempotency_key', '', 'priority', c.priority,
+    'request', request, 'idempotency_key', '', 'priority', c.priority,
     'batch_id', c.batch_id, 'attempts', 0, 'created_at', c.now, 'updated_at', c.now,
     'chain_id', c.chain_id, 'step', step_no, 'branch', branch)
   if c.metadata ~= '' then redis.call('HSET', key, 'metadata', c.metadata) end
@@ -39,6 +40,17 @@ local function chain_spawn(c, step_no, branch, variant, image)
   end
   redis.call('RPUSH', c.CHAIN_JOBS .. c.chain_id, id)
   return id
+end
+
+-- Every variant of a later step holds the placeholder its input goes in.
+local function chain_templates_ok(variants)
+  for _, variant in ipairs(variants) do
+    if type(variant.request) ~= 'string'
+        or not string.find(variant.request, PREVIOUS, 1, true) then
+      return false
+    end
+  end
+  return true
 end
 
 -- The chain's one event for this run, once its last open branch has ended.
@@ -55,14 +67,14 @@ local function chain_finish(c, ck, nsteps)
   for _, b in ipairs(branches) do
     local e = by_branch[b]
     table.insert(results, redis.call('HGET', c.CHAIN_ENDS .. c.chain_id, b))
-    if e.state == 'completed' and #e.outputs > 0 then
-      table.insert(outputs, string.sub(cjson.encode(e.outputs), 2, -2))
+    if e.state == 'completed' then
+      if #e.outputs > 0 then table.insert(outputs, string.sub(cjson.encode(e.outputs), 2, -2)) end
     elseif e.state == 'failed' then
       if state ~= 'failed' or e.step < tonumber(failed_step) then
         failed_step, reason, err = tostring(e.step), e.reason, e.error
       end
       state = 'failed'
-    elseif state == 'completed' then
+    elseif e.state == 'cancelled' and state == 'completed' then
       state = 'cancelled'
     end
   end
@@ -107,6 +119,9 @@ local function chain_advance(c)
       ending, reason, err = 'cancelled', 'cancelled_by_user', 'the chain was cancelled'
     elseif type(first) ~= 'string' then
       ending, reason, err = 'failed', 'no_output', 'the step completed without an output image'
+    elseif not chain_templates_ok(steps[step_no + 1]) then
+      -- Only a record written around worker/chains.py gets here: end, never guess.
+      ending, reason, err = 'failed', 'invalid_request', 'the next step has no input to fill'
     else
       local variants = steps[step_no + 1]
       local spawned = {}

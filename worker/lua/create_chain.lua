@@ -4,12 +4,13 @@
 -- ARGV[1] chain id  ARGV[2] batch id ('' for none)  ARGV[3] now
 -- ARGV[4] when the poller checks a queued job  ARGV[5] steps JSON (worker/chains.py)
 -- ARGV[6] idempotency key  ARGV[7] priority  ARGV[8] metadata JSON ('' for none)
--- ARGV[9] job hash prefix  ARGV[10..] per step-1 job, 3 values: job id, branch, request JSON
+-- ARGV[9] job hash prefix  ARGV[10] the whole chain's price (micro-dollars; budgets)
+-- ARGV[11..] per step-1 job, 3 values: job id, branch, request JSON
 -- Answer: {'new'} or {'exists', state}, then the ids of the step-1 jobs still queued
 -- (a repeated chain re-sends those, as create_jobs.lua's callers do).
 local chain, batch_id, now = KEYS[1], ARGV[2], ARGV[3]
 local jobs = {}
-for i = 10, #ARGV, 3 do table.insert(jobs, {ARGV[i], ARGV[i + 1], ARGV[i + 2]}) end
+for i = 11, #ARGV, 3 do table.insert(jobs, {ARGV[i], ARGV[i + 1], ARGV[i + 2]}) end
 local state = redis.call('HGET', chain, 'state')
 if state then
   local answer = {'exists', state}
@@ -22,7 +23,7 @@ if state then
 end
 redis.call('HSET', chain, 'id', ARGV[1], 'state', 'running', 'run', 1, 'steps', ARGV[5],
   'open', #jobs, 'batch_id', batch_id, 'created_at', now, 'idempotency_key', ARGV[6],
-  'priority', ARGV[7])
+  'priority', ARGV[7], 'price_micros', ARGV[10])
 if ARGV[8] ~= '' then redis.call('HSET', chain, 'metadata', ARGV[8]) end
 local answer = {'new', 'running'}
 for _, j in ipairs(jobs) do

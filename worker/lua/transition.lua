@@ -87,9 +87,15 @@ local pid = redis.call('HGET', job, 'prediction_id') or ''
 if pid ~= '' then
   redis.call('SET', PRED .. pid, job_id, 'EX', ttl)
   if old_pid == '' then
-    -- A task now exists at the provider for this job: that is what gets billed.
+    -- A task now exists at the provider for this job: that is what gets billed, at the
+    -- price of the job's model (written with its submitting move).
+    local price = tonumber(redis.call('HGET', job, 'price_micros') or '0') or 0
     redis.call('HINCRBY', KEYS[4], 'paid', 1)
-    if batch_id ~= '' then redis.call('HINCRBY', batch, 'paid', 1) end
+    redis.call('HINCRBY', KEYS[4], 'paid_micros', price)
+    if batch_id ~= '' then
+      redis.call('HINCRBY', batch, 'paid', 1)
+      redis.call('HINCRBY', batch, 'paid_micros', price)
+    end
     redis.call('ZREM', KEYS[10], attempt)
   end
 end

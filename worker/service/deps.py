@@ -11,7 +11,6 @@ import structlog
 
 from worker.admission import Admission
 from worker.domain import JobState
-from worker.errors import QueueUnavailable
 from worker.settings import Settings
 from worker.store import JobStore, TransitionResult
 from worker.wavespeed import WaveSpeedClient
@@ -43,7 +42,7 @@ class Deps:
         for spawned in result.spawned:
             try:
                 self.enqueue_submit(spawned)
-            except QueueUnavailable as exc:
-                log.warning("chain.step_send_deferred", job_id=spawned, error=str(exc))
+            except Exception as exc:  # any failure: the poller's check sends it
+                log.warning("chain.step_send_deferred", job_id=spawned, error=repr(exc))
                 break
         return result

@@ -98,7 +98,7 @@ def _submit(
         fail_job(deps, job_id, Reason.INVALID_REQUEST, str(exc))
         bound.error("submit.invalid_request", error=str(exc))
         return SubmitResult(SubmitOutcome.FAILED, str(exc))
-    if not store.reserve_budget(job_id, job.batch_id, request.price_micros):
+    if not store.reserve_budget(job_id, job.batch_id, request.price_micros, chain_id=job.chain_id):
         fail_job(deps, job_id, Reason.BUDGET, "the batch budget would be exceeded by this image")
         bound.warning("submit.over_budget")
         return SubmitResult(SubmitOutcome.FAILED, "over budget")
@@ -115,7 +115,12 @@ def _submit(
         job_id,
         JobState.SUBMITTING,
         now=now,
-        fields={"attempts": job.attempts + 1, "submitting_at": now},
+        # The price rides on the record: the move that records the task counts it as spent.
+        fields={
+            "attempts": job.attempts + 1,
+            "submitting_at": now,
+            "price_micros": request.price_micros,
+        },
         expect_version=job.version,
         # A watchdog: if this worker dies mid-submit, the poller looks at the job then.
         poll_at=now + submit_watchdog_s(settings),
