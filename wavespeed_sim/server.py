@@ -31,8 +31,10 @@ from wavespeed_sim.config import SimConfig
 from wavespeed_sim.engine import Simulator
 
 POLL_INTERVAL_S = 0.1  # how quickly serve_forever notices shutdown()
-# A kept-alive connection holds a pool thread; one idle this long is closed.
-KEEP_ALIVE_IDLE_S = 5.0
+# A kept-alive connection holds a pool thread; one idle this long is closed. Longer than
+# any client keeps an idle connection (httpx: 5 s), so a client never sends its next
+# request down a connection the server is closing at that moment (a lost request).
+KEEP_ALIVE_IDLE_S = 65.0
 # Most connections served at once (each holds a thread while open; threads are reused).
 # Generous: a client may open one per thread of its own (the SDK baseline: 200).
 POOL_THREADS = 512
@@ -50,14 +52,25 @@ class _KeepAliveHandler(WSGIRequestHandler):
 
     def make_environ(self) -> Any:
         environ = super().make_environ()
+        environ["werkzeug.socket"] = self.request  # the client's socket (see run_wsgi)
         length = environ.get("CONTENT_LENGTH") or "0"
         self._reusable = not self.close_connection and "wsgi.input_terminated" not in environ
         if self._reusable and length.isdigit() and int(length) <= MAX_BUFFERED_BODY:
             # The whole body now: whatever the app reads, the next request starts here.
-            environ["wsgi.input"] = io.BytesIO(self.rfile.read(int(length)) if length else b"")
+            environ["wsgi.input"] = io.BytesIO(self.rfile.read(int(length)))
         else:
             self._reusable = False
         return environ
+
+    def run_wsgi(self) -> None:
+        # After each response werkzeug reads and throws away whatever the client has sent
+        # meanwhile (on a kept-alive connection: the next request). It looks for it on
+        # `self.connection`; here that is a socket on which nothing ever arrives.
+        self.connection = self.server.never_readable  # type: ignore[attr-defined]
+        try:
+            super().run_wsgi()
+        finally:
+            self.connection = self.request
 
     def send_header(self, keyword: str, value: str) -> None:
         if keyword.lower() == "connection" and value.lower() == "close" and self._reusable:
@@ -75,6 +88,7 @@ class _PooledServer(BaseWSGIServer):
         self._pool = ThreadPoolExecutor(POOL_THREADS, thread_name_prefix="sim-http")
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
+        self.never_readable, self._never_written = socket.socketpair()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._open_lock:
@@ -99,6 +113,8 @@ class _PooledServer(BaseWSGIServer):
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.never_readable.close()
+        self._never_written.close()
 
 
 class _QuietHandler(_KeepAliveHandler):
