@@ -158,7 +158,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         # Every submit still running was recorded `submitting` before its POST: it is
-        # settled as an ambiguous submit, never paid twice; unacked messages come back.
+        # settled as an ambiguous submit, never paid twice. Messages still held come back
+        # after the visibility timeout; the poller resends their queued jobs sooner.
         os._exit(0)
 
     dispatcher_stops: list[threading.Event] = []

@@ -77,7 +77,12 @@ class Harness:
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     with fast_stack(tmp_path_factory.mktemp("stack"), seed=11) as stack:
-        yield Harness(stack)
+        harness = Harness(stack)
+        yield harness
+        # Closed here, not by the garbage collector in some later test (ResourceWarning).
+        harness.sim.close()
+        harness.store.redis.close()
+        harness.producer.store.redis.close()
 
 
 @pytest.fixture

@@ -277,4 +277,8 @@ def _drop_broker_connections() -> None:
         app._pool = None
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
+        producers = amqp._producer_pool
+        if producers is not None:
+            # Its producers hold connections of their own: close them, not the GC.
+            producers.force_close_all()
         amqp._producer_pool = None
