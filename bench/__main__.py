@@ -1,4 +1,4 @@
-"""Run the benchmarks: `python -m bench [--quick] [--only NAME ...]`."""
+"""Run the benchmarks: `python -m bench [--quick] [--full-scale] [--only NAME ...]`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,22 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from rich.table import Table
 
-from bench import bulk_enqueue, limit_bound, memory, pipeline_overhead, rate_bound, receiver
+from bench import (
+    bulk_enqueue,
+    latency,
+    limit_bound,
+    memory,
+    pipeline_overhead,
+    rate_bound,
+    receiver,
+    ultra_scale,
+    webhook_storm,
+)
 from bench.chart import draw
 from bench.common import Row
 from kq.ui import make_console
@@ -25,6 +36,9 @@ SCENARIOS: dict[str, Callable[..., list[Row]]] = {
     "limit_bound": limit_bound.run,
     "rate_bound": rate_bound.run,
     "memory": memory.run,
+    "ultra_scale": ultra_scale.run,
+    "webhook_storm": webhook_storm.run,
+    "latency": latency.run,
 }
 HERE = Path(__file__).parent
 
@@ -32,6 +46,11 @@ HERE = Path(__file__).parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI")
+    parser.add_argument(
+        "--full-scale",
+        action="store_true",
+        help="ultra_scale at the issue's sizes (10,000 in flight, 100,000 waiting; slow here)",
+    )
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), help="run these only")
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args(argv)
@@ -40,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.only or SCENARIOS:
         console.print(f"[bold]running {name}[/bold]{' (quick)' if args.quick else ''} ...")
         started = time.monotonic()
-        rows.extend(SCENARIOS[name](quick=args.quick))
+        scenario = SCENARIOS[name]
+        if name == "ultra_scale":
+            scenario = partial(ultra_scale.run, full=args.full_scale)
+        rows.extend(scenario(quick=args.quick))
         console.print(f"  done in {time.monotonic() - started:.1f} s")
     console.print(report(rows))
     for row in rows:
@@ -54,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "quick": args.quick,
+                "full_scale": args.full_scale,
                 "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
                 "rows": [asdict(r) for r in rows],
             },

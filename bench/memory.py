@@ -11,7 +11,7 @@ drained:
   the admission control's one-minute log of recent submits has rolled over: that log
   is sized by the submit rate, not by the number of finished jobs, so the row counts
   what stays and the note gives the first reading too. The note also splits a sample
-  of the per-job keys (MEMORY USAGE), to show where the bytes are. Limit: 2 KB a job.
+  of the per-job keys (MEMORY USAGE), to show where the bytes are. Limit: 1 KiB a job.
 - the worker: VmRSS of the `kq worker` process after 20,000 jobs vs after 1,000.
   The first 1,000 warm everything up (connection pools, imports, caches); a leak
   would show as growth in the next 19,000. The limit is 10 % growth.
@@ -38,7 +38,7 @@ from worker.celery_app import SUBMIT_QUEUE
 from worker.runtime import make_producer
 
 SCENARIO = "memory"
-BYTES_PER_JOB_LIMIT = 2048
+BYTES_PER_JOB_LIMIT = 1024
 RSS_GROWTH_GOAL = 1.10
 SIM_ARGS = ("--inference-time", "0", "--queue-delay", "0", "--webhook-workers", "32")
 SAMPLE = 200  # keys measured one by one for the breakdown
@@ -78,7 +78,7 @@ def run(*, quick: bool) -> list[Row]:
             BYTES_PER_JOB_LIMIT,
             "bytes",
             1.0,
-            note=f"baseline is the 2 KB budget; {(at_once - before) / total:,.0f} B/job "
+            note=f"baseline is the 1 KiB budget; {(at_once - before) / total:,.0f} B/job "
             f"right after the last job; sampled per job: {breakdown}",
         ),
         Row.lower_is_better(

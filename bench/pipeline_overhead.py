@@ -52,6 +52,7 @@ from worker.runtime import make_producer
 
 SCENARIO = "pipeline overhead"
 GOAL_RATIO = 1.0
+CPU_GOAL = 1.5
 # The stack's default, stated here because the baseline must use the same value.
 WORKER_CONCURRENCY = 8
 NOOP_QUEUE = "bench.noop"
@@ -132,12 +133,13 @@ def run(*, quick: bool) -> list[Row]:
             note=f"{ours.by_webhook:,} of {n + warm:,} jobs resolved by webhook; "
             f"threads pool, concurrency {WORKER_CONCURRENCY} on both sides",
         ),
-        Row.reported(
+        Row.lower_is_better(
             SCENARIO,
             "CPU per job (simulator left out) vs per no-op task",
             ours.cpu_total(leave_out="sim"),
             base.cpu_total(),
             "ms",
+            CPU_GOAL,
             note=f"ours, ms per job: {split}; no-op, ms per task: {base_split}",
         ),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -75,9 +76,10 @@ class BatchProgress:
     last_finished_at: float = 0.0
     # The mean price of the batch's jobs (each at its model's price; models.average_price_micros).
     price_micros: int = PRICE_PER_IMAGE_MICROS
-    # What the paid tasks cost, each at its own model's price (None: a batch written
-    # before prices were counted; then paid x the mean price above).
-    paid_micros: int | None = None
+    # What the paid tasks with a price on their record cost, each at its model's price, and
+    # how many those are (the others, written before prices rode on records: mean price).
+    paid_micros: int = 0
+    paid_priced: int = 0
 
     @property
     def terminal(self) -> int:
@@ -89,9 +91,8 @@ class BatchProgress:
 
     @property
     def cost_usd(self) -> float:
-        if self.paid_micros is not None:
-            return round(self.paid_micros / 1_000_000, 2)
-        return round(self.paid * self.price_micros / 1_000_000, 2)
+        unpriced = max(0, self.paid - self.paid_priced)
+        return round((self.paid_micros + unpriced * self.price_micros) / 1_000_000, 2)
 
     @property
     def rate_per_s(self) -> float:
@@ -125,3 +126,10 @@ class BatchProgress:
             "eta_s": None if eta is None or math.isinf(eta) else round(eta, 1),
             "done": self.done,
         }
+
+
+def spent_micros(counts: Mapping[str, int], mean_price_micros: float) -> float:
+    """What paid tasks cost: each priced one at its own price (`paid_micros`, written by
+    transition.lua), any other at `mean_price_micros`."""
+    unpriced = max(0, counts.get("paid", 0) - counts.get("paid_priced", 0))
+    return counts.get("paid_micros", 0) + unpriced * mean_price_micros

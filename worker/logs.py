@@ -33,8 +33,13 @@ class Redactor:
         for secret in self.secrets:
             if secret in text:
                 text = text.replace(secret, REDACTED)
-        text = _TOKEN_IN_URL.sub(rf"\1{REDACTED}", text)
-        return _BEARER.sub(rf"\1{REDACTED}", text)
+        # The patterns only run on text that could hold them (most values are ids and
+        # words): a token needs `t=` or a %-escape, a bearer header the word "bearer".
+        if "t=" in text or "%" in text:
+            text = _TOKEN_IN_URL.sub(rf"\1{REDACTED}", text)
+        if "bearer" in text.lower():
+            text = _BEARER.sub(rf"\1{REDACTED}", text)
+        return text
 
     def __call__(
         self, logger: Any, method: str, event_dict: MutableMapping[str, Any]

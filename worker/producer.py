@@ -275,7 +275,8 @@ class Producer(ChainMethods):
             price_micros=average_price_micros(
                 counts.get("total", 0), counts.get("estimate_micros", 0)
             ),
-            paid_micros=counts.get("paid_micros") if "paid_micros" in counts else None,
+            paid_micros=counts.get("paid_micros", 0),
+            paid_priced=counts.get("paid_priced", 0),
         )
 
     # --- wait ----------------------------------------------------------------------

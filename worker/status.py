@@ -38,6 +38,7 @@ import redis
 from worker import keys, telemetry
 from worker.admission import Admission
 from worker.alarms import find_alarms
+from worker.batch_views import spent_micros
 from worker.domain import PRICE_PER_IMAGE_USD, Job, JobState
 from worker.events import JOB, ResultEvent, decode_event, event_type, time_to_id
 from worker.forward.health import read_forwarding
@@ -330,7 +331,7 @@ def _cost(
     # the submits counted with their price.
     totals = telemetry.totals(client)
     mean = average_price_micros(totals["submit.submitted"], totals[telemetry.COST_SUBMITTED_MICROS])
-    spent = stats["paid_micros"] if "paid_micros" in stats else paid * mean
+    spent = spent_micros(stats, mean)
     today_micros = today[telemetry.COST_SUBMITTED_MICROS] or round(
         today["submit.submitted"] * PRICE_PER_IMAGE_USD * MICROS_PER_USD
     )
@@ -373,11 +374,8 @@ def _running_batches(
                 **{s.value: counts.get(s.value, 0) for s in TERMINAL},
                 paid=counts.get("paid", 0),
                 cost_usd=round(
-                    (
-                        counts["paid_micros"]
-                        if "paid_micros" in counts
-                        else counts.get("paid", 0)
-                        * average_price_micros(total, counts.get("estimate_micros", 0))
+                    spent_micros(
+                        counts, average_price_micros(total, counts.get("estimate_micros", 0))
                     )
                     / MICROS_PER_USD,
                     2,

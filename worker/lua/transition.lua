@@ -89,12 +89,18 @@ if pid ~= '' then
   if old_pid == '' then
     -- A task now exists at the provider for this job: that is what gets billed, at the
     -- price of the job's model (written with its submitting move).
-    local price = tonumber(redis.call('HGET', job, 'price_micros') or '0') or 0
+    -- (`paid_priced` counts the tasks in `paid_micros`: a record without a price, written
+    -- before prices rode on it, is costed at the mean price by its readers.)
+    local price = tonumber(redis.call('HGET', job, 'price_micros') or '')
     redis.call('HINCRBY', KEYS[4], 'paid', 1)
-    redis.call('HINCRBY', KEYS[4], 'paid_micros', price)
-    if batch_id ~= '' then
-      redis.call('HINCRBY', batch, 'paid', 1)
-      redis.call('HINCRBY', batch, 'paid_micros', price)
+    if batch_id ~= '' then redis.call('HINCRBY', batch, 'paid', 1) end
+    if price then
+      redis.call('HINCRBY', KEYS[4], 'paid_micros', price)
+      redis.call('HINCRBY', KEYS[4], 'paid_priced', 1)
+      if batch_id ~= '' then
+        redis.call('HINCRBY', batch, 'paid_micros', price)
+        redis.call('HINCRBY', batch, 'paid_priced', 1)
+      end
     end
     redis.call('ZREM', KEYS[10], attempt)
   end
