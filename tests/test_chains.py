@@ -106,6 +106,11 @@ class Harness:
         assert stack.sim_url is not None
         self.sim = httpx.Client(base_url=stack.sim_url, timeout=10)
 
+    def close(self) -> None:
+        # The simulator keeps connections alive: close them here, not in the GC.
+        self.sim.close()
+        self.producer.store.redis.close()
+
     def tasks_by_job(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}
         for task in self.sim.get("/_sim/tasks").json()["tasks"]:
@@ -131,7 +136,9 @@ class Harness:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     with fast_stack(tmp_path_factory.mktemp("chains"), seed=5) as stack:
-        yield Harness(stack)
+        harness = Harness(stack)
+        yield harness
+        harness.close()
 
 
 @pytest.fixture
@@ -226,7 +233,7 @@ def test_cancelling_a_chain_stops_it_with_one_event(h: Harness) -> None:
 
 
 def test_kill_9_mid_batch_loses_no_chain_and_pays_no_step_twice(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> None:
     """50 chains of 3 steps; the worker is SIGKILLed twice while they run."""
     var: Path = tmp_path_factory.mktemp("chain-kill")
@@ -234,6 +241,7 @@ def test_kill_9_mid_batch_loses_no_chain_and_pays_no_step_twice(
     quick = {"KQ_HTTP_TIMEOUT_S": "3", "KQ_AMBIGUOUS_GRACE_S": "3"}
     with fast_stack(var, seed=9, worker_concurrency=4, extra_env=quick) as stack:
         hh = Harness(stack)
+        request.addfinalizer(hh.close)
         # Three steps of 1.5 s each: the kills land while chains are mid-way.
         hh.sim.post("/_sim/config", json={"inference_time_s": 1.5}).raise_for_status()
         items = [chain_from_dict(chain(f"s1-{n}", f"s2-{n}", f"s3-{n}")) for n in range(50)]
@@ -283,12 +291,15 @@ def test_the_dashboard_lookup_of_a_step_shows_its_chain(h: Harness) -> None:
     assert view["event"]["chain_id"] == write.chain_id and view["event"]["step"] == 2
 
 
-def test_the_receiver_sends_the_next_step_itself(tmp_path: Path) -> None:
+def test_the_receiver_sends_the_next_step_itself(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """With the poller's sweep 60 s apart, a chain of three finishes in seconds only if the
     receiver, having completed a step, sends the step it wrote."""
     slow_sweep = {"KQ_SWEEP_INTERVAL_S": "60"}
     with fast_stack(tmp_path, seed=3, extra_env=slow_sweep) as stack:
         hh = Harness(stack)
+        request.addfinalizer(hh.close)
         started = time.monotonic()
         write = hh.producer.enqueue_chain(chain("a", "b", "c"))
         done = hh.wait_chain(write.chain_id, timeout_s=50)

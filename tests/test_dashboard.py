@@ -116,6 +116,8 @@ def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ops]:
         o.completed = o.run(3)
         o.failed = o.run(1, fail_rate=1.0, fail_codes=[1402])
         yield o
+        # The simulator keeps connections alive: close them here, not in the GC.
+        o.sim.close()
 
 
 def test_token_is_required_everywhere(ops: Ops) -> None:

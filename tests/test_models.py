@@ -348,11 +348,12 @@ def deps(sim_server: SimServer, store: JobStore, settings: Settings) -> Iterator
 
 
 def test_ambiguous_submit_is_reconciled_among_its_own_models_tasks(
-    deps: Deps, sim_server: SimServer, store: JobStore
+    deps: Deps, sim_server: SimServer, store: JobStore, request: pytest.FixtureRequest
 ) -> None:
     """A pro/multi submit whose answer is lost is adopted from the list call filtered by
     its model: an unowned [max] task in the same window is not a candidate."""
     control = httpx.Client(base_url=sim_server.url, timeout=10)
+    request.addfinalizer(control.close)
     control.post("/_sim/config", json={"ambiguous_submit_rate": 1.0}).raise_for_status()
     assert store.create("job-multi", make(PRO_MULTI.path), now=time.time())
     assert submit_job(deps, "job-multi").outcome is SubmitOutcome.AMBIGUOUS
@@ -407,7 +408,10 @@ class Harness:
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     with fast_stack(tmp_path_factory.mktemp("models"), seed=23) as stack:
-        yield Harness(stack)
+        harness = Harness(stack)
+        yield harness
+        # The simulator keeps connections alive: close them here, not in the GC.
+        harness.sim.close()
 
 
 @pytest.mark.integration

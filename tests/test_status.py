@@ -109,6 +109,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         client = s.store.redis
         wait_for(lambda: _snap(client, s.settings)["recent"]["submitted"] == 7, timeout_s=10)
         yield s
+        # The simulator keeps connections alive: close them here, not in the GC.
+        s.sim.close()
 
 
 def _snap(client: redis.Redis, settings: Settings, **kw: Any) -> dict[str, Any]:

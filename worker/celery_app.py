@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Celery
+from kombu import pools as kombu_pools
 from kombu.entity import Exchange, Queue
 from kombu.transport import redis as kombu_redis
 
@@ -277,8 +278,9 @@ def _drop_broker_connections() -> None:
         app._pool = None
     amqp = app.__dict__.get("amqp")
     if amqp is not None:
-        producers = amqp._producer_pool
-        if producers is not None:
-            # Its producers hold connections of their own: close them, not the GC.
-            producers.force_close_all()
         amqp._producer_pool = None
+    # The producer pool comes from kombu's process-wide registry, keyed by connection: a
+    # pool closed here would be handed out again for the same broker URL. kombu's reset
+    # closes every registered pool (their producers' connections with them, not left to
+    # the GC) and empties the registry.
+    kombu_pools.reset()  # type: ignore[no-untyped-call]
