@@ -5,9 +5,10 @@
 -- step, each a list of variants {"request": "<request JSON text>"}; more than one variant
 -- fans the branch out. A later step's request text holds PREVIOUS (chains.PREVIOUS_OUTPUT)
 -- where the previous step's output goes; it is replaced as text, so nothing in the
--- request is decoded and re-encoded (cjson would round numbers). When a step completes, the next step's job(s) are
--- written here, queued, with ids derived from (chain, branch, step): a move that is
--- retried or replayed can never write a step twice, and no worker has to wait for it.
+-- request is decoded and re-encoded (cjson would round numbers). When a step completes,
+-- the next step's job(s) are written here, queued, with ids derived from (chain, branch,
+-- step): a move that is retried or replayed can never write a step twice, and no worker
+-- has to wait for it.
 -- When a branch ends (last step done, a step failed or cancelled, or the chain is being
 -- cancelled) its end is recorded; the last branch to end appends the chain's one event.
 
