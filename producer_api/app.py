@@ -124,11 +124,7 @@ def create_app(
 
     @app.post("/v1/jobs")
     def create_job() -> Response:
-        if (request.content_length or 0) > MAX_JOB_BYTES:
-            raise RequestEntityTooLarge()
-        data = _json_body(_read_body(MAX_JOB_BYTES))
-        if not isinstance(data, dict):
-            raise ValidationError.single("body", "expected a JSON object")
+        data = _json_object_body(MAX_JOB_BYTES)
         errors: list[FieldError] = []
         batch_id = _collect(errors, lambda: check_key("batch_id", data.get("batch_id")))
         item = _collect(errors, lambda: Item.coerce(data))
@@ -151,11 +147,7 @@ def create_app(
 
     @app.post("/v1/chains")
     def create_chain() -> Response:
-        if (request.content_length or 0) > MAX_JOB_BYTES:
-            raise RequestEntityTooLarge()
-        data = _json_body(_read_body(MAX_JOB_BYTES))
-        if not isinstance(data, dict):
-            raise ValidationError.single("body", "expected a JSON object")
+        data = _json_object_body(MAX_JOB_BYTES)
         errors: list[FieldError] = []
         batch_id = _collect(errors, lambda: check_key("batch_id", data.pop("batch_id", None)))
         item = _collect(errors, lambda: chain_from_dict(data))
@@ -321,6 +313,16 @@ def _read_body(limit: int) -> bytes:
 
 def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_object_body(limit: int) -> dict[str, Any]:
+    """The request body as a JSON object of at most `limit` bytes (413 / 422 otherwise)."""
+    if (request.content_length or 0) > limit:
+        raise RequestEntityTooLarge()
+    data = _json_body(_read_body(limit))
+    if not isinstance(data, dict):
+        raise ValidationError.single("body", "expected a JSON object")
+    return data
 
 
 def _json_body(raw: bytes) -> object:
