@@ -272,7 +272,7 @@ class ChaosRun:
 
         def ready(proc: Any) -> bool:
             with contextlib.suppress(redis.RedisError):
-                return bool(client.exists(keys.heartbeat("beat", proc.pid)))
+                return bool(client.exists(runtime.heartbeat_key("beat", proc.pid)))
             return False
 
         argv = [sys.executable, "-m", "kq.cli", "beat"]

@@ -10,7 +10,10 @@ Hosts (one network namespace each, on one bridge; see `cluster.net`):
 
 Every process finds Redis through the Sentinels (KQ_REDIS_SENTINELS); the driver (this
 process, in the root namespace) enqueues jobs over the same network while the faults
-happen, one after the other:
+happen, one after the other. The faults follow the work, not the clock: the jobs are
+released in four parts, and each fault waits for its moment (a submit in flight, a chunk
+started on the host it hits) with the next part still held back, so however fast a run
+goes, every fault meets jobs in flight (checked: "every fault met work in flight"):
 
 1. Redis: `SENTINEL FAILOVER`, then kill -9 of the primary (the Sentinels promote the
    other server by themselves); the killed server is started again and rejoins as a replica.
@@ -44,7 +47,7 @@ from chaos.invariants import Check
 from chaos.redis_ha import RedisHA
 from cluster.net import Host, Network
 from cluster.procs import HostProc, kq
-from worker import keys, runtime
+from worker import runtime
 from worker.celery_app import configure
 from worker.settings import Settings
 
@@ -54,7 +57,8 @@ RECEIVER_PORT = 8000
 LB_PORT = 8080
 DATA_PORTS = (6379, 6380)
 SENTINEL_PORTS = (26379, 26380, 26381)
-WAVES = 20
+# The jobs are released in these parts (cumulative fractions): one before each fault.
+PARTS = (0.25, 0.5, 0.75, 1.0)
 DRAIN_TIMEOUT_S = 10.0
 # A drained worker exits within its drain timeout plus this (Celery's own steps).
 DRAIN_MARGIN_S = 5.0
@@ -67,7 +71,8 @@ class Plan:
 
     jobs: int = 2000
     seed: int = 1
-    feed_s: float = 90.0  # the jobs are enqueued in waves over this long
+    wave: int = 50  # jobs per enqueue, one every `wave_every_s` while released jobs remain
+    wave_every_s: float = 1.0
     link_down_s: float = 30.0
     receiver_down_s: float = 10.0
     settle_s: float = 900.0
@@ -80,7 +85,7 @@ class Plan:
         return max(30.0, 4 * self.link_down_s)
 
 
-SMALL = Plan(jobs=300, feed_s=30.0, link_down_s=8.0, receiver_down_s=4.0, settle_s=240.0)
+SMALL = Plan(jobs=300, wave=20, link_down_s=8.0, receiver_down_s=4.0, settle_s=240.0)
 
 
 class Timeline:
@@ -124,6 +129,8 @@ class Cluster:
         self.prompts: dict[str, str] = {}
         self.feed_paused = threading.Event()
         self.feed_done = threading.Event()
+        self.released = 0  # how many jobs the feed may enqueue so far (see `release`)
+        self.met_work: list[tuple[str, bool, str]] = []  # fault, met work in flight, counts
         self.feed_errors: list[str] = []
         self.extra_checks: list[Check] = []
 
@@ -262,7 +269,7 @@ class Cluster:
             raise RuntimeError(f"{proc.name} exited:\n{proc.tail()}")
         try:
             with self._probe_redis() as client:
-                return bool(client.exists(keys.heartbeat(kind, proc.pid)))
+                return bool(client.exists(runtime.heartbeat_key(kind, proc.pid)))
         except (redis.RedisError, OSError):
             return False
 
@@ -285,18 +292,17 @@ class Cluster:
     # -- the jobs -----------------------------------------------------------------------
 
     def feed(self) -> None:
-        """Enqueue the jobs in waves over `feed_s`, pausing while Redis fails over (an
-        enqueue acknowledged by a primary that dies a moment later may be lost: that
-        loss is documented, not what this run measures)."""
-        per_wave = -(-self.plan.jobs // WAVES)
-        every = self.plan.feed_s / WAVES
+        """Enqueue the released jobs, `wave` at a time, pausing while Redis fails over (an
+        enqueue acknowledged by a primary that dies a moment later may be lost: that loss
+        is documented, not what this run measures)."""
+        plan = self.plan
         try:
-            for wave in range(WAVES):
-                count = min(per_wave, self.plan.jobs - wave * per_wave)
-                if count <= 0:
-                    break
-                while self.feed_paused.is_set():
-                    time.sleep(0.1)
+            wave = 0
+            while len(self.ids) < plan.jobs:
+                count = min(plan.wave, self.released - len(self.ids))
+                if count <= 0 or self.feed_paused.is_set():
+                    time.sleep(0.05)
+                    continue
                 items = [
                     {"prompt": f"w{wave} j{i}", "image": IMAGE, "seed": wave * 10_000 + i}
                     for i in range(count)
@@ -305,11 +311,24 @@ class Cluster:
                 members = self.store.batch_members(receipt.batch_id)
                 self.ids.extend(members)
                 self.prompts.update({m: f"w{wave} j{i}" for i, m in enumerate(members)})
-                time.sleep(every)
+                wave += 1
+                time.sleep(plan.wave_every_s)
         except Exception as exc:  # reported as a failed check
             self.feed_errors.append(repr(exc))
         finally:
             self.feed_done.set()
+
+    def release(self, part: int) -> None:
+        """Let the feed enqueue up to the end of `part` (an index into PARTS)."""
+        self.released = round(self.plan.jobs * PARTS[part])
+        self.log(f"         jobs released: up to {self.released}")
+
+    def note_work(self, fault: str, *, needs: tuple[str, ...], also: bool = True) -> None:
+        """Record whether `fault` met jobs in one of the states `needs` (and `also`)."""
+        counts = self.count_states()
+        met = also and any(counts.get(state, 0) > 0 for state in needs)
+        self.met_work.append((fault, met, ", ".join(f"{k} {v}" for k, v in counts.items())))
+        self.log(f"         jobs now: {counts}")
 
     def count_states(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -324,6 +343,7 @@ class Cluster:
         ha = self.ha
         assert ha is not None
         self.feed_paused.set()
+        self.note_work("1 failover", needs=("submitting", "submitted"))
         try:
             old, new = ha.failover()
             self.log(f"fault 1: SENTINEL FAILOVER, primary :{old} -> :{new}")
@@ -341,15 +361,22 @@ class Cluster:
 
     def fault_link_and_receiver(self) -> None:
         plan = self.plan
-        self._wait_for_chunk_on("w1")
+        chunk = self._wait_for_chunk_on("w1", then=lambda: self.release(1))
         self.net.link("w1", up=False)
         cut = time.monotonic()
-        self.log(f"fault 2: w1's link down mid-chunk (jobs now: {self.count_states()})")
-        time.sleep(min(2.0, plan.link_down_s / 3))
+        self.log("fault 2: w1's link down mid-chunk")
+        self.note_work("2 link cut", needs=("queued", "submitting", "submitted"), also=chunk)
+        # Webhooks arrive for submitted jobs: wait (within the first half of the cut) until
+        # some are out at the provider, so the kill lands while deliveries come in.
+        deadline = cut + plan.link_down_s / 2
+        time.sleep(min(1.0, plan.link_down_s / 4))
+        while time.monotonic() < deadline and not self.count_states().get("submitted"):
+            time.sleep(0.05)
         receiver = self.procs["receiver@r1"]
         receiver.signal(signal.SIGKILL)
         receiver.wait(10)
         self.log("fault 3: kill -9 r1's processes while webhooks arrive")
+        self.note_work("3 receiver kill", needs=("submitted",))
         time.sleep(plan.receiver_down_s)
         receiver.start()
         self._wait_http(self.url("r1", RECEIVER_PORT) + "/healthz", "receiver@r1")
@@ -358,26 +385,33 @@ class Cluster:
         self.net.link("w1", up=True)
         self.log(f"         w1's link up again after {time.monotonic() - cut:.1f} s")
 
-    def _wait_for_chunk_on(self, role: str, timeout_s: float = 90.0) -> None:
-        """Return as soon as the host's worker starts a `kq.submit_chunk` (its submits
-        take a few hundred milliseconds together): the cut then lands mid-submit."""
+    def _wait_for_chunk_on(
+        self, role: str, *, then: Callable[[], None], timeout_s: float = 90.0
+    ) -> bool:
+        """Call `then` (which releases jobs) and return True as soon as the host's worker
+        starts a `kq.submit_chunk` after it (its submits take a few hundred milliseconds
+        together): a fault fired then lands mid-submit. False after `timeout_s`."""
         log_path = self.procs[f"worker@{role}"].log_path
         offset = log_path.stat().st_size
+        then()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with log_path.open("rb") as log:
                 log.seek(offset)
                 if b"Task kq.submit_chunk[" in log.read():
-                    return
+                    return True
             time.sleep(0.005)
-        self.log(f"         no chunk reached {role} within {timeout_s:g} s: cutting anyway")
+        self.log(f"         no chunk reached {role} within {timeout_s:g} s: going on anyway")
+        return False
 
     def fault_drain(self) -> None:
         worker, beat = self.procs["worker@w2"], self.procs["beat@w2"]
+        chunk = self._wait_for_chunk_on("w2", then=lambda: self.release(2))
         began = time.monotonic()
         for proc in (worker, beat):
             proc.signal(signal.SIGTERM)
-        self.log("fault 4: SIGTERM to w2's processes (graceful drain)")
+        self.log("fault 4: SIGTERM to w2's processes (graceful drain) mid-chunk")
+        self.note_work("4 drain", needs=("queued", "submitting", "submitted"), also=chunk)
         code = worker.wait(DRAIN_TIMEOUT_S + DRAIN_MARGIN_S)
         took = time.monotonic() - began
         beat.wait(10)
@@ -409,12 +443,15 @@ class Cluster:
     def run(self) -> bool:
         feeder = threading.Thread(target=self.feed, name="cluster-feed", daemon=True)
         feeder.start()
+        self.release(0)
         self._wait(lambda: len(self.ids) >= self.plan.jobs // 10, 60, "the first jobs")
         self._wait(lambda: self.count_states().get("submitted", 0) > 0, 60, "the first submits")
         self.fault_failover()
         self.fault_link_and_receiver()
         self.fault_drain()
-        self._wait(self.feed_done.is_set, self.plan.feed_s + 120, "every job enqueued")
+        self.release(3)
+        feed_s = self.plan.jobs / self.plan.wave * self.plan.wave_every_s
+        self._wait(self.feed_done.is_set, feed_s + 120, "every job enqueued")
         self.log(f"all {len(self.ids)} jobs enqueued")
 
         def settled() -> bool:
@@ -447,6 +484,16 @@ class Cluster:
                 f"{len(self.procs) - len(gone)}/{len(self.procs)} processes alive at the end "
                 f"({sum(p.starts for p in self.procs.values())} starts)",
                 tuple(gone),
+            )
+        )
+        missed = [f"fault {fault}: {counts}" for fault, met, counts in self.met_work if not met]
+        checks.append(
+            Check(
+                "every fault met work in flight",
+                len(self.met_work) == 4 and not missed,
+                f"{sum(met for _, met, _ in self.met_work)}/4 faults fired with jobs in flight "
+                "(the link cut and the drain each while a chunk ran on their host)",
+                tuple(missed),
             )
         )
         checks.extend(self.extra_checks)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
 import sys
 from collections.abc import Callable
 from types import TracebackType
@@ -319,11 +320,13 @@ class Stack(Supervisor):
     # -- readiness probes -----------------------------------------------------------------
 
     def _heartbeat_ready(self, role: str) -> ReadyCheck:
-        """Ready when the child has set kq:heartbeat:<role>:<its pid> (it does so once ready)."""
+        """Ready when the child has set kq:heartbeat:<role>:<host>:<its pid> (it does so once
+        ready)."""
+        host = socket.gethostname()
 
         def check(proc: Proc) -> bool:
             try:
-                return bool(self._redis_client().exists(keys.heartbeat(role, proc.pid)))
+                return bool(self._redis_client().exists(keys.heartbeat(role, host, proc.pid)))
             except (redis.RedisError, OSError):
                 return False
 

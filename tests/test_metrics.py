@@ -111,7 +111,9 @@ def test_exporter_serves_status_and_counters(store: JobStore, redis_client: redi
         store.transition(job_id, state, now=now + 2, fields=fields)
     store.create(uuid.uuid4().hex, request, now=now)
     telemetry.count_many(redis_client, {"submit.retry": 3, "submit.rate_limited": 2})
-    redis_client.zadd(keys.HEARTBEATS, {keys.heartbeat("worker", 42): now + 15})
+    # Two worker pods: both are PID 1 in their containers, told apart by their host names.
+    pods = {keys.heartbeat("worker", pod, 1): now + 15 for pod in ("kq-worker-a", "kq-worker-b")}
+    redis_client.zadd(keys.HEARTBEATS, pods)
 
     collector = StatusCollector(
         lambda: collect(redis_client, deadline_s=3600, webhooks_enabled=True),
@@ -137,7 +139,7 @@ def test_exporter_serves_status_and_counters(store: JobStore, redis_client: redi
     assert got[("kq_paid_tasks_total", ())] == 2
     assert got[("kq_cost_usd_total", ())] == pytest.approx(0.16)
     assert got[("kq_dead_letters", ())] == 1
-    assert got[("kq_process_heartbeats", (("role", "worker"),))] == 1
+    assert got[("kq_process_heartbeats", (("role", "worker"),))] == 2
     assert got[("kq_alarm", (("name", "worker_down"),))] == 0
     assert got[("kq_alarm", (("name", "beat_down"),))] == 1
     assert got[("kq_latency_seconds", (("quantile", "0.5"),))] == pytest.approx(2, abs=0.01)

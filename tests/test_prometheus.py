@@ -253,7 +253,7 @@ def test_prometheus_scrapes_kq_and_fires_an_alert(
     # Every role alive (their heartbeats): no process alarm to begin with.
     redis_client.zadd(
         keys.HEARTBEATS,
-        {keys.heartbeat(role, 40_000 + i): now + 600 for i, role in enumerate(ROLES)},
+        {keys.heartbeat(role, "host-a", 40_000 + i): now + 600 for i, role in enumerate(ROLES)},
     )
     metrics_port, prom_port = free_port(), free_port()
     env = {**os.environ, "KQ_REDIS_URL": redis_url, "KQ_VAR_DIR": str(tmp_path)}

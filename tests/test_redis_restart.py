@@ -353,7 +353,7 @@ def test_kq_up_restarts_its_private_redis_and_every_process_carries_on(tmp_path:
             wait_for(lambda: client.get_ok(f"{dashboard}/api/status", OPS_TOKEN), timeout_s=30)
             wait_for(lambda: client.get_ok(f"{metrics}/metrics"), timeout_s=30)
             # Beat: its heartbeat is written again, and its sweeps reach the worker again.
-            beat_key = f"kq:heartbeat:beat:{stack.procs['beat'].pid}"
+            beat_key = runtime.heartbeat_key("beat", stack.procs["beat"].pid)
             client.store.redis.delete(beat_key)
             wait_for(lambda: client.store.redis.exists(beat_key), timeout_s=30)
             worker_log = stack.procs["worker"].log_path
@@ -572,7 +572,8 @@ def test_worker_stopped_by_sigterm_exits_zero(redis_url: str, tmp_path: Path) ->
         )
     try:
         with redis.Redis.from_url(redis_url) as conn:
-            wait_for(lambda: conn.exists(f"kq:heartbeat:worker:{proc.pid}"), timeout_s=60)
+            beat_key = runtime.heartbeat_key("worker", proc.pid)
+            wait_for(lambda: conn.exists(beat_key), timeout_s=60)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0, log_path.read_text()[-3000:]
     finally:

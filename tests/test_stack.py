@@ -50,9 +50,9 @@ DEADLINE_S = 10.0
 # A stand-in for `kq worker`: announces readiness the way the real one does, then idles
 # until signalled (default SIGTERM handling, so a normal stop ends it).
 FAKE_WORKER = """
-import os, signal, redis
+import os, signal, socket, redis
 r = redis.Redis.from_url(os.environ["KQ_REDIS_URL"])
-r.set(f"kq:heartbeat:worker:{os.getpid()}", "1", ex=60)
+r.set(f"kq:heartbeat:worker:{socket.gethostname()}:{os.getpid()}", "1", ex=60)
 r.close()
 while True:
     signal.pause()
@@ -147,7 +147,7 @@ def test_redis_restart_keeps_data_and_port(stack: Stack, client: redis.Redis) ->
 # becomes ready the way the real one must (health URL or heartbeat key), and notes the
 # order in which it was stopped.
 FAKE_CLI = """
-import http.server, json, os, signal, sys, redis
+import http.server, json, os, signal, socket, sys, redis
 
 command, args = sys.argv[1], sys.argv[2:]
 
@@ -174,7 +174,7 @@ if command in ("sim", "receiver"):
     where = (args[args.index("--host") + 1], int(args[args.index("--port") + 1]))
     http.server.HTTPServer(where, Health).serve_forever()
 else:
-    r.set(f"kq:heartbeat:{command}:{os.getpid()}", "1", ex=60)
+    r.set(f"kq:heartbeat:{command}:{socket.gethostname()}:{os.getpid()}", "1", ex=60)
     while True:
         signal.pause()
 """
@@ -238,11 +238,11 @@ def test_children_get_parent_env_plus_stack_env(
         extra_env={"KQ_POLL_AFTER_S": "1"},
     )
     dump_env = """
-    import json, os, signal, redis
+    import json, os, signal, socket, redis
     seen = {k: v for k, v in os.environ.items() if k.startswith(("KQ_", "WAVESPEED_"))}
     r = redis.Redis.from_url(os.environ["KQ_REDIS_URL"])
     r.set("kq:test:env", json.dumps(seen))
-    r.set(f"kq:heartbeat:worker:{os.getpid()}", "1", ex=60)
+    r.set(f"kq:heartbeat:worker:{socket.gethostname()}:{os.getpid()}", "1", ex=60)
     r.close()
     while True:
         signal.pause()
@@ -333,10 +333,10 @@ def test_readiness_deadline_stops_the_child(tmp_path: Path) -> None:
 
 
 def test_heartbeat_key_of_the_child_pid_means_ready(stack: Stack, client: redis.Redis) -> None:
-    """The worker counts as ready once kq:heartbeat:worker:<its pid> exists."""
+    """The worker counts as ready once kq:heartbeat:worker:<host>:<its pid> exists."""
     proc = stack._spawn("worker", python(FAKE_WORKER), stack._heartbeat_ready("worker"))
     assert proc.alive
-    assert client.exists(f"kq:heartbeat:worker:{proc.pid}")
+    assert client.exists(f"kq:heartbeat:worker:{socket.gethostname()}:{proc.pid}")
     assert stack.procs["worker"] is proc
     stack.stop()
     assert proc.returncode == -signal.SIGTERM
@@ -346,9 +346,9 @@ def test_heartbeat_key_of_the_child_pid_means_ready(stack: Stack, client: redis.
 def test_heartbeat_of_another_pid_does_not_count(stack: Stack, config: StackConfig) -> None:
     """A heartbeat under some other pid (a stale worker) does not make this child ready."""
     stale = """
-    import os, signal, redis
+    import os, signal, socket, redis
     r = redis.Redis.from_url(os.environ["KQ_REDIS_URL"])
-    r.set(f"kq:heartbeat:worker:{os.getpid() + 100000}", "1", ex=60)
+    r.set(f"kq:heartbeat:worker:{socket.gethostname()}:{os.getpid() + 100000}", "1", ex=60)
     r.close()
     signal.pause()
     """
@@ -369,7 +369,7 @@ def test_kill_then_restart_gets_a_new_ready_process(stack: Stack, client: redis.
     assert restarted is proc
     assert proc.pid != old_pid
     assert proc.alive
-    assert client.exists(f"kq:heartbeat:worker:{proc.pid}")
+    assert client.exists(f"kq:heartbeat:worker:{socket.gethostname()}:{proc.pid}")
     with pytest.raises(KeyError, match="no child named 'nope'"):
         stack.kill("nope")
 
@@ -377,12 +377,12 @@ def test_kill_then_restart_gets_a_new_ready_process(stack: Stack, client: redis.
 def test_stop_kills_the_whole_group_and_nothing_else(tmp_path: Path, config: StackConfig) -> None:
     """A child ignoring SIGTERM is SIGKILLed with its own child; unrelated processes live."""
     stubborn = """
-    import os, signal, subprocess, sys, redis
+    import os, signal, socket, subprocess, sys, redis
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by the grandchild too
     grandchild = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
     r = redis.Redis.from_url(os.environ["KQ_REDIS_URL"])
     r.set("kq:test:grandchild", grandchild.pid)
-    r.set(f"kq:heartbeat:worker:{os.getpid()}", "1", ex=60)
+    r.set(f"kq:heartbeat:worker:{socket.gethostname()}:{os.getpid()}", "1", ex=60)
     r.close()
     while True:
         signal.pause()
@@ -408,9 +408,9 @@ def test_stop_kills_the_whole_group_and_nothing_else(tmp_path: Path, config: Sta
 def test_wait_forever_reports_a_child_that_dies(stack: Stack, client: redis.Redis) -> None:
     """A child exiting on its own stops the stack and raises with its exit code and output."""
     fragile = """
-    import os, sys, redis
+    import os, socket, sys, redis
     r = redis.Redis.from_url(os.environ["KQ_REDIS_URL"])
-    r.set(f"kq:heartbeat:worker:{os.getpid()}", "1", ex=60)
+    r.set(f"kq:heartbeat:worker:{socket.gethostname()}:{os.getpid()}", "1", ex=60)
     r.blpop(["kq:test:die"])
     print("dying now: lost the broker", flush=True)
     sys.exit(4)

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -234,6 +235,7 @@ def test_overdue_jobs_and_dead_processes_raise_alarms(
         snap = collect(redis_client, deadline_s=3600, webhooks_enabled=False, now=now).to_json()
         assert {a["name"] for a in snap["alarms"]} == {"overdue_jobs"}
         assert snap["heartbeats"]["worker"][0]["pid"] == os.getpid()
+        assert snap["heartbeats"]["worker"][0]["host"] == socket.gethostname()
     finally:
         for stop in stops:
             stop.set()

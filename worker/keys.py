@@ -20,7 +20,8 @@
     kq:chainends:{id}     hash: branch -> JSON of how that branch ended
     kq:adm:*              admission control (slots, submit window, waiting lines; admission.py)
     kq:tm:*               telemetry counters per minute and day (telemetry.py)
-    kq:heartbeat:{role}:{pid}, kq:heartbeats   liveness of each process
+    kq:heartbeat:{role}:{host}:{pid}, kq:heartbeats   liveness of each process (the
+                          host too: in containers every process id is 1)
     kq:replprobe          string: bumped before each Redis WAIT of a submit (replication.py)
 
 Lua scripts get the fixed keys as KEYS; keys they derive from a job's own fields (its
@@ -106,8 +107,12 @@ def chain_ends(chain_id: str) -> str:
     return CHAIN_ENDS_PREFIX + chain_id
 
 
-def heartbeat(role: str, pid: int) -> str:
-    return f"{HEARTBEAT_PREFIX}{role}:{pid}"
+def heartbeat(role: str, host: str, pid: int) -> str:
+    return f"{heartbeat_prefix(role)}{host}:{pid}"
+
+
+def heartbeat_prefix(role: str) -> str:
+    return f"{HEARTBEAT_PREFIX}{role}:"
 
 
 # Outbound webhooks, `kq forward` (see worker/forward/):

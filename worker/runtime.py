@@ -8,6 +8,7 @@ Nothing here reads the environment, and nothing below the entry points imports i
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -118,9 +119,15 @@ def make_producer(settings: Settings) -> Producer:
     return Producer(store=store, send=enqueue_submits, deps=deps)
 
 
+def heartbeat_key(kind: str, pid: int) -> str:
+    """This host's heartbeat key of process `pid` (what `start_heartbeat` keeps alive there)."""
+    return keys.heartbeat(kind, socket.gethostname(), pid)
+
+
 def start_heartbeat(kind: str, client: redis.Redis) -> threading.Event:
-    """Keep `kq:heartbeat:{kind}:{pid}` alive while this process runs; set the event to stop."""
-    key = keys.heartbeat(kind, os.getpid())
+    """Keep `kq:heartbeat:{kind}:{host}:{pid}` alive while this process runs; set the event
+    to stop."""
+    key = heartbeat_key(kind, os.getpid())
     stop = threading.Event()
 
     def beat() -> None:
@@ -144,6 +151,7 @@ def start_heartbeat(kind: str, client: redis.Redis) -> threading.Event:
 
 
 __all__ = [
+    "heartbeat_key",
     "make_deps",
     "make_producer",
     "make_provider",

@@ -207,6 +207,7 @@ class Cost:
 class Heartbeat:
     pid: int
     ttl_s: float
+    host: str = ""
 
 
 @dataclass(frozen=True)

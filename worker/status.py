@@ -14,7 +14,7 @@ show it and it survives restarts (unlike Flower, which forgets on restart):
     webhook outcomes
     cost                  kq:stats `paid` (jobs that got a provider task) x the price;
                           today from telemetry; per running batch from kq:batch:{id}
-    heartbeats            kq:heartbeats, the index of kq:heartbeat:{role}:{pid} keys
+    heartbeats            kq:heartbeats, the index of kq:heartbeat:{role}:{host}:{pid} keys
     outputs (copy-out)    kq:outputs:due (a bounded scan reads each job's finished_at),
                           kq:outputs:failed, kq:outputs:stats (worker/outputs/records.py)
 
@@ -393,7 +393,11 @@ def _heartbeats(client: redis.Redis, now: float) -> Heartbeats:
         name = as_str(key)
         if not name.startswith(keys.HEARTBEAT_PREFIX):
             continue
-        role, _, pid = name[len(keys.HEARTBEAT_PREFIX) :].partition(":")  # <role>:<pid>
-        if role in beats and pid and ":" not in pid:
-            beats[role].append(Heartbeat(pid=as_int(pid), ttl_s=round(expires - now, 1)))
-    return Heartbeats(**{role: tuple(sorted(b, key=lambda e: e.pid)) for role, b in beats.items()})
+        role, _, where = name[len(keys.HEARTBEAT_PREFIX) :].partition(":")  # <role>:<host>:<pid>
+        host, _, pid = where.rpartition(":")
+        if role in beats and pid.isdigit():
+            beat = Heartbeat(pid=int(pid), ttl_s=round(expires - now, 1), host=host)
+            beats[role].append(beat)
+    return Heartbeats(
+        **{role: tuple(sorted(b, key=lambda e: (e.host, e.pid))) for role, b in beats.items()}
+    )

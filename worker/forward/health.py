@@ -26,7 +26,7 @@ from worker.forward.outbox import GROUP, OUTCOMES
 from worker.forward.subscribers import SOURCE_REDIS, Subscriber
 from worker.snapshot import ForwardEndpoint, Forwarding
 
-ROLE: Final = "forward"  # heartbeat role of `kq forward` (kq:heartbeat:forward:{pid})
+ROLE: Final = "forward"  # heartbeat role of `kq forward` (kq:heartbeat:forward:{host}:{pid})
 
 
 def read_forwarding(
@@ -115,7 +115,7 @@ def _unrouted(client: redis.Redis, now: float) -> tuple[int, float | None]:
 
 
 def _forwarders(client: redis.Redis, now: float) -> int:
-    prefix = keys.heartbeat(ROLE, 0)[:-1]  # kq:heartbeat:forward:
+    prefix = keys.heartbeat_prefix(ROLE)
     live: Any = client.zrangebyscore(keys.HEARTBEATS, now, "+inf")
     return sum(1 for key in live if _s(key).startswith(prefix))
 
