@@ -173,6 +173,15 @@ class Stack(Supervisor):
         # What the user chose (their environment, then extra_env), as Settings reads it.
         given = {**self._base_env, **cfg.extra_env}
         user = Settings.from_env(given, local_stack=True)
+        if user.redis_sentinels:
+            # The stack's own probes and var/stack.env speak to one Redis URL; half a stack
+            # on the Sentinels and half on a private Redis would wait for heartbeats forever.
+            raise StackError(
+                "KQ_REDIS_SENTINELS is set, but `kq up` and `kq run` run a one-machine stack "
+                "on one Redis: unset it (or set KQ_REDIS_URL to that Redis), or start "
+                "`kq worker`, `kq beat` and `kq receiver` on their own against the Sentinels "
+                '(README, "Running on several machines")'
+            )
         self._start_redis()
         if user.broker_url:
             # Celery's broker (RabbitMQ) is the user's; the job store stays on our Redis.

@@ -224,6 +224,19 @@ def test_full_stack_starts_in_order_wires_env_and_stops_in_reverse(
     assert messages[-1] == "stopped beat, worker, receiver, sim, redis"
 
 
+def test_sentinels_are_refused_with_the_way_out(
+    config: StackConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kq up` is one machine on one Redis: with KQ_REDIS_SENTINELS it says so and starts
+    nothing, rather than waiting for heartbeats that go to the Sentinels' Redis."""
+    monkeypatch.setenv("KQ_REDIS_SENTINELS", "127.0.0.1:1")
+    stack = Stack(config, announce=lambda _line: None)
+    with pytest.raises(StackError, match="KQ_REDIS_SENTINELS is set") as caught:
+        stack.start()
+    assert "kq worker" in str(caught.value)
+    assert stack.procs == {}
+
+
 def test_children_get_parent_env_plus_stack_env(
     tmp_path: Path, config: StackConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
