@@ -13,10 +13,13 @@ import httpx
 import pytest
 import redis
 
+from tests.conftest import wait_for
 from tests.support import make_submitted_job as make_job
 from tests.support import prediction_body as body_for
 from tests.support import serve_in_thread
 from webhook_receiver.app import create_app
+from worker.chain_store import ChainStore
+from worker.chains import chain_from_dict
 from worker.domain import EditRequest, JobState
 from worker.settings import Settings
 from worker.signing import job_token, sign_v3
@@ -178,3 +181,71 @@ def test_redis_down_is_503(settings: Settings) -> None:
         },
     )
     assert response.status_code == 503
+
+
+def test_other_methods_on_the_webhook_path_are_405(receiver: str) -> None:
+    """Only POST delivers; anything else is refused in the JSON shape, changing nothing."""
+    response = httpx.get(f"{receiver}/webhooks/wavespeed", params={"job": "job1"})
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["result"] == "method_not_allowed"
+    assert httpx.get(f"{receiver}/nowhere").status_code == 404
+
+
+def test_an_escaped_job_id_in_the_url_is_decoded(
+    receiver: str, settings: Settings, store: JobStore
+) -> None:
+    """The URL's query is decoded as Flask would: an escaped job id names its job."""
+    job_id = "job 1/é"
+    make_job(store, job_id)
+    response = deliver(receiver, settings, body_for(), job_id=job_id)
+    assert response.status_code == 200 and response.json()["result"] == "applied"
+    wrong = deliver(receiver, settings, body_for(), job_id=job_id, token="0" * 32)
+    assert wrong.status_code == 401
+
+
+def test_a_chain_step_written_by_a_delivery_is_sent_after_the_answer(
+    settings: Settings, store: JobStore, redis_client: redis.Redis
+) -> None:
+    """The next step a completed delivery wrote goes to `send_submits`, once, after the
+    answer; a duplicate of that delivery sends nothing again."""
+    chains = ChainStore(redis_client)
+    item = chain_from_dict({"image": REQ.image, "steps": [{"prompt": "a"}, {"prompt": "b"}]})
+    (first,) = chains.create(item, batch_id="b1", now=time.time()).to_send
+    now = time.time()
+    store.transition(first, JobState.SUBMITTING, now=now)
+    store.transition(
+        first, JobState.SUBMITTED, now=now, fields={"prediction_id": PID}, expect_prediction_id=PID
+    )
+    sent: list[list[str]] = []
+    app = create_app(settings, store=store, send_submits=sent.append)
+    with serve_in_thread(app) as url:
+        response = deliver(url, settings, body_for(), job_id=first)
+        assert response.json()["result"] == "applied"
+        wait_for(lambda: sent)
+        again = deliver(url, settings, body_for(), job_id=first)
+        assert again.json()["result"] == "duplicate"
+    (second,) = sent[0]
+    assert sent == [[second]]
+    job = store.get(second)
+    assert job is not None and job.state is JobState.QUEUED
+
+
+def test_an_unexpected_error_is_a_json_500_and_changes_nothing(
+    settings: Settings, store: JobStore, redis_client: redis.Redis
+) -> None:
+    """A bug on the delivery path (here: a clock that fails) answers 500 in the JSON shape,
+    so the provider retries; in testing mode it reaches the test instead."""
+
+    def broken_clock() -> float:
+        raise RuntimeError("clock broke")
+
+    make_job(store)
+    before = snapshot(redis_client)
+    app = create_app(settings, store=store, clock=broken_clock)
+    with serve_in_thread(app) as url:
+        response = deliver(url, settings, body_for())
+    assert response.status_code == 500 and response.json()["result"] == "error"
+    assert snapshot(redis_client) == before
+    app.testing = True
+    with pytest.raises(RuntimeError, match="clock broke"):
+        app.test_client().post("/webhooks/wavespeed?job=job1&t=x", data=body_for())

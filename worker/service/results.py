@@ -72,7 +72,12 @@ def apply_update(
         poll_at=REMOVE,
         webhook_id=webhook_id,
     )
-    log.info(
+    # A result applied by webhook is the hot path (thousands a second in a storm) and is
+    # on record twice already: the job's event in the stream and the receiver's outcome
+    # counters. Its line is DEBUG; a poll's result (a webhook went missing) and every
+    # delivery that changed nothing stay INFO.
+    quiet = result.applied and resolved_by is ResolvedBy.WEBHOOK
+    (log.debug if quiet else log.info)(
         "job.update",
         job_id=job_id,
         prediction_id=prediction.id,
