@@ -173,14 +173,15 @@ class Stack(Supervisor):
         # What the user chose (their environment, then extra_env), as Settings reads it.
         given = {**self._base_env, **cfg.extra_env}
         user = Settings.from_env(given, local_stack=True)
-        if user.redis_sentinels:
-            # The stack's own probes and var/stack.env speak to one Redis URL; half a stack
-            # on the Sentinels and half on a private Redis would wait for heartbeats forever.
+        if user.redis_sentinels and cfg.redis_url is None:
+            # The children would follow the Sentinels while the stack's own readiness
+            # checks looked at a private Redis of its own: they would never see a heartbeat.
             raise StackError(
-                "KQ_REDIS_SENTINELS is set, but `kq up` and `kq run` run a one-machine stack "
-                "on one Redis: unset it (or set KQ_REDIS_URL to that Redis), or start "
-                "`kq worker`, `kq beat` and `kq receiver` on their own against the Sentinels "
-                '(README, "Running on several machines")'
+                "KQ_REDIS_SENTINELS is set without KQ_REDIS_URL: `kq up` and `kq run` would "
+                "start a private Redis the Sentinels know nothing of. Set KQ_REDIS_URL to "
+                "the current primary too (the stack checks it at start; its processes follow "
+                "the Sentinels), unset KQ_REDIS_SENTINELS, or start `kq worker`, `kq beat` "
+                'and `kq receiver` on their own (README, "Running on several machines")'
             )
         self._start_redis()
         if user.broker_url:

@@ -227,13 +227,14 @@ def test_full_stack_starts_in_order_wires_env_and_stops_in_reverse(
 def test_sentinels_are_refused_with_the_way_out(
     config: StackConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`kq up` is one machine on one Redis: with KQ_REDIS_SENTINELS it says so and starts
-    nothing, rather than waiting for heartbeats that go to the Sentinels' Redis."""
+    """With KQ_REDIS_SENTINELS but no KQ_REDIS_URL the stack would start a private Redis
+    its children never use: it says so and starts nothing, rather than waiting for
+    heartbeats that go elsewhere. (With both, tests/test_sentinel.py runs the stack.)"""
     monkeypatch.setenv("KQ_REDIS_SENTINELS", "127.0.0.1:1")
     stack = Stack(config, announce=lambda _line: None)
-    with pytest.raises(StackError, match="KQ_REDIS_SENTINELS is set") as caught:
+    with pytest.raises(StackError, match="KQ_REDIS_SENTINELS is set without KQ_REDIS_URL") as e:
         stack.start()
-    assert "kq worker" in str(caught.value)
+    assert "kq worker" in str(e.value)
     assert stack.procs == {}
 
 
