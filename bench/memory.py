@@ -7,7 +7,7 @@ drained:
 - Redis: `INFO memory` used_memory after all 20,000 minus before the first, divided by
   20,000. That is everything a finished job leaves behind while its record lives (7
   days by default): the job hash, its event on `kq:events`, the prediction-id index,
-  the webhook-id dedupe key, its batch-list entry. Read once more after SETTLE_S, when
+  the webhook-id mark, its batch-list entry. Read once more after SETTLE_S, when
   the admission control's one-minute log of recent submits has rolled over: that log
   is sized by the submit rate, not by the number of finished jobs, so the row counts
   what stays and the note gives the first reading too. The note also splits a sample
@@ -110,22 +110,14 @@ def _settle(client: redis.Redis, jobs: int, timeout_s: float) -> None:
 
 
 def _breakdown(client: redis.Redis, batch_id: str) -> str:
-    """Average MEMORY USAGE per key kind, over a sample of one batch's jobs."""
+    """Average MEMORY USAGE per key kind, over a sample of one batch's jobs; the
+    prediction index and the webhook-id marks (buckets of entries, see
+    lua/transition.lua) per entry, over all their buckets."""
     ids: Any = client.lrange(f"kq:batchjobs:{batch_id}", 0, SAMPLE - 1)
     pipe = client.pipeline(transaction=False)
     for job_id in ids:
         pipe.memory_usage(f"kq:job:{job_id}", samples=0)
-        pipe.hget(f"kq:job:{job_id}", "prediction_id")
-    answers = pipe.execute()
-    job_bytes = [int(a or 0) for a in answers[0::2]]
-    predictions = [str(p) for p in answers[1::2] if p]
-    for prediction_id in predictions:
-        pipe.memory_usage(f"kq:pred:{prediction_id}", samples=0)
-    pred_bytes = [int(a or 0) for a in pipe.execute()]
-    _, whids = client.scan(0, match="kq:whid:*", count=SAMPLE * 5)
-    for key in whids[:SAMPLE]:
-        pipe.memory_usage(key, samples=0)
-    whid_bytes = [int(a or 0) for a in pipe.execute()]
+    job_bytes = [int(a or 0) for a in pipe.execute()]
     events = int(client.xlen("kq:events"))
     stream = int(client.memory_usage("kq:events", samples=0) or 0)
 
@@ -134,5 +126,25 @@ def _breakdown(client: redis.Redis, batch_id: str) -> str:
 
     return (
         f"job hash {mean(job_bytes)} B, event {stream / max(events, 1):,.0f} B, "
-        f"pred index {mean(pred_bytes)} B, webhook-id key {mean(whid_bytes)} B"
+        f"pred index {_per_entry(client, 'kq:pred:*')} B, "
+        f"webhook-id mark {_per_entry(client, 'kq:whid:*')} B"
     )
+
+
+def _per_entry(client: redis.Redis, pattern: str) -> str:
+    """MEMORY USAGE of the keys matching `pattern` per entry they hold (a hash bucket's
+    fields, or 1 for a key of its own)."""
+    names = list(client.scan_iter(match=pattern, count=1000))
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.memory_usage(name, samples=0)
+        pipe.type(name)
+    answers = pipe.execute()
+    for name, kind in zip(names, answers[1::2], strict=True):
+        if kind == "hash":
+            pipe.hlen(name)
+        else:
+            pipe.exists(name)
+    entries = sum(int(n) for n in pipe.execute())
+    used = sum(int(a or 0) for a in answers[0::2])
+    return f"{used / entries:,.0f}" if entries else "?"

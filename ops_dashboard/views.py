@@ -33,10 +33,11 @@ def job_view(client: redis.Redis, job_id: str) -> dict[str, Any] | None:
     raw, next_look, dead = pipe.execute()
     if not raw or "state" not in raw:
         return None
-    job = decode_job(raw)
+    job = decode_job(raw, job_id)
     # Bookkeeping on the record that the domain's Job does not carry.
     event_id: str = raw.get("event_id", "")
-    updated_at = _float(raw.get("updated_at"))
+    # A finished record drops updated_at when it equals finished_at (transition.lua).
+    updated_at = _float(raw.get("updated_at") or raw.get("finished_at"))
     event = None
     if event_id:
         entries: Any = client.xrange(keys.EVENTS, event_id, event_id)

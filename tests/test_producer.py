@@ -14,6 +14,7 @@ import pytest
 from worker.domain import EditRequest, JobState, Reason, job_id_for_key
 from worker.errors import ValidationError
 from worker.producer import (
+    ENQUEUE_CHUNK,
     IMAGE_URL_PATTERN,
     MAX_BUDGET_USD,
     MAX_METADATA_BYTES,
@@ -133,6 +134,35 @@ def test_an_invalid_item_stops_its_chunk(producer: Producer, sent: Sent) -> None
         producer.enqueue_batch([REQ, {**REQ, "seed": "x"}], batch_id="bad")
     assert exc.value.errors[0].field == "seed"
     assert producer.batch_progress("bad") is None and sent == []
+
+
+def test_a_batch_stops_at_the_first_bad_chunk_with_every_earlier_one_written(
+    producer: Producer, sent: Sent
+) -> None:
+    """Chunks are written by a writer thread while the next is validated; a bad item in
+    the third chunk still leaves exactly the first two written, sent and reported."""
+    good = [{**REQ, "prompt": f"edit {i}"} for i in range(2 * ENQUEUE_CHUNK)]
+    seen: list[int] = []
+    with pytest.raises(ValidationError):
+        producer.enqueue_batch(
+            [*good, {**REQ, "seed": "x"}],
+            batch_id="third-bad",
+            on_chunk=lambda receipt: seen.append(receipt.created),
+        )
+    progress = producer.batch_progress("third-bad")
+    assert progress is not None and progress.total == 2 * ENQUEUE_CHUNK
+    assert len(sent) == 2 * ENQUEUE_CHUNK and seen == [ENQUEUE_CHUNK, 2 * ENQUEUE_CHUNK]
+
+
+def test_a_write_error_of_a_chunk_stops_the_batch(store: JobStore) -> None:
+    """An error of the submit queue (other than its absence) is the caller's, as before."""
+
+    def broken(job_ids: list[str]) -> None:
+        raise RuntimeError("broker broke")
+
+    producer = Producer(store=store, send=broken)
+    with pytest.raises(RuntimeError, match="broker broke"):
+        producer.enqueue_batch([{**REQ, "prompt": f"edit {i}"} for i in range(3 * ENQUEUE_CHUNK)])
 
 
 def test_cancel_before_submit_means_never_submitted(

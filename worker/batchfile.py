@@ -38,7 +38,8 @@ from typing import Any, TextIO
 from worker.chains import ChainItem, chain_from_dict, is_chain
 from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS
 from worker.errors import FieldError, ValidationError
-from worker.producer import ITEM_ENVELOPE_FIELDS, Item, item_from_dict
+from worker.items import ItemParts, item_parts
+from worker.producer import ITEM_ENVELOPE_FIELDS, Item
 
 FORMATS = ("jsonl", "csv")
 # Errors kept in full; beyond this only their number is.
@@ -47,6 +48,7 @@ CSV_COLUMNS = (*REQUEST_FIELDS, *ITEM_ENVELOPE_FIELDS)
 # The start of a file is read to tell text from binary.
 TEXT_SNIFF_BYTES = 64 * 1024
 BATCH_ID_PER_LINE = "set the batch with --batch-id (over HTTP: ?batch_id=), not per line"
+_REFUSED = {"batch_id": BATCH_ID_PER_LINE}
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,7 @@ class BatchFile:
         result = ScanResult()
         for number, text, parsed in self._records():
             try:
-                _check(parsed)
+                _checked(parsed)
             except ValidationError as exc:
                 result.invalid += 1
                 if len(result.errors) < MAX_ERRORS_KEPT:
@@ -262,6 +264,15 @@ def _csv_text(row: list[str]) -> str:
 
 def _check(parsed: object) -> Item | ChainItem:
     """Validate one parsed line (an edit, or a chain of edits), naming every problem."""
+    checked = _checked(parsed)
+    if isinstance(checked, ChainItem):
+        return checked
+    request, key, priority, metadata = checked
+    return Item(request, key, priority, metadata=metadata)
+
+
+def _checked(parsed: object) -> ItemParts | ChainItem:
+    """`_check` without making the Item: its job id comes from its key, made later."""
     early: tuple[FieldError, ...] = ()
     if isinstance(parsed, _Cells):
         early = parsed.errors
@@ -269,27 +280,31 @@ def _check(parsed: object) -> Item | ChainItem:
     if isinstance(parsed, ValidationError):
         raise parsed
     try:
-        item: Item | ChainItem
+        checked: ItemParts | ChainItem
         if is_chain(parsed):
-            item = chain_from_dict(parsed, refused={"batch_id": BATCH_ID_PER_LINE})
+            checked = chain_from_dict(parsed, refused=_REFUSED)
         else:
-            item = item_from_dict(parsed, refused={"batch_id": BATCH_ID_PER_LINE})
+            checked = item_parts(parsed, refused=_REFUSED)
     except ValidationError as exc:
         raise ValidationError([*early, *exc.errors]) from None
     if early:
         raise ValidationError(early)
-    return item
+    return checked
 
 
 def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item | ChainItem:
-    item = _check(parsed)
-    if item.idempotency_key:
-        return item
+    checked = _checked(parsed)
+    if isinstance(checked, ChainItem):
+        if checked.idempotency_key:
+            return checked
+        return checked.with_key(_line_key(batch_id, number, text))
+    request, key, priority, metadata = checked
+    return Item(request, key or _line_key(batch_id, number, text), priority, metadata=metadata)
+
+
+def _line_key(batch_id: str, number: int, text: str) -> str:
     line_hash = hashlib.sha256(text.encode()).hexdigest()[:12]
-    key = f"{batch_id}:{number}:{line_hash}"
-    if isinstance(item, ChainItem):
-        return item.with_key(key)
-    return Item(item.request, key, item.priority, metadata=item.metadata)
+    return f"{batch_id}:{number}:{line_hash}"
 
 
 def _not_text(head: bytes, *, full: bool) -> str:

@@ -16,7 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import redis
 import structlog
 
-from worker.service import Deps, SubmitOutcome, SubmitResult, submit_job
+from worker.service import Deps, SubmitOutcome, SubmitResult
+from worker.service.submit import submit_jobs
 
 log = structlog.get_logger("kq.dispatcher")
 
@@ -54,8 +55,17 @@ def dispatch_forever(
             log.error("dispatcher.error", error=repr(exc))
             stop.wait(REDIS_TROUBLE_PAUSE_S)
             continue
-        for job_id in job_ids:
-            future = pool.submit(submit_job, deps, job_id, slot_held=True)
+        try:
+            futures = submit_jobs(deps, job_ids, pool, slot_held=True)
+        except Exception as exc:
+            # Reading the claimed jobs failed (Redis away): each is retried alone, and
+            # one whose retry is lost goes back in line when its claim lease runs out.
+            log.error("dispatcher.submit_crashed", jobs=len(job_ids), error=repr(exc))
+            for job_id in job_ids:
+                _retry(job_id, retry_later)
+            stop.wait(REDIS_TROUBLE_PAUSE_S)
+            continue
+        for job_id, future in zip(job_ids, futures, strict=True):
             future.add_done_callback(_after(job_id, retry_later))
 
 

@@ -2,9 +2,12 @@
 
     kq:job:{id}           hash: the job (see `domain.Job`), expires `result_ttl_s` after it ends
     kq:poll               zset: job id -> when the poller looks at it next
-    kq:pred:{pid}         string: prediction id -> job id
+    kq:pred:{day}:{shard} hash: prediction id -> job id, one bucket per day and shard of
+                          the id (store.index_keys; transition.lua); a version before
+                          this one wrote kq:pred:{pid} strings, still read
     kq:events             stream: exactly one entry per job that became terminal
-    kq:whid:{id}          string: a webhook-id whose delivery was applied (dedupe)
+    kq:whid:{day}:{shard} hash: webhook-ids whose delivery was applied (dedupe), bucketed
+                          the same way; kq:whid:{id} strings of older versions still read
     kq:batch:{id}         hash: per-batch counters and settings
     kq:batchjobs:{id}     list: a batch's job ids in enqueue order
     kq:dlq                zset: failed job id -> when it failed (the dead-letter list)

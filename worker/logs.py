@@ -84,6 +84,11 @@ def configure_logging(
 
     root = logging.getLogger()
     root.setLevel(level)
+    # httpx logs every request at INFO ("HTTP Request: POST ..."): a line per submit and
+    # per poll (formatted and scrubbed, a measurable share of a worker's CPU per job) that
+    # tells what the job's record and events already hold. Shown when the level is DEBUG.
+    quiet = level.upper() != "DEBUG"
+    logging.getLogger("httpx").setLevel(logging.WARNING if quiet else logging.NOTSET)
     for handler in root.handlers or [logging.StreamHandler(sys.stderr)]:
         handler.addFilter(_StdlibRedactor())
         if handler not in root.handlers:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any, TypeVar
@@ -150,29 +151,60 @@ class Producer(ChainMethods):
         budget = check_budget(budget_usd)
         if budget is not None:
             self.store.set_batch_fields(batch_id, {"budget_micros": round(budget * 1_000_000)})
-        created = existing = resent = 0
+        totals = [0, 0, 0]  # created, existing, resent
         job_ids: list[str] | None = [] if keep_job_ids else None
-        for chunk in _chunks(items, ENQUEUE_CHUNK):
-            coerced = [coerce_item(item) for item in chunk]
-            plain = [(i.job_id, i) for i in coerced if isinstance(i, Item)]
-            c, e, r = self._write_chunk(plain, batch_id)
-            # A chain counts as one item: created, or existing (its queued steps resent).
-            for chain in (i for i in coerced if isinstance(i, ChainItem)):
-                write = self._write_chain(chain, batch_id)
-                if write.created:
-                    c += 1
-                else:
-                    e, r = e + 1, r + len(write.to_send)
-            created, existing, resent = created + c, existing + e, resent + r
-            if job_ids is not None:
-                # A chain's entry is its (first) step-1 job, a job like the others.
-                job_ids.extend(
-                    i.job_id if isinstance(i, Item) else i.first_jobs()[0][0] for i in coerced
-                )
+
+        def settle(written: Future[tuple[int, int, int]]) -> None:
+            for n, count in enumerate(written.result()):
+                totals[n] += count
             if on_chunk is not None:
-                on_chunk(BatchReceipt(batch_id, created, existing, resent))
+                on_chunk(BatchReceipt(batch_id, totals[0], totals[1], totals[2]))
+
+        # Chunk n is written (Redis, then the submit queue) by one writer thread while
+        # chunk n + 1 is validated here: the waits on Redis and the broker overlap the
+        # validation. Chunks are still written one at a time, in order, each only once
+        # it is valid, and a failure stops the batch as it would in sequence: an earlier
+        # chunk's write error comes before a later chunk's ValidationError, and a chunk
+        # written is reported to `on_chunk` before either is raised.
+        pending: Future[tuple[int, int, int]] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="kq-enqueue") as writer:
+            try:
+                for chunk in _chunks(items, ENQUEUE_CHUNK):
+                    coerced = [coerce_item(item) for item in chunk]
+                    if job_ids is not None:
+                        # A chain's entry is its (first) step-1 job, a job like the others.
+                        job_ids.extend(
+                            i.job_id if isinstance(i, Item) else i.first_jobs()[0][0]
+                            for i in coerced
+                        )
+                    if pending is not None:
+                        written, pending = pending, None
+                        settle(written)
+                    pending = writer.submit(self._write_items, coerced, batch_id)
+            except BaseException:
+                if pending is not None:
+                    settle(pending)
+                raise
+            if pending is not None:
+                settle(pending)
+        created, existing, resent = totals
         ids = None if job_ids is None else tuple(job_ids)
         return BatchReceipt(batch_id, created, existing, resent, ids)
+
+    def _write_items(
+        self, coerced: Sequence[Item | ChainItem], batch_id: str
+    ) -> tuple[int, int, int]:
+        """Write one validated chunk: (created, existing, resent)."""
+        plain = [(i.job_id, i) for i in coerced if isinstance(i, Item)]
+        c, e, r = self._write_chunk(plain, batch_id)
+        # A chain counts as one item: created, or existing (its queued steps resent).
+        for chain in (i for i in coerced if isinstance(i, ChainItem)):
+            write = self._write_chain(chain, batch_id)
+            if write.created:
+                c += 1
+            else:
+                e, r = e + 1, r + len(write.to_send)
+        return c, e, r
 
     def _send_deferrable(self, job_ids: list[str]) -> None:
         if not job_ids:
@@ -392,7 +424,7 @@ def coerce_item(
     value: Item | ChainItem | EditRequest | Mapping[str, object],
 ) -> Item | ChainItem:
     """An enqueue_batch item: a chain when it is one (it has `steps`), else an edit."""
-    if isinstance(value, ChainItem):
+    if type(value) is Item or isinstance(value, ChainItem):
         return value
     if is_chain(value):
         assert isinstance(value, Mapping)

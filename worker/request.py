@@ -70,10 +70,30 @@ class EditRequest:
     model: str = MODEL
     images: tuple[str, ...] | None = None
 
-    def __post_init__(self) -> None:
-        if isinstance(self.images, list):
+    # Written out (the dataclass keeps it): one __dict__ update instead of a frozen
+    # setattr per field, a third of the cost of making a request (100,000-line batches).
+    def __init__(
+        self,
+        prompt: str,
+        image: str | None = None,
+        seed: int | None = None,
+        guidance_scale: float | None = None,
+        aspect_ratio: str | None = None,
+        model: str = MODEL,
+        images: tuple[str, ...] | None = None,
+    ) -> None:
+        if isinstance(images, list):
             # Callers may pass a list; a frozen request keeps (and hashes) a tuple.
-            object.__setattr__(self, "images", tuple(self.images))
+            images = tuple(images)
+        self.__dict__.update(
+            prompt=prompt,
+            image=image,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            aspect_ratio=aspect_ratio,
+            model=model,
+            images=images,
+        )
         errors = _check_request(self)
         if errors:
             raise ValidationError(errors)
@@ -266,10 +286,10 @@ def _check_request(req: EditRequest) -> list[FieldError]:
 
 def _check_images(req: EditRequest, model: Model) -> list[FieldError]:
     """The source image field the model takes, and refusal of the one it does not."""
-    multi_paths = ", ".join(m.path for m in MODELS.values() if m.multi)
     if not model.multi:
         errors = []
         if req.images is not None:
+            multi_paths = ", ".join(m.path for m in MODELS.values() if m.multi)
             errors.append(
                 FieldError(
                     "images",

@@ -167,7 +167,7 @@ def _jobs(
             pipe.hmget(keys.job(job_id), names)
         for job_id, row in zip(chunk, pipe.execute(), strict=True):
             raw = {n: as_str(v) for n, v in zip(names, row, strict=True) if v is not None}
-            yield job_id, decode_job({**raw, "id": job_id}) if "state" in raw else None
+            yield job_id, decode_job(raw, job_id) if "state" in raw else None
 
 
 def _overdue(

@@ -5,13 +5,17 @@ Key names live in `worker.keys`; the Lua scripts beside this module get them fro
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
 import redis
+from redis.client import NEVER_DECODE
 
 from worker import keys
 from worker.domain import ALLOWED_FROM, EditRequest, Job, JobState, TransitionOutcome
@@ -50,11 +54,81 @@ QUEUED_CHECK_S: Final = 60.0
 # queued jobs sends it this soon after (sooner than QUEUED_CHECK_S: a chain is waiting).
 SPAWNED_CHECK_S: Final = 10.0
 
+# The prediction index and the webhook-id marks: hashes per day and shard of the id
+# (lua/transition.lua, which repeats these two numbers).
+INDEX_PERIOD_S: Final = 24 * 3600
+INDEX_SHARDS: Final = 1024
+_HEX32: Final = re.compile("[0-9a-f]{32}")
+
 FieldValue = str | int | float
 # A job to write: (id, request, idempotency key, priority), optionally with its metadata.
 NewJob = (
     tuple[str, EditRequest, str, int] | tuple[str, EditRequest, str, int, Mapping[str, Any] | None]
 )
+
+
+# Job records' JSON fields, compact (json.dumps(..., separators=(",", ":")) without the
+# per-call set-up: a batch writes 100,000 of them).
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+_COMPACT_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_request(payload: Mapping[str, Any]) -> str:
+    """A request as a job record stores it: compact JSON, and the usual edit (a prompt and
+    one image, nothing else) as a 2-array `[prompt, image]` without the names (18 bytes
+    fewer for the record's whole life). `decode_job` reads both forms."""
+    if len(payload) == 2 and "prompt" in payload and "image" in payload:
+        return _COMPACT.encode([payload["prompt"], payload["image"]])
+    return _COMPACT.encode(payload)
+
+
+def decode_request(text: str) -> dict[str, Any]:
+    """The stored request back as its JSON object ({} when unreadable)."""
+    try:
+        value: Any = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    if isinstance(value, list) and len(value) == 2:
+        return {"prompt": value[0], "image": value[1]}
+    return value if isinstance(value, dict) else {}
+
+
+def _stamp(value: float) -> float:
+    """A time as written to a job record (and so to its event): to the millisecond, which
+    is all a latency needs, in 14 characters instead of 18 (bench/memory.py)."""
+    return round(value, 3)
+
+
+def _record_value(name: str, value: FieldValue) -> FieldValue:
+    """A field value as written to a job record: times (`*_at`) by `_stamp`."""
+    return _stamp(value) if isinstance(value, float) and name.endswith("_at") else value
+
+
+def index_keys(prefix: str, entry_id: str, ttl_s: float) -> list[str]:
+    """The buckets of the prediction index or of the webhook-id marks that may hold
+    `entry_id` (an entry lives at least `ttl_s`), newest first: see the top of
+    lua/transition.lua. One more day each side than the script reads, for the skew
+    between this clock and the Redis server's."""
+    digest = hashlib.sha1(entry_id.encode(), usedforsecurity=False).hexdigest()
+    shard = int(digest[:3], 16) % INDEX_SHARDS
+    now = time.time()
+    newest = int(now // INDEX_PERIOD_S) + 1
+    oldest = int((now - ttl_s) // INDEX_PERIOD_S) - 2
+    return [f"{prefix}{period}:{shard}" for period in range(newest, oldest - 1, -1)]
+
+
+def index_name(entry_id: str) -> str | bytes:
+    """An entry's name in its bucket: an id of 32 hex digits (a prediction id) as its 16
+    bytes, anything else as it is (lua/transition.lua does the same)."""
+    return bytes.fromhex(entry_id) if _HEX32.fullmatch(entry_id) else entry_id
+
+
+def index_job_id(value: bytes) -> str:
+    """A job id as the prediction index stores it: 32 hex digits as a zero byte and their
+    16 bytes, anything else as it is (lua/transition.lua writes it)."""
+    if len(value) == 17 and value[0] == 0:
+        return value[1:].hex()
+    return value.decode()
 
 
 def _script(name: str) -> str:
@@ -139,17 +213,12 @@ class JobStore:
         """
         if not jobs:
             return []
-        args: list[FieldValue] = [batch_id, now, now + QUEUED_CHECK_S]
+        args: list[FieldValue] = [batch_id, _stamp(now), now + QUEUED_CHECK_S]
         for job in jobs:
             job_id, request, key, priority = job[:4]
             metadata = job[4] if len(job) > 4 else None
-            payload = json.dumps(request.to_payload(), separators=(",", ":"))
-            meta = (
-                ""
-                if metadata is None
-                else json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
-            )
-            args.extend((job_id, payload, key, priority, meta))
+            meta = "" if metadata is None else _COMPACT_UTF8.encode(metadata)
+            args += (job_id, encode_request(request.to_payload()), key, priority, meta)
         script_keys = [keys.STATS, keys.batch(batch_id), keys.batch_jobs(batch_id), keys.POLL]
         script_keys.extend(keys.job(job[0]) for job in jobs)
         answers = self._create_jobs(keys=script_keys, args=args)
@@ -203,13 +272,16 @@ class JobStore:
         raw: dict[str, str] = self.redis.hgetall(keys.job(job_id))  # type: ignore[assignment]
         if not raw or "state" not in raw:
             return None
-        return decode_job(raw)
+        return decode_job(raw, job_id)
 
     def get_many(self, job_ids: Sequence[str]) -> list[Job | None]:
         pipe = self.redis.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.hgetall(keys.job(job_id))
-        return [decode_job(raw) if raw and "state" in raw else None for raw in pipe.execute()]
+        return [
+            decode_job(raw, job_id) if raw and "state" in raw else None
+            for job_id, raw in zip(job_ids, pipe.execute(), strict=True)
+        ]
 
     def transition(
         self,
@@ -241,7 +313,7 @@ class JobStore:
             allowed,
             "" if expect_version is None else expect_version,
             expect_prediction_id,
-            now,
+            _stamp(now),
             self.result_ttl_s,
             self.events_maxlen,
             "1" if target.terminal else "0",
@@ -251,9 +323,11 @@ class JobStore:
             *_TRANSITION_PREFIXES,
             now + SPAWNED_CHECK_S,
             "1" if self.keep_outputs else "0",
+            webhook_id,
+            keys.WEBHOOK_ID_PREFIX,
         ]
         for name, value in (fields or {}).items():
-            args.extend((name, value))
+            args.extend((name, _record_value(name, value)))
         script_keys = [
             keys.job(job_id),
             *_TRANSITION_KEYS,
@@ -279,10 +353,10 @@ class JobStore:
             state.value,
             "" if expect_version is None else expect_version,
             "" if poll_at is None else poll_at,
-            now,
+            _stamp(now),
         ]
         for name, value in fields.items():
-            args.extend((name, value))
+            args.extend((name, _record_value(name, value)))
         return _result(self._flag(keys=[keys.job(job_id), keys.POLL], args=args))
 
     def schedule_poll(self, job_id: str, at: float, *, only_if_scheduled: bool = False) -> None:
@@ -321,11 +395,25 @@ class JobStore:
 
     def webhook_seen(self, webhook_id: str) -> bool:
         """Whether a delivery with this webhook-id was applied already (read only)."""
-        return bool(self.redis.exists(keys.webhook_id(webhook_id)))
+        pipe = self.redis.pipeline(transaction=False)
+        name = index_name(webhook_id)
+        for key in index_keys(keys.WEBHOOK_ID_PREFIX, webhook_id, WEBHOOK_ID_TTL_S):
+            pipe.hexists(key, name)
+        pipe.exists(keys.webhook_id(webhook_id))  # a mark of its own (earlier versions)
+        return any(pipe.execute())
 
     def job_for_prediction(self, prediction_id: str) -> str | None:
-        value = self.redis.get(keys.prediction(prediction_id))
-        return None if value is None else str(value)
+        pipe = self.redis.pipeline(transaction=False)
+        name = index_name(prediction_id)
+        raw = {NEVER_DECODE: True}  # a job id of 32 hex digits is stored as bytes
+        for key in index_keys(keys.PREDICTION_PREFIX, prediction_id, self.result_ttl_s):
+            pipe.execute_command("HGET", key, name, **raw)  # type: ignore[no-untyped-call]
+        pipe.get(keys.prediction(prediction_id))  # a key of its own (earlier versions)
+        *values, legacy = pipe.execute()
+        for value in values:
+            if value is not None:
+                return index_job_id(value)
+        return None if legacy is None else str(legacy)
 
     def stats(self) -> dict[str, int]:
         raw: dict[str, str] = self.redis.hgetall(keys.STATS)  # type: ignore[assignment]
@@ -343,14 +431,50 @@ class JobStore:
         entries: Any = self.redis.xrange(keys.EVENTS, min=start, count=count)
         return [(str(i), dict(f)) for i, f in entries]
 
+    def reserve_budgets(self, items: Sequence[tuple[str, str, int, str]]) -> list[bool]:
+        """`reserve_budget` for many (job id, batch id, price, chain id) at once, in one
+        pipelined round trip (each reservation is still its own atomic script call)."""
+        answers = [True] * len(items)
+        sent = [i for i, item in enumerate(items) if item[1]]
+        if not sent:
+            return answers
+        # EVALSHA itself, not the script object: redis-py would first ask whether the
+        # script is loaded (SCRIPT EXISTS), a round trip per call for an answer that is
+        # yes but after a Redis restart, which the one-by-one path below handles.
+        pipe = self.redis.pipeline(transaction=False)
+        for i in sent:
+            job_id, batch_id, price_micros, chain_id = items[i]
+            pipe.evalsha(
+                self._reserve_budget.sha,
+                3,
+                keys.job(job_id),
+                keys.batch(batch_id),
+                keys.chain(chain_id),
+                price_micros,
+            )
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:
+            # Reservations are idempotent per job: any that did run are not made twice.
+            replies = [
+                self.reserve_budget(items[i][0], items[i][1], items[i][2], chain_id=items[i][3])
+                for i in sent
+            ]
+        for i, ok in zip(sent, replies, strict=True):
+            answers[i] = bool(ok)
+        return answers
+
 
 def _mapping(fields: Mapping[str, FieldValue]) -> Any:
     """redis-py's stubs want a wider key type than str; the values are what we say."""
     return dict(fields)
 
 
-def decode_job(raw: Mapping[str, str]) -> Job:
-    """Turn a stored hash into a Job; tolerant of fields added later."""
+def decode_job(raw: Mapping[str, str], job_id: str) -> Job:
+    """Turn a stored hash into a Job; tolerant of fields added later, and of fields left
+    out at their defaults (a missing field reads as its default). `job_id`: the id in the
+    record's key (a record written by create_jobs.lua has no `id` field).
+    """
 
     def num(name: str) -> float:
         try:
@@ -362,20 +486,16 @@ def decode_job(raw: Mapping[str, str]) -> Job:
         outputs = tuple(json.loads(raw.get("outputs") or "[]"))
     except ValueError:
         outputs = ()
-    try:
-        request: Any = json.loads(raw.get("request") or "{}")
-    except ValueError:
-        request = {}
     code = raw.get("task_code") or ""
     try:
         metadata: Any = json.loads(raw["metadata"]) if raw.get("metadata") else None
     except ValueError:
         metadata = None
     return Job(
-        id=raw.get("id", ""),
+        id=raw.get("id") or job_id,
         state=JobState(raw["state"]),
         version=int(num("version")),
-        request=request if isinstance(request, dict) else {},
+        request=decode_request(raw.get("request") or ""),
         batch_id=raw.get("batch_id", ""),
         prediction_id=raw.get("prediction_id", ""),
         idempotency_key=raw.get("idempotency_key", ""),

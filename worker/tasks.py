@@ -12,13 +12,14 @@ import structlog
 from celery import Task
 from kombu.exceptions import OperationalError
 
-from worker import poller
+from worker import poller, telemetry
 from worker.celery_app import SUBMIT_QUEUE, app
 from worker.drain import Drain
 from worker.errors import ConfigError, QueueUnavailable
 from worker.outputs import Copier, make_copier
 from worker.outputs.copier import COPY_THREADS
 from worker.service import Deps, SubmitOutcome, submit_job
+from worker.service.submit import submit_jobs
 
 log = structlog.get_logger("kq.tasks")
 
@@ -41,8 +42,13 @@ _copy_lock = threading.Lock()
 
 
 def install(deps: Deps) -> None:
-    """Hand this process's adapters to the task bodies (`kq worker` does, before it starts)."""
+    """Hand this process's adapters to the task bodies (`kq worker` does, before it starts).
+
+    The submits' counters are summed in memory and written a few times a second
+    (telemetry.Buffered), not in a round trip of their own per job."""
     global _deps
+    if deps.counter is None:
+        deps.counter = telemetry.Buffered(deps.store.redis).start()
     _deps = deps
 
 
@@ -88,8 +94,9 @@ def poll_due() -> dict[str, int]:
 def submit_chunk(job_ids: list[str]) -> dict[str, int]:
     """Submit a chunk of jobs side by side over the client's pooled connections.
 
-    One message per chunk keeps the per-job cost below a Celery task's. A job that
-    meets a transient error leaves the chunk and retries alone as `kq.submit`.
+    One message per chunk keeps the per-job cost below a Celery task's, and the chunk's
+    records and budgets are read and reserved in a round trip or two (`submit_jobs`). A
+    job that meets a transient error leaves the chunk and retries alone as `kq.submit`.
     """
     if not isinstance(job_ids, list) or not all(isinstance(j, str) and j for j in job_ids):
         log.error(
@@ -97,8 +104,7 @@ def submit_chunk(job_ids: list[str]) -> dict[str, int]:
         )
         return {"bad_message": 1}
     deps = process_deps()
-    pool = submit_pool()
-    futures = [pool.submit(submit_job, deps, job_id) for job_id in job_ids]
+    futures = submit_jobs(deps, job_ids, submit_pool())
     _drain.track(zip(futures, job_ids, strict=True))
     counts: dict[str, int] = {}
     try:

@@ -13,10 +13,11 @@ Counting is best effort and must never hurt the caller: a Redis error (or anythi
 else) is swallowed, because losing a counter is better than failing a webhook or a
 submit. Names are a small fixed vocabulary (see NAMES) so metric labels stay bounded.
 
-A process on a hot path (the receiver) keeps its counts in a `Buffered` sink instead:
-summed in memory and written by a background thread in one pipelined round trip every
-FLUSH_EVERY_S, so a delivery pays no round trip of its own for them (at most that long
-of counts is lost if the process dies hard; a normal exit writes them).
+A process on a hot path (the receiver, a worker's submits) keeps its counts in a
+`Buffered` sink instead: summed in memory and written by a background thread in one
+pipelined round trip every FLUSH_EVERY_S, so a delivery or a submit pays no round trip
+of its own for them (at most that long of counts is lost if the process dies hard; a
+normal exit writes them).
 """
 
 from __future__ import annotations
@@ -166,8 +167,11 @@ class Buffered:
         self._stop: threading.Event | None = None
 
     def count(self, name: str, n: int = 1) -> None:
+        self.count_many({name: n})
+
+    def count_many(self, counts: Mapping[str, int]) -> None:
         with self._lock:
-            self._counts[name] += n
+            self._counts.update(counts)
         if self._stop is None:
             self.flush()
 

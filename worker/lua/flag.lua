@@ -19,6 +19,8 @@ for i = 5, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 if ARGV[3] ~= '' then
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), redis.call('HGET', KEYS[1], 'id'))
+  -- (A record written by create_jobs.lua has its id only in its key, after the last ':'.)
+  local job_id = redis.call('HGET', KEYS[1], 'id') or string.match(KEYS[1], '[^:]*$')
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), job_id)
 end
 return {'applied', state, tostring(version)}

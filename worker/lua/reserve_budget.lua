@@ -5,6 +5,10 @@
 -- ARGV[1] price per image (in micro-dollars, an integer)
 -- Answers 1 when the job may be submitted, 0 when the budget would be exceeded.
 if redis.call('HGET', KEYS[1], 'reserved') == '1' then return 1 end
+-- A finished job is never submitted (its claim is refused), and its record no longer
+-- says whether it was reserved for (transition.lua): nothing to reserve.
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'completed' or state == 'failed' or state == 'cancelled' then return 1 end
 local budget = tonumber(redis.call('HGET', KEYS[2], 'budget_micros') or '-1')
 local price = tonumber(ARGV[1])
 local chain_price = tonumber(redis.call('HGET', KEYS[3], 'price_micros') or '')

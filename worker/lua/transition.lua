@@ -2,7 +2,8 @@
 -- KEYS[1] job hash      KEYS[2] events stream  KEYS[3] poll schedule (zset)
 -- KEYS[4] stats hash    KEYS[5] dead letters   KEYS[6] admission slots  KEYS[7] admission claims
 -- KEYS[8] waiter count  KEYS[9] wake list      KEYS[10] open submit attempts (zset)
--- KEYS[11] this webhook delivery's dedupe key (used when ARGV[11] is not '')
+-- KEYS[11] this webhook delivery's own dedupe key, as versions before the bucketed index
+--          wrote it (read only; used when ARGV[11] is not '')
 -- KEYS[12] latency histogram counters (hash; see the end of the terminal branch)
 -- KEYS[13] outputs to copy out (zset; see worker/outputs/)
 -- ARGV[1] target state          ARGV[2] comma list of states it may come from
@@ -16,20 +17,72 @@
 -- ARGV[16..19] key prefixes: job, chain, chain's jobs, chain's branch ends
 -- ARGV[20] when a chain step written by this move gets its queued check (poll score)
 -- ARGV[21] '1': completed jobs' outputs are copied out (queue them in KEYS[13])
--- ARGV[22..] field, value pairs to write with the move
+-- ARGV[22] the webhook delivery's id ('' for none)  ARGV[23] key prefix: webhook-id marks
+-- ARGV[24..] field, value pairs to write with the move
 --
 -- Answer: {outcome, state, version} and, for an applied move, the ids of the chain step
 -- jobs it wrote (chain_step.lua, in front of this file) as a 4th element, comma-separated.
 --
 -- With ARGV[11], a delivery counts as seen exactly when this call has applied it or found
 -- it stale: the mark and the move happen together, or (on any error) neither does.
+--
+-- The prediction index (prediction id -> job id) and the webhook-id marks are entries of
+-- hashes, each a bucket of one day (of the Redis server's clock) and one shard of the id,
+-- rather than a key each: a key costs ~100 bytes more than an entry, for every finished
+-- job, for as long as it lives. A bucket expires `ttl` after its day ends, so an entry
+-- lives at least `ttl` after its last write; a look-up reads every bucket that may still
+-- hold it, then the key of its own that versions before this one wrote.
+-- An id of 32 hex digits (every prediction id) is an entry's name as its 16 bytes, and a
+-- job id of 32 hex digits its value as a zero byte and its 16 bytes (index_job_id reads it).
+-- INDEX_PERIOD_S and INDEX_SHARDS are worker.store's; tests/test_record_layout.py checks.
+local INDEX_PERIOD_S, INDEX_SHARDS = 86400, 1024
+local server_now = tonumber(redis.call('TIME')[1])
+local function index_shard(id)
+  return tonumber(string.sub(redis.sha1hex(id), 1, 3), 16) % INDEX_SHARDS
+end
+local function hex32_bytes(id)
+  if #id == 32 and not string.find(id, '[^0-9a-f]') then
+    return (string.gsub(id, '..', function(hex) return string.char(tonumber(hex, 16)) end))
+  end
+end
+local function index_name(id)
+  return hex32_bytes(id) or id
+end
+local function index_job_value(job_id)
+  local packed = hex32_bytes(job_id)
+  return packed and ('\0' .. packed) or job_id
+end
+local function index_job_id(value)
+  if value and #value == 17 and string.byte(value, 1) == 0 then
+    return (string.gsub(string.sub(value, 2), '.',
+      function(c) return string.format('%02x', string.byte(c)) end))
+  end
+  return value
+end
+local function index_put(prefix, id, value, ttl)
+  local period = math.floor(server_now / INDEX_PERIOD_S)
+  local key = prefix .. period .. ':' .. index_shard(id)
+  redis.call('HSET', key, index_name(id), value)
+  redis.call('EXPIREAT', key, (period + 1) * INDEX_PERIOD_S + ttl)
+end
+local function index_get(prefix, id, ttl)
+  local shard, name = index_shard(id), index_name(id)
+  local newest = math.floor(server_now / INDEX_PERIOD_S)
+  for period = newest, math.floor((server_now - ttl) / INDEX_PERIOD_S) - 1, -1 do
+    local value = redis.call('HGET', prefix .. period .. ':' .. shard, name)
+    if value then return value end
+  end
+  return redis.call('GET', prefix .. id)
+end
+
 local job = KEYS[1]
 local dedupe = ARGV[11] ~= ''
+local WHID = ARGV[23]
 local function finish(outcome, state, version)
-  if dedupe then redis.call('SET', KEYS[11], '1', 'EX', tonumber(ARGV[11])) end
+  if dedupe then index_put(WHID, ARGV[22], '1', tonumber(ARGV[11])) end
   return {outcome, state, tostring(version)}
 end
-if dedupe and redis.call('EXISTS', KEYS[11]) == 1 then
+if dedupe and index_get(WHID, ARGV[22], tonumber(ARGV[11])) then
   local st = redis.call('HGET', job, 'state') or ''
   return {'duplicate', st, redis.call('HGET', job, 'version') or '0'}
 end
@@ -47,13 +100,15 @@ if not allowed then return finish('rejected', state, version) end
 if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= version then
   return {'conflict', state, tostring(version)}
 end
-local job_id = redis.call('HGET', job, 'id')
+-- Records written by create_jobs.lua keep their id only in their key (older ones, and
+-- chain steps, also have an `id` field).
+local job_id = redis.call('HGET', job, 'id') or string.sub(job, #ARGV[16] + 1)
 if ARGV[4] ~= '' then
   local pid = redis.call('HGET', job, 'prediction_id')
   if pid and pid ~= '' and pid ~= ARGV[4] then return finish('mismatch', state, version) end
   if not pid or pid == '' then
     -- Adopting an id (a webhook for an ambiguous submit): it must not belong to another job.
-    local owner = redis.call('GET', PRED .. ARGV[4])
+    local owner = index_job_id(index_get(PRED, ARGV[4], tonumber(ARGV[6])))
     if owner and owner ~= job_id then return finish('mismatch', state, version) end
   end
 end
@@ -63,8 +118,17 @@ local batch_id = redis.call('HGET', job, 'batch_id') or ''
 local batch = BATCH .. batch_id
 version = version + 1
 redis.call('HSET', job, 'state', ARGV[1], 'version', version, 'updated_at', ARGV[5])
-for i = 22, #ARGV, 2 do
-  redis.call('HSET', job, ARGV[i], ARGV[i + 1])
+-- A field at its default ('', or 0 for the flags below) is removed rather than written:
+-- every reader takes a missing field as its default, and a finished record keeps only
+-- what it says (its bytes stay for the record's whole TTL).
+local ZERO_IS_DEFAULT = {ambiguous = true, answer_lost_at = true}
+for i = 24, #ARGV, 2 do
+  local value = ARGV[i + 1]
+  if value == '' or (value == '0' and ZERO_IS_DEFAULT[ARGV[i]]) then
+    redis.call('HDEL', job, ARGV[i])
+  else
+    redis.call('HSET', job, ARGV[i], value)
+  end
 end
 
 -- Live gauges of jobs per non-terminal state (terminal totals are counted below).
@@ -85,7 +149,7 @@ if ARGV[10] == '1' then redis.call('ZREM', KEYS[10], attempt) end
 local ttl = tonumber(ARGV[6])
 local pid = redis.call('HGET', job, 'prediction_id') or ''
 if pid ~= '' then
-  redis.call('SET', PRED .. pid, job_id, 'EX', ttl)
+  index_put(PRED, pid, index_job_value(job_id), ttl)
   if old_pid == '' then
     -- A task now exists at the provider for this job: that is what gets billed, at the
     -- price of the job's model (written with its submitting move).
@@ -146,6 +210,12 @@ if ARGV[8] == '1' then
   end
   local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(event))
   redis.call('HSET', job, 'event_id', event_id)
+  -- Bookkeeping a finished job no longer needs: its price was counted when its task was
+  -- recorded (above, or never), its budget reservation is never made again (a finished
+  -- job is not reserved for: reserve_budget.lua), and its last update is its finish
+  -- (readers fall back to finished_at).
+  redis.call('HDEL', job, 'price_micros', 'reserved')
+  if f[10] == ARGV[5] then redis.call('HDEL', job, 'updated_at') end
   redis.call('EXPIRE', job, ttl)
   redis.call('ZREM', KEYS[3], job_id)
   redis.call('HINCRBY', KEYS[4], 'state:' .. ARGV[1], 1)

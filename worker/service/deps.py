@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from worker import telemetry
 from worker.admission import Admission
 from worker.domain import JobState
 from worker.settings import Settings
@@ -30,6 +31,16 @@ class Deps:
     enqueue_submit: Callable[[str], None] = field(default=lambda job_id: None)
     # Account-wide limits shared through Redis; None: no admission control.
     admission: Admission | None = None
+    # Where the use cases' counters go: None writes each at once; a long-running worker
+    # hands in a started `telemetry.Buffered` so a submit pays no round trip for them.
+    counter: telemetry.Buffered | None = None
+
+    def count(self, counts: Mapping[str, int]) -> None:
+        """Add to telemetry counters (names of telemetry.NAMES); never raises."""
+        if self.counter is None:
+            telemetry.count_many(self.store.redis, counts)
+        else:
+            self.counter.count_many(counts)
 
     def transition(self, job_id: str, target: JobState, **kwargs: Any) -> TransitionResult:
         """`JobStore.transition`, then send the chain steps the move wrote (if any).

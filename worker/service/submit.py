@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -10,6 +12,7 @@ import structlog
 from worker import replication, telemetry
 from worker.domain import (
     EditRequest,
+    Job,
     JobState,
     Reason,
     ResolvedBy,
@@ -64,25 +67,78 @@ def submit_job(
     Slots are given back by the job's own moves (to queued or a terminal state, in
     transition.lua), never from here: a job skipped here may be in flight elsewhere.
     """
-    bound = log.bind(job_id=job_id)
-    return _submit(deps, job_id, bound, final_attempt=final_attempt, slot_held=slot_held)
+    job = deps.store.get(job_id)
+    bound = _bound(job_id, job)
+    checked = _check(deps, job_id, job, bound)
+    if isinstance(checked, SubmitResult):
+        return checked
+    job, request = checked
+    if not deps.store.reserve_budget(
+        job_id, job.batch_id, request.price_micros, chain_id=job.chain_id
+    ):
+        return _over_budget(deps, job_id, bound)
+    return _send(
+        deps, job, request, bound, final_attempt=final_attempt, slot_held=slot_held, fresh=True
+    )
 
 
-def _submit(
-    deps: Deps, job_id: str, bound: structlog.BoundLogger, *, final_attempt: bool, slot_held: bool
-) -> SubmitResult:
-    store, settings = deps.store, deps.settings
-    job = store.get(job_id)
+def submit_jobs(
+    deps: Deps, job_ids: Sequence[str], pool: Executor, *, slot_held: bool = False
+) -> list[Future[SubmitResult]]:
+    """`submit_job` for many jobs (a chunk, a dispatcher's claim): one future per job.
+
+    Here, for all of them at once: the records are read in one round trip and the
+    budgets reserved in one more (each reservation still its own atomic script call).
+    Each job that may go on is then sent on `pool` as `submit_job` sends one: its slot
+    (unless `slot_held`: a dispatcher's claim holds it), `submitting` claim at the version
+    read, WAIT for replicas, POST, record. A job whose record moved on between the read
+    and its turn fails the claim's version check and is read again (see `_send`): a stale
+    read costs a round trip, never a second POST.
+    """
+    futures: list[Future[SubmitResult]] = [Future() for _ in job_ids]
+    ready: list[tuple[int, Job, EditRequest, structlog.BoundLogger]] = []
+    for i, (job_id, job) in enumerate(zip(job_ids, deps.store.get_many(job_ids), strict=True)):
+        bound = _bound(job_id, job)
+        checked = _check(deps, job_id, job, bound)
+        if isinstance(checked, SubmitResult):
+            futures[i].set_result(checked)
+        else:
+            ready.append((i, *checked, bound))
+    budgets = deps.store.reserve_budgets(
+        [(job.id, job.batch_id, request.price_micros, job.chain_id) for _, job, request, _ in ready]
+    )
+    for (i, job, request, bound), ok in zip(ready, budgets, strict=True):
+        if not ok:
+            futures[i].set_result(_over_budget(deps, job.id, bound))
+            continue
+        # The slot is taken on the pool thread, just before the claim (as `submit_job`
+        # does): a slot taken here for a job still waiting for a thread would be held by
+        # a worker killed meanwhile until its claim lease ran out (a minute), the job's
+        # redelivered message skipping it as "held elsewhere".
+        futures[i] = pool.submit(
+            _send, deps, job, request, bound, final_attempt=False, slot_held=slot_held, fresh=False
+        )
+    return futures
+
+
+def _bound(job_id: str, job: Job | None) -> structlog.BoundLogger:
+    bound: structlog.BoundLogger = log.bind(job_id=job_id)
+    return bound if job is None else bound.bind(batch_id=job.batch_id or None)
+
+
+def _check(
+    deps: Deps, job_id: str, job: Job | None, bound: structlog.BoundLogger
+) -> SubmitResult | tuple[Job, EditRequest]:
+    """What the job's record says before anything is reserved: a result when the job
+    must not be sent from here, else the job and its request."""
     if job is None:
         bound.warning("submit.unknown_job")
         return SubmitResult(SubmitOutcome.SKIPPED, "no such job")
-    bound = bound.bind(batch_id=job.batch_id or None)
     if job.terminal or job.prediction_id or job.state is JobState.SUBMITTED:
-        bound.info("submit.skipped", state=job.state.value)
+        bound.debug("submit.skipped", state=job.state.value)
         return SubmitResult(SubmitOutcome.SKIPPED, f"job is {job.state.value}")
-    now = deps.clock()
     if job.state is JobState.SUBMITTING:
-        if now - job.submitting_at < submit_watchdog_s(settings):
+        if deps.clock() - job.submitting_at < submit_watchdog_s(deps.settings):
             # Another attempt (a duplicate message) is posting right now.
             bound.info("submit.in_flight_elsewhere")
             return SubmitResult(SubmitOutcome.SKIPPED, "another attempt is in flight")
@@ -90,18 +146,39 @@ def _submit(
         mark_ambiguous(deps, job_id, "redelivered while submitting", expect_version=job.version)
         bound.warning("submit.redelivered_in_flight")
         return SubmitResult(SubmitOutcome.AMBIGUOUS, "previous attempt may have created a task")
-
     try:
-        request = EditRequest.from_dict(job.request)
+        return job, EditRequest.from_dict(job.request)
     except ValidationError as exc:
         # Only a record written around the producer's checks gets here.
         fail_job(deps, job_id, Reason.INVALID_REQUEST, str(exc))
         bound.error("submit.invalid_request", error=str(exc))
         return SubmitResult(SubmitOutcome.FAILED, str(exc))
-    if not store.reserve_budget(job_id, job.batch_id, request.price_micros, chain_id=job.chain_id):
-        fail_job(deps, job_id, Reason.BUDGET, "the batch budget would be exceeded by this image")
-        bound.warning("submit.over_budget")
-        return SubmitResult(SubmitOutcome.FAILED, "over budget")
+
+
+def _over_budget(deps: Deps, job_id: str, bound: structlog.BoundLogger) -> SubmitResult:
+    fail_job(deps, job_id, Reason.BUDGET, "the batch budget would be exceeded by this image")
+    bound.warning("submit.over_budget")
+    return SubmitResult(SubmitOutcome.FAILED, "over budget")
+
+
+def _send(
+    deps: Deps,
+    job: Job,
+    request: EditRequest,
+    bound: structlog.BoundLogger,
+    *,
+    final_attempt: bool,
+    slot_held: bool,
+    fresh: bool,
+) -> SubmitResult:
+    """Take a slot, claim the job (`submitting`, at the version read), POST, record.
+
+    `fresh`: `job` was read just now. A record read earlier with its chunk that has
+    moved since fails the claim's version check; if it is still queued it is read again
+    and sent as `submit_job` would (holding the slot it may have taken here)."""
+    store, settings = deps.store, deps.settings
+    job_id = job.id
+    now = deps.clock()
     if deps.admission is not None and not slot_held:
         decision = deps.admission.acquire(job_id, job.batch_id, job.priority, now)
         if not decision.granted:
@@ -110,6 +187,7 @@ def _submit(
             # Another attempt of this job (a dispatcher's claim) holds the slot: its turn.
             bound.info("submit.slot_held_elsewhere")
             return SubmitResult(SubmitOutcome.SKIPPED, "another attempt holds the slot")
+        slot_held = True
 
     claim = store.transition(
         job_id,
@@ -126,6 +204,12 @@ def _submit(
         poll_at=now + submit_watchdog_s(settings),
     )
     if not claim.applied:
+        if (
+            not fresh
+            and claim.outcome is TransitionOutcome.CONFLICT
+            and claim.state == JobState.QUEUED
+        ):
+            return submit_job(deps, job_id, final_attempt=final_attempt, slot_held=slot_held)
         bound.info("submit.lost_race", outcome=claim.outcome, state=claim.state)
         return SubmitResult(SubmitOutcome.SKIPPED, f"job moved to {claim.state}")
     unreplicated = _unless_replicated(deps, job_id, claim.version, bound)
@@ -142,13 +226,13 @@ def _submit(
     except AmbiguousError as exc:
         mark_ambiguous(deps, job_id, str(exc), expect_version=claim.version, answer_lost=True)
         bound.warning("submit.ambiguous", error=str(exc))
-        telemetry.count(store.redis, "submit.ambiguous")
+        deps.count({"submit.ambiguous": 1})
         return SubmitResult(SubmitOutcome.AMBIGUOUS, str(exc))
     except TransientError as exc:
         if final_attempt:
             fail_job(deps, job_id, Reason.SUBMIT_RETRIES_EXHAUSTED, str(exc), created_no_task=True)
             bound.error("submit.retries_exhausted", error=str(exc))
-            telemetry.count(store.redis, "submit.exhausted")
+            deps.count({"submit.exhausted": 1})
             return SubmitResult(SubmitOutcome.FAILED, str(exc))
         store.transition(
             job_id,
@@ -165,25 +249,23 @@ def _submit(
             # Everyone slows down, and this job waits its turn again (no Celery retry).
             deps.admission.penalize(deps.clock())
             deps.admission.wait(job_id, job.batch_id, job.priority, deps.clock())
-            telemetry.count_many(store.redis, {"submit.retry": 1, "submit.rate_limited": 1})
+            deps.count({"submit.retry": 1, "submit.rate_limited": 1})
             return SubmitResult(SubmitOutcome.WAITING, str(exc))
-        telemetry.count_many(
-            store.redis, {"submit.retry": 1, "submit.rate_limited": int(exc.status_code == 429)}
-        )
+        deps.count({"submit.retry": 1, "submit.rate_limited": int(exc.status_code == 429)})
         return SubmitResult(SubmitOutcome.RETRY, str(exc))
     except PermanentError as exc:
         fail_job(deps, job_id, Reason.SUBMIT_REJECTED, str(exc), created_no_task=True)
         bound.error("submit.rejected", error=str(exc), status=exc.status_code)
-        telemetry.count(store.redis, "submit.rejected")
+        deps.count({"submit.rejected": 1})
         return SubmitResult(SubmitOutcome.FAILED, str(exc))
 
     bound = bound.bind(prediction_id=prediction.id)
     recorded = record_submitted(deps, job_id, prediction.id)
-    bound.info("submit.ok", recorded=recorded.outcome.value)
+    # DEBUG: a line per job at INFO was a measurable share of a worker's CPU per job
+    # (bench: pipeline overhead); the job's record and its final event hold the same ids.
+    bound.debug("submit.ok", recorded=recorded.outcome.value)
     # The job's own model's price: cost today and in total (worker.status).
-    telemetry.count_many(
-        store.redis, {"submit.submitted": 1, telemetry.COST_SUBMITTED_MICROS: request.price_micros}
-    )
+    deps.count({"submit.submitted": 1, telemetry.COST_SUBMITTED_MICROS: request.price_micros})
     if recorded.outcome is TransitionOutcome.REJECTED and recorded.state == JobState.CANCELLED:
         # Cancelled while our POST was in flight: the task exists, so drop it.
         best_effort_delete(deps, prediction.id)
@@ -222,7 +304,7 @@ def _unless_replicated(
         attempt_created_no_task=True,
     )
     bound.warning("submit.unreplicated", replicas=answer.replicas, detail=answer.detail)
-    telemetry.count(deps.store.redis, "submit.unreplicated")
+    deps.count({"submit.unreplicated": 1})
     return SubmitResult(SubmitOutcome.RETRY, f"not replicated: {answer.detail}")
 
 
