@@ -326,7 +326,7 @@ def test_prometheus_scrapes_kq_and_fires_an_alert(
                 assert api.alerts(alert) == set(), alert
 
             # The provoked condition: the worker's heartbeat is gone.
-            redis_client.zrem(keys.HEARTBEATS, keys.heartbeat("worker", 40_000))
+            redis_client.zrem(keys.HEARTBEATS, keys.heartbeat("worker", "host-a", 40_000))
             wait_for(lambda: api.alerts("KqWorkerDown") == {"firing"}, timeout_s=20, interval_s=0.3)
             (alert,) = [
                 a

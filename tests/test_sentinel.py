@@ -38,7 +38,7 @@ from kq.stack import Stack, StackConfig
 from tests.conftest import wait_for
 from tests.support import FAST_STACK_ENV
 from tests.test_redis_restart import _spawn_http
-from worker import keys, runtime, telemetry
+from worker import runtime, telemetry
 from worker.celery_app import SENTINEL_TRANSPORT, configure
 from worker.forward.health import ROLE as FORWARD_ROLE
 from worker.settings import Settings
@@ -170,7 +170,7 @@ def readers_work_again(stack: Stack, urls: dict[str, str], store: JobStore) -> s
     wait_for(lambda: _http_ok(urls["dashboard"] + "/api/status", ops), timeout_s=30)
     wait_for(lambda: _http_ok(urls["metrics"] + "/metrics"), timeout_s=30)
     wait_for(lambda: _http_ok(urls["forward"] + "/metrics"), timeout_s=30)
-    beat = keys.heartbeat(FORWARD_ROLE, stack.procs["forward"].pid)
+    beat = runtime.heartbeat_key(FORWARD_ROLE, stack.procs["forward"].pid)
     store.redis.delete(beat)
     wait_for(lambda: store.redis.exists(beat), timeout_s=30)
     return job_id
