@@ -11,7 +11,7 @@ ROUND jobs go through the three steps that run per job whatever the load:
 
 Each step's cost per job is this process's CPU (the client side) plus the Redis time of
 its commands (INFO commandstats, microseconds per command: exact, unlike /proc ticks).
-The same rounds run at SMALL jobs in flight first, then at the large size; a step that
+The same rounds run at SMALL jobs in flight and at the large size, alternating; a step that
 scanned all jobs in flight (or all waiting) would cost ~100x more per job at 10,000.
 Goal: at most 1.2x. The full sizes (10,000 in flight, 100,000 waiting) take minutes to
 set up here, so `make bench` runs 2,000 / 20,000 unless `--full-scale` is given.
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import statistics
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 from typing import Any
 
@@ -48,10 +50,20 @@ QUICK = (400, 1_000)
 
 def run(*, quick: bool, full: bool = False) -> list[Row]:
     in_flight, waiting = QUICK if quick else FULL if full else DEFAULT
-    rounds = 3 if quick else 10
-    small = _measure(SMALL, 2 * rounds * ROUND, rounds)
-    large = _measure(in_flight, waiting, rounds)
-    note = f"{ROUND} jobs x {rounds} rounds; us/job = client CPU + Redis command time"
+    rounds = 3 if quick else 20
+    with Scale(SMALL, 2 * rounds * ROUND) as small, Scale(in_flight, waiting) as large:
+        # Rounds alternate between the two sizes (and which goes first), so a burst of
+        # load from elsewhere on the machine lands on both sides, not on one.
+        small_costs: list[dict[str, float]] = []
+        large_costs: list[dict[str, float]] = []
+        for i in range(rounds):
+            pair = [(small, small_costs), (large, large_costs)]
+            for scale, costs in pair if i % 2 == 0 else reversed(pair):
+                costs.append(scale.round())
+    note = (
+        f"{ROUND} jobs x {rounds} rounds, the two sizes alternating; us/job = client CPU + "
+        "Redis command time, median of the rounds"
+    )
     rows = []
     for step, label in (
         ("sweep", "poll sweep"),
@@ -62,8 +74,8 @@ def run(*, quick: bool, full: bool = False) -> list[Row]:
             Row.lower_is_better(
                 SCENARIO,
                 f"{label}: cost/job at {in_flight:,} in flight vs {SMALL}",
-                large[step],
-                small[step],
+                _median_us(large_costs, step),
+                _median_us(small_costs, step),
                 "us",
                 GOAL_RATIO,
                 note=f"{waiting:,} waiting (large run), {2 * rounds * ROUND:,} (small); {note}",
@@ -72,9 +84,20 @@ def run(*, quick: bool, full: bool = False) -> list[Row]:
     return rows
 
 
-def _measure(in_flight: int, waiting: int, rounds: int) -> dict[str, float]:
-    """Microseconds per job of each step, with `in_flight` slots held and `waiting` in line."""
-    with private_redis() as url:
+def _median_us(costs: list[dict[str, float]], step: str) -> float:
+    return statistics.median(c[step] for c in costs) * 1e6 / ROUND
+
+
+class Scale:
+    """A private Redis with `in_flight` jobs holding slots and `waiting` in line behind."""
+
+    def __init__(self, in_flight: int, waiting: int) -> None:
+        self._sizes = (in_flight, waiting)
+        self._exit = ExitStack()
+
+    def __enter__(self) -> Scale:
+        in_flight, waiting = self._sizes
+        url = self._exit.enter_context(private_redis())
         env = {
             **os.environ,
             "KQ_REDIS_URL": url,
@@ -83,35 +106,32 @@ def _measure(in_flight: int, waiting: int, rounds: int) -> dict[str, float]:
             "KQ_MAX_SUBMITS_PER_MINUTE": "10000000",
         }
         settings = Settings.from_env(env)
-        store = make_store(settings)
-        client = store.redis
-        admission = Admission(client, settings)
-        try:
-            pids: dict[str, str] = {}
-            flying = _in_flight(store, admission, in_flight, pids)
-            _waiting(store, admission, waiting)
-            costs = {"sweep": 0.0, "dispatch": 0.0, "deliver": 0.0}
-            done = 0
-            for _ in range(rounds):
-                batch, flying = flying[:ROUND], flying[ROUND:]
-                costs["deliver"] += _cost(
-                    client, partial(_deliver, store, batch, pids, time.time())
-                )
-                claimed: list[str] = []
-                costs["dispatch"] += _cost(client, partial(_claim, admission, claimed))
-                flying.extend(_submitted(store, claimed, pids))  # back to `in_flight` slots held
-                due = flying[:ROUND]
-                client.zadd(keys.POLL, dict.fromkeys(due, time.time() - 1))
-                costs["sweep"] += _cost(
-                    client,
-                    lambda: store.claim_due(
-                        time.time(), limit=ROUND, min_interval=600, max_interval=3600
-                    ),
-                )
-                done += ROUND
-            return {step: total * 1e6 / done for step, total in costs.items()}
-        finally:
-            client.close()
+        self.store = make_store(settings)
+        self.client = self.store.redis
+        self._exit.callback(self.client.close)
+        self.admission = Admission(self.client, settings)
+        self.pids: dict[str, str] = {}
+        self.flying = _in_flight(self.store, self.admission, in_flight, self.pids)
+        _waiting(self.store, self.admission, waiting)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit.close()
+
+    def round(self) -> dict[str, float]:
+        """Seconds of each step for ROUND jobs: deliver, dispatch, sweep."""
+        store, client = self.store, self.client
+        batch, self.flying = self.flying[:ROUND], self.flying[ROUND:]
+        costs = {"deliver": _cost(client, partial(_deliver, store, batch, self.pids, time.time()))}
+        claimed: list[str] = []
+        costs["dispatch"] = _cost(client, partial(_claim, self.admission, claimed))
+        self.flying.extend(_submitted(store, claimed, self.pids))  # back to in_flight held
+        client.zadd(keys.POLL, dict.fromkeys(self.flying[:ROUND], time.time() - 1))
+        costs["sweep"] = _cost(
+            client,
+            lambda: store.claim_due(time.time(), limit=ROUND, min_interval=600, max_interval=3600),
+        )
+        return costs
 
 
 def _cost(client: redis.Redis, step: Callable[[], object]) -> float:

@@ -5,19 +5,31 @@
 -- ARGV[5] job hash key prefix (the due ids are only known here)
 local now = tonumber(ARGV[1])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+if #due == 0 then
+  return due
+end
+-- The due jobs are the schedule's first #due entries: removing them from its head is one
+-- cheap step, where moving each one in place would search the whole schedule twice.
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #due - 1)
 local min_i = tonumber(ARGV[3])
 local max_i = tonumber(ARGV[4])
 local claimed = {}
+local next_polls = {}
 for _, job_id in ipairs(due) do
   local job = ARGV[5] .. job_id
-  if redis.call('EXISTS', job) == 0 then
-    -- The record expired or was never written: nothing left to poll.
-    redis.call('ZREM', KEYS[1], job_id)
-  else
+  -- A job whose record expired (or was never written) has nothing left to poll: it is
+  -- not put back.
+  if redis.call('EXISTS', job) == 1 then
     local n = redis.call('HINCRBY', job, 'poll_count', 1)
     local interval = math.min(max_i, min_i * math.pow(2, math.min(n - 1, 20)))
-    redis.call('ZADD', KEYS[1], now + interval, job_id)
-    table.insert(claimed, job_id)
+    next_polls[#next_polls + 1] = now + interval
+    next_polls[#next_polls + 1] = job_id
+    claimed[#claimed + 1] = job_id
   end
+end
+-- Back in one ZADD, a few hundred at a time (Lua's unpack has a stack limit).
+local step = 400
+for i = 1, #next_polls, step do
+  redis.call('ZADD', KEYS[1], unpack(next_polls, i, math.min(i + step - 1, #next_polls)))
 end
 return claimed
