@@ -1,4 +1,5 @@
-"""Shared fixtures: a private redis-server per test session, flushed around each test.
+"""Shared fixtures: a private redis-server per test session, flushed around each test;
+an in-process simulator per module that asks for one.
 
 Nothing here touches a shared Redis: the server runs on a free port in a temp dir
 and is shut down at the end of the session.
@@ -16,9 +17,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
+from wavespeed_sim.config import SimConfig
+from wavespeed_sim.server import SimServer
 from worker.settings import Settings
 from worker.store import JobStore
 
@@ -115,3 +119,24 @@ def settings(redis_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 def store(redis_client: redis.Redis, settings: Settings) -> JobStore:
     return JobStore(redis_client, result_ttl_s=3600, events_maxlen=10_000)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimServer]:
+    """The simulator in this process: instant inference, a fixed seed (a module that needs
+    other settings defines its own `sim`)."""
+    server = SimServer(SimConfig(port=0, seed=5, inference_time_s=0.0, queue_delay_s=0.0))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def control(sim: SimServer) -> Iterator[httpx.Client]:
+    """A client of `sim`, which is reset (tasks, faults, config) before and after the test."""
+    with httpx.Client(base_url=sim.url, timeout=10) as client:
+        client.post("/_sim/reset").raise_for_status()
+        yield client
+        client.post("/_sim/reset").raise_for_status()

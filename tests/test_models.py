@@ -323,24 +323,14 @@ def test_simulator_serves_every_model_path(sim_http: Any) -> None:
     assert deleted.json["data"]["deleted_count"] == len(ids)
 
 
-@pytest.fixture(scope="module")
-def sim_server() -> Iterator[SimServer]:
-    server = SimServer(SimConfig(port=0, seed=5, inference_time_s=0.0, queue_delay_s=0.0))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def deps(sim_server: SimServer, store: JobStore, settings: Settings) -> Iterator[Deps]:
-    httpx.post(f"{sim_server.url}/_sim/reset").raise_for_status()
-    client = WaveSpeedClient(sim_server.url, "sim-key", timeout_s=5)
+def deps(sim: SimServer, store: JobStore, settings: Settings) -> Iterator[Deps]:
+    httpx.post(f"{sim.url}/_sim/reset").raise_for_status()
+    client = WaveSpeedClient(sim.url, "sim-key", timeout_s=5)
     yield Deps(
         store=store,
         provider=client,
-        settings=replace(settings, wavespeed_base_url=sim_server.url, job_deadline_s=600),
+        settings=replace(settings, wavespeed_base_url=sim.url, job_deadline_s=600),
         clock=Clock(),
         enqueue_submit=lambda job_id: None,
     )
@@ -348,11 +338,11 @@ def deps(sim_server: SimServer, store: JobStore, settings: Settings) -> Iterator
 
 
 def test_ambiguous_submit_is_reconciled_among_its_own_models_tasks(
-    deps: Deps, sim_server: SimServer, store: JobStore, request: pytest.FixtureRequest
+    deps: Deps, sim: SimServer, store: JobStore, request: pytest.FixtureRequest
 ) -> None:
     """A pro/multi submit whose answer is lost is adopted from the list call filtered by
     its model: an unowned [max] task in the same window is not a candidate."""
-    control = httpx.Client(base_url=sim_server.url, timeout=10)
+    control = httpx.Client(base_url=sim.url, timeout=10)
     request.addfinalizer(control.close)
     control.post("/_sim/config", json={"ambiguous_submit_rate": 1.0}).raise_for_status()
     assert store.create("job-multi", make(PRO_MULTI.path), now=time.time())

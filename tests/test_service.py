@@ -13,7 +13,6 @@ import httpx
 import pytest
 
 from tests.support import Clock
-from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
 from worker import keys
 from worker.domain import EditRequest, JobState, Prediction, TransitionOutcome
@@ -33,24 +32,6 @@ from worker.store import JobStore
 from worker.wavespeed import WaveSpeedClient
 
 REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimServer]:
-    server = SimServer(SimConfig(port=0, seed=5, inference_time_s=0.0, queue_delay_s=0.0))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def control(sim: SimServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sim.url, timeout=10) as client:
-        client.post("/_sim/reset").raise_for_status()
-        yield client
-        client.post("/_sim/reset").raise_for_status()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from tests.support import Clock
-from wavespeed_sim.config import SimConfig
 from wavespeed_sim.server import SimServer
 from worker import telemetry
 from worker.admission import Admission
@@ -41,24 +40,6 @@ class Inline(Executor):
         future: Future[Any] = Future()
         future.set_result(fn(*args, **kwargs))
         return future
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[SimServer]:
-    server = SimServer(SimConfig(port=0, seed=5, inference_time_s=0.0, queue_delay_s=0.0))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def control(sim: SimServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=sim.url, timeout=10) as client:
-        client.post("/_sim/reset").raise_for_status()
-        yield client
-        client.post("/_sim/reset").raise_for_status()
 
 
 def make_deps(sim: SimServer, store: JobStore, settings: Settings, *, cap: int) -> Deps:
