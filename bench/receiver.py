@@ -23,6 +23,9 @@ import json
 import secrets
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from urllib.parse import urlencode
 
 import httpx
@@ -58,36 +61,26 @@ def run(*, quick: bool) -> list[Row]:
     n = 400 if quick else 12_000
     warm = 40 if quick else 200
     deadline_s = 20.0 if quick else 60.0
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    with bench_stack(
-        extra_env={"KQ_WEBHOOK_SECRET": secret}, start_worker=False, start_beat=False
-    ) as stack:
-        settings = stack_settings(stack)
-        store = make_store(settings)
+    with receiver_and_bare(warm + n) as (stack, store, bare_url, sign):
         assert stack.receiver_url is not None
-        try:
-            jobs = _prepare(store, warm + n)
-            bare_url = _start_bare(stack)
-            deliveries = _sign(jobs, settings.secret_key, secret)
-            _load(bare_url, deliveries[:warm], deadline_s)  # warm-up, not counted
-            bare_groups = {"server": process_tree(stack.procs["bare-flask"].pid)}
-            before = cpu_snapshot(bare_groups)
-            base = _load(bare_url, deliveries[warm:], deadline_s)
-            base_cpu = cpu_per_job_ms(before, cpu_snapshot(bare_groups), n)
-            stack.procs["bare-flask"].stop()  # its CPU goes back to the receiver
-            # Signed again: the timestamps must be fresh (±300 s) when ours checks them.
-            deliveries = _sign(jobs, settings.secret_key, secret)
-            _load(stack.receiver_url, deliveries[:warm], deadline_s)  # warm-up, not counted
-            groups = {
-                "server": process_tree(stack.procs["receiver"].pid),
-                "redis": [stack.procs["redis"].pid],
-            }
-            before = cpu_snapshot(groups)
-            ours = _load(stack.receiver_url, deliveries[warm:], deadline_s)
-            ours_cpu = cpu_per_job_ms(before, cpu_snapshot(groups), n)
-            applied = int(store.redis.xlen(keys.EVENTS)) - warm
-        finally:
-            store.redis.close()
+        deliveries = sign()
+        _load(bare_url, deliveries[:warm], deadline_s)  # warm-up, not counted
+        bare_groups = {"server": process_tree(stack.procs["bare-flask"].pid)}
+        before = cpu_snapshot(bare_groups)
+        base = _load(bare_url, deliveries[warm:], deadline_s)
+        base_cpu = cpu_per_job_ms(before, cpu_snapshot(bare_groups), n)
+        stack.procs["bare-flask"].stop()  # its CPU goes back to the receiver
+        # Signed again: the timestamps must be fresh (±300 s) when ours checks them.
+        deliveries = sign()
+        _load(stack.receiver_url, deliveries[:warm], deadline_s)  # warm-up, not counted
+        groups = {
+            "server": process_tree(stack.procs["receiver"].pid),
+            "redis": [stack.procs["redis"].pid],
+        }
+        before = cpu_snapshot(groups)
+        ours = _load(stack.receiver_url, deliveries[warm:], deadline_s)
+        ours_cpu = cpu_per_job_ms(before, cpu_snapshot(groups), n)
+        applied = int(store.redis.xlen(keys.EVENTS)) - warm
     refused = {s: c for s, c in ours.statuses.items() if not 200 <= s < 300}
     note = f"{applied:,} of {len(ours.latencies):,} deliveries applied (an event each)"
     if refused:
@@ -120,6 +113,27 @@ def run(*, quick: bool) -> list[Row]:
             note=f"receiver {ours_cpu['server']:.3f} ms, Redis {ours_cpu['redis']:.3f} ms",
         ),
     ]
+
+
+@contextmanager
+def receiver_and_bare(
+    n: int,
+) -> Iterator[tuple[Stack, JobStore, str, Callable[[], list[Request]]]]:
+    """A stack with the receiver (no worker), `n` jobs waiting for their result, the bare
+    Flask server beside it: (stack, store, bare server's URL, a function that signs one
+    fresh delivery per job — sign again before each side, timestamps must be fresh)."""
+    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+    with bench_stack(
+        extra_env={"KQ_WEBHOOK_SECRET": secret}, start_worker=False, start_beat=False
+    ) as stack:
+        settings = stack_settings(stack)
+        store = make_store(settings)
+        try:
+            jobs = _prepare(store, n)
+            bare_url = _start_bare(stack)
+            yield stack, store, bare_url, partial(_sign, jobs, settings.secret_key, secret)
+        finally:
+            store.redis.close()
 
 
 def _prepare(store: JobStore, n: int) -> list[tuple[str, str]]:

@@ -9,14 +9,10 @@ apply, answer) against the p99 of a bare Flask 204 under the same storm.
 
 from __future__ import annotations
 
-import base64
-import secrets
-
-from bench.common import Row, bench_stack, stack_settings
+from bench.common import Row
 from bench.loadgen import LoadResult, Request, blast
-from bench.receiver import _prepare, _sign, _start_bare
+from bench.receiver import receiver_and_bare
 from worker import keys
-from worker.runtime import make_store
 
 SCENARIO = "webhook storm"
 P99_GOAL = 1.5
@@ -27,22 +23,12 @@ THREADS_PER_PROCESS = 32
 def run(*, quick: bool) -> list[Row]:
     n = 300 if quick else 5_000
     deadline_s = 30.0 if quick else 60.0
-    secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
-    with bench_stack(
-        extra_env={"KQ_WEBHOOK_SECRET": secret}, start_worker=False, start_beat=False
-    ) as stack:
-        settings = stack_settings(stack)
-        store = make_store(settings)
+    with receiver_and_bare(n) as (stack, store, bare_url, sign):
         assert stack.receiver_url is not None
-        try:
-            jobs = _prepare(store, n)
-            bare_url = _start_bare(stack)
-            base = _storm(bare_url, _sign(jobs, settings.secret_key, secret), deadline_s)
-            stack.procs["bare-flask"].stop()
-            ours = _storm(stack.receiver_url, _sign(jobs, settings.secret_key, secret), deadline_s)
-            applied = int(store.redis.xlen(keys.EVENTS))
-        finally:
-            store.redis.close()
+        base = _storm(bare_url, sign(), deadline_s)
+        stack.procs["bare-flask"].stop()
+        ours = _storm(stack.receiver_url, sign(), deadline_s)
+        applied = int(store.redis.xlen(keys.EVENTS))
     seconds = ours.finished - ours.started
     return [
         Row.higher_is_better(
