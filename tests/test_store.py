@@ -176,6 +176,25 @@ def test_poll_interval_doubles_and_caps(store: JobStore, redis_client: redis.Red
     assert [poll_interval(n, 2, 60) for n in range(7)] == [2, 4, 8, 16, 32, 60, 60]
 
 
+def test_claim_due_takes_only_the_limit_and_puts_every_claimed_job_back(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """A sweep over more due jobs than one ZADD takes at once (claim_due.lua adds them back
+    400 at a time): exactly `limit` are claimed, earliest first, each rescheduled; the
+    rest stay due where they were, and a gone record among them is dropped."""
+    ids = [f"j{i:04d}" for i in range(1000)]
+    for i, job_id in enumerate(ids):
+        redis_client.hset(keys.job(job_id), mapping={"state": "submitted"})
+        store.schedule_poll(job_id, 1.0 + i / 1000)
+    redis_client.delete(keys.job("j0007"))
+    claimed = store.claim_due(100.0, limit=901, min_interval=2, max_interval=60)
+    assert claimed == [job_id for job_id in ids[:901] if job_id != "j0007"]
+    schedule = dict(redis_client.zrange(keys.POLL, 0, -1, withscores=True))
+    assert len(schedule) == 999 and "j0007" not in schedule
+    assert all(schedule[job_id] == 102.0 for job_id in claimed)
+    assert [schedule[job_id] for job_id in ids[901:]] == [1.0 + i / 1000 for i in range(901, 1000)]
+
+
 def test_claim_due_drops_expired_records(store: JobStore, redis_client: redis.Redis) -> None:
     """A scheduled id whose record is gone is removed, not resurrected."""
     store.schedule_poll("gone", 1.0)
@@ -241,3 +260,15 @@ def test_live_state_gauges(store: JobStore) -> None:
     stats = store.stats()
     assert stats["now:submitted"] == 0 and stats["state:completed"] == 1
     assert stats["now:submitting"] == 0
+
+
+def test_a_redis_without_the_script_gets_it_loaded(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """A Redis that lost its scripts (a restart, a failover to a fresh server) still applies
+    the move: the script is loaded and run again, once."""
+    submitted_job(store)
+    redis_client.script_flush()
+    assert complete(store, "job1").applied
+    assert redis_client.xlen(keys.EVENTS) == 1
+    assert complete(store, "job1").outcome is TransitionOutcome.REJECTED

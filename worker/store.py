@@ -46,6 +46,10 @@ _TRANSITION_PREFIXES: Final = (
     keys.CHAIN_ENDS_PREFIX,
 )
 REMOVE: Final = "rm"
+# ARGV[2] of the transition script per target: the states it may come from.
+_ALLOWED_ARG: Final = {
+    target: ",".join(sorted(s.value for s in sources)) for target, sources in ALLOWED_FROM.items()
+}
 # A job still `queued` this long after it was written (or put back) is looked at by the
 # poller: its submit message may be gone (see poller.poll_job), so it gets another.
 QUEUED_CHECK_S: Final = 60.0
@@ -307,10 +311,9 @@ class JobStore:
         `webhook_id`: the move applies that webhook delivery; it is marked as seen in the
         same step, and a delivery seen before comes back DUPLICATE with nothing done.
         """
-        allowed = ",".join(sorted(s.value for s in ALLOWED_FROM[target]))
         args: list[FieldValue] = [
             target.value,
-            allowed,
+            _ALLOWED_ARG[target],
             "" if expect_version is None else expect_version,
             expect_prediction_id,
             _stamp(now),

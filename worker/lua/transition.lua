@@ -37,16 +37,29 @@
 -- INDEX_PERIOD_S and INDEX_SHARDS are worker.store's; tests/test_record_layout.py checks.
 local INDEX_PERIOD_S, INDEX_SHARDS = 86400, 1024
 local server_now = tonumber(redis.call('TIME')[1])
-local function index_shard(id)
-  return tonumber(string.sub(redis.sha1hex(id), 1, 3), 16) % INDEX_SHARDS
-end
 local function hex32_bytes(id)
   if #id == 32 and not string.find(id, '[^0-9a-f]') then
     return (string.gsub(id, '..', function(hex) return string.char(tonumber(hex, 16)) end))
   end
 end
+-- An id's shard and entry name, worked out once per id (a delivery's id is looked up,
+-- then written).
+local SHARDS, NAMES = {}, {}
+local function index_shard(id)
+  local shard = SHARDS[id]
+  if not shard then
+    shard = tonumber(string.sub(redis.sha1hex(id), 1, 3), 16) % INDEX_SHARDS
+    SHARDS[id] = shard
+  end
+  return shard
+end
 local function index_name(id)
-  return hex32_bytes(id) or id
+  local name = NAMES[id]
+  if not name then
+    name = hex32_bytes(id) or id
+    NAMES[id] = name
+  end
+  return name
 end
 local function index_job_value(job_id)
   local packed = hex32_bytes(job_id)
@@ -83,14 +96,26 @@ local function finish(outcome, state, version)
   return {outcome, state, tostring(version)}
 end
 if dedupe and index_get(WHID, ARGV[22], tonumber(ARGV[11])) then
-  local st = redis.call('HGET', job, 'state') or ''
-  return {'duplicate', st, redis.call('HGET', job, 'version') or '0'}
+  local seen = redis.call('HMGET', job, 'state', 'version')
+  return {'duplicate', seen[1] or '', seen[2] or '0'}
 end
 
 local PRED, BATCH, BATCH_JOBS, ADM_WAIT = ARGV[12], ARGV[13], ARGV[14], ARGV[15]
-local state = redis.call('HGET', job, 'state')
+-- The job's fields this move reads, in one look-up. `after(name)` is a field's value once
+-- the move has written its own (a field it removes reads as false, as HGET answers).
+local HAD = redis.call('HMGET', job, 'state', 'version', 'id', 'prediction_id', 'batch_id',
+  'attempts', 'price_micros')
+local HAD_AT = {state = 1, version = 2, id = 3, prediction_id = 4, batch_id = 5, attempts = 6,
+  price_micros = 7}
+local written = {}
+local function after(name)
+  local value = written[name]
+  if value == nil then return HAD[HAD_AT[name]] end
+  return value
+end
+local state = HAD[1]
 if not state then return finish('missing', '', '0') end
-local version = tonumber(redis.call('HGET', job, 'version') or '0')
+local version = tonumber(HAD[2] or '0')
 
 local allowed = false
 for s in string.gmatch(ARGV[2], '[^,]+') do
@@ -102,9 +127,9 @@ if ARGV[3] ~= '' and tonumber(ARGV[3]) ~= version then
 end
 -- Records written by create_jobs.lua keep their id only in their key (older ones, and
 -- chain steps, also have an `id` field).
-local job_id = redis.call('HGET', job, 'id') or string.sub(job, #ARGV[16] + 1)
+local job_id = HAD[3] or string.sub(job, #ARGV[16] + 1)
 if ARGV[4] ~= '' then
-  local pid = redis.call('HGET', job, 'prediction_id')
+  local pid = HAD[4]
   if pid and pid ~= '' and pid ~= ARGV[4] then return finish('mismatch', state, version) end
   if not pid or pid == '' then
     -- Adopting an id (a webhook for an ambiguous submit): it must not belong to another job.
@@ -113,23 +138,38 @@ if ARGV[4] ~= '' then
   end
 end
 
-local old_pid = redis.call('HGET', job, 'prediction_id') or ''
-local batch_id = redis.call('HGET', job, 'batch_id') or ''
+local old_pid = HAD[4] or ''
+local batch_id = HAD[5] or ''
 local batch = BATCH .. batch_id
 version = version + 1
-redis.call('HSET', job, 'state', ARGV[1], 'version', version, 'updated_at', ARGV[5])
 -- A field at its default ('', or 0 for the flags below) is removed rather than written:
 -- every reader takes a missing field as its default, and a finished record keeps only
--- what it says (its bytes stay for the record's whole TTL).
+-- what it says (its bytes stay for the record's whole TTL). The move's writes go out as
+-- one HSET and one HDEL, each field's last value winning, as if written one by one.
 local ZERO_IS_DEFAULT = {ambiguous = true, answer_lost_at = true}
+local order = {'state', 'version', 'updated_at'}
+written.state, written.version, written.updated_at = ARGV[1], tostring(version), ARGV[5]
 for i = 24, #ARGV, 2 do
-  local value = ARGV[i + 1]
-  if value == '' or (value == '0' and ZERO_IS_DEFAULT[ARGV[i]]) then
-    redis.call('HDEL', job, ARGV[i])
+  local name, value = ARGV[i], ARGV[i + 1]
+  if written[name] == nil then table.insert(order, name) end
+  if value == '' or (value == '0' and ZERO_IS_DEFAULT[name]) then
+    written[name] = false
   else
-    redis.call('HSET', job, ARGV[i], value)
+    written[name] = value
   end
 end
+local sets, removes = {}, {}
+for _, name in ipairs(order) do
+  local value = written[name]
+  if value then
+    table.insert(sets, name)
+    table.insert(sets, value)
+  else
+    table.insert(removes, name)
+  end
+end
+if #sets > 0 then redis.call('HSET', job, unpack(sets)) end
+if #removes > 0 then redis.call('HDEL', job, unpack(removes)) end
 
 -- Live gauges of jobs per non-terminal state (terminal totals are counted below).
 redis.call('HINCRBY', KEYS[4], 'now:' .. state, -1)
@@ -142,12 +182,12 @@ end
 -- Open submit attempts: from the moment a POST may go out until its task is known (the
 -- job records a prediction id) or it is known that no task came of it. Reconciliation
 -- through the list call adopts a task only when no other open attempt could own it.
-local attempt = job_id .. ':' .. (redis.call('HGET', job, 'attempts') or '0')
+local attempt = job_id .. ':' .. (after('attempts') or '0')
 if ARGV[1] == 'submitting' then redis.call('ZADD', KEYS[10], tonumber(ARGV[5]), attempt) end
 if ARGV[10] == '1' then redis.call('ZREM', KEYS[10], attempt) end
 
 local ttl = tonumber(ARGV[6])
-local pid = redis.call('HGET', job, 'prediction_id') or ''
+local pid = after('prediction_id') or ''
 if pid ~= '' then
   index_put(PRED, pid, index_job_value(job_id), ttl)
   if old_pid == '' then
@@ -155,7 +195,7 @@ if pid ~= '' then
     -- price of the job's model (written with its submitting move).
     -- (`paid_priced` counts the tasks in `paid_micros`: a record without a price, written
     -- before prices rode on it, is costed at the mean price by its readers.)
-    local price = tonumber(redis.call('HGET', job, 'price_micros') or '')
+    local price = tonumber(after('price_micros') or '')
     redis.call('HINCRBY', KEYS[4], 'paid', 1)
     if batch_id ~= '' then redis.call('HINCRBY', batch, 'paid', 1) end
     if price then
@@ -191,9 +231,12 @@ elseif ARGV[9] ~= '' then
   redis.call('ZADD', KEYS[3], tonumber(ARGV[9]), job_id)
 end
 
+local terminal_fields
 if ARGV[8] == '1' then
   local f = redis.call('HMGET', job, 'batch_id', 'prediction_id', 'outputs', 'error', 'reason',
-    'task_code', 'resolved_by', 'created_at', 'submitted_at', 'finished_at', 'attempts')
+    'task_code', 'resolved_by', 'created_at', 'submitted_at', 'finished_at', 'attempts',
+    'idempotency_key', 'metadata', 'chain_id', 'step', 'branch', 'priority')
+  terminal_fields = f
   local event = {'schema', '2', 'type', 'job', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
     'prediction_id', f[2] or '', 'outputs', f[3] or '[]', 'error', f[4] or '',
     'reason', f[5] or '', 'task_code', f[6] or '', 'resolved_by', f[7] or '',
@@ -201,8 +244,8 @@ if ARGV[8] == '1' then
     'attempts', f[11] or '0', 'version', tostring(version)}
   -- The producer's own key and metadata, and its place in a chain, when the job has them
   -- (docs/events.md).
-  for _, name in ipairs({'idempotency_key', 'metadata', 'chain_id', 'step', 'branch'}) do
-    local value = redis.call('HGET', job, name)
+  for i, name in ipairs({'idempotency_key', 'metadata', 'chain_id', 'step', 'branch'}) do
+    local value = f[11 + i]
     if value and value ~= '' then
       table.insert(event, name)
       table.insert(event, value)
@@ -214,10 +257,13 @@ if ARGV[8] == '1' then
   -- recorded (above, or never), its budget reservation is never made again (a finished
   -- job is not reserved for: reserve_budget.lua), and its last update is its finish
   -- (readers fall back to finished_at).
-  redis.call('HDEL', job, 'price_micros', 'reserved')
-  if f[10] == ARGV[5] then redis.call('HDEL', job, 'updated_at') end
+  if f[10] == ARGV[5] then
+    redis.call('HDEL', job, 'price_micros', 'reserved', 'updated_at')
+  else
+    redis.call('HDEL', job, 'price_micros', 'reserved')
+  end
   redis.call('EXPIRE', job, ttl)
-  redis.call('ZREM', KEYS[3], job_id)
+  if ARGV[9] ~= 'rm' then redis.call('ZREM', KEYS[3], job_id) end  -- 'rm': done above
   redis.call('HINCRBY', KEYS[4], 'state:' .. ARGV[1], 1)
   if f[7] and f[7] ~= '' then
     redis.call('HINCRBY', KEYS[4], 'resolved_by:' .. f[7], 1)
@@ -261,18 +307,18 @@ if ARGV[8] == '1' then
 end
 local spawned = {}
 if ARGV[8] == '1' then
-  if ARGV[1] == 'completed' and ARGV[21] == '1'
-      and (redis.call('HGET', job, 'outputs') or '[]') ~= '[]' then
+  -- (The terminal branch's writes since its HMGET touched none of these fields.)
+  local f = terminal_fields
+  if ARGV[1] == 'completed' and ARGV[21] == '1' and (f[3] or '[]') ~= '[]' then
     redis.call('ZADD', KEYS[13], 'NX', tonumber(ARGV[5]), job_id)
   end
-  local chain_id = redis.call('HGET', job, 'chain_id')
+  local chain_id = f[14]
   if chain_id and chain_id ~= '' then
     spawned = chain_advance({job = job, job_id = job_id, target = ARGV[1], now = ARGV[5],
       ttl = ttl, maxlen = ARGV[7], chain_id = chain_id, events = KEYS[2], poll = KEYS[3],
       stats = KEYS[4], BATCH = BATCH, BATCH_JOBS = BATCH_JOBS, JOBP = ARGV[16],
       CHAIN = ARGV[17], CHAIN_JOBS = ARGV[18], CHAIN_ENDS = ARGV[19], spawn_check = ARGV[20],
-      batch_id = batch_id, priority = redis.call('HGET', job, 'priority') or '0',
-      metadata = redis.call('HGET', job, 'metadata') or ''})
+      batch_id = batch_id, priority = f[17] or '0', metadata = f[13] or ''})
   end
 end
 local answer = finish('applied', ARGV[1], version)
