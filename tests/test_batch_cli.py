@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.conftest import wait_for
@@ -285,3 +286,132 @@ def test_job_json_has_nulls_numbers_and_metadata(
         ["enqueue", "--prompt", "p", "--image", "https://e.com/a.jpg", "--metadata", "[1]"], env
     )
     assert refused.returncode == 2 and "--metadata" in refused.stderr
+
+
+def batch_items(path: Path, batch_id: str = "b") -> list[tuple[str, object, str, int]]:
+    """(job id, request, key, priority) of each item of a scanned file, in order."""
+    from worker.batchfile import BatchFile
+    from worker.producer import Item
+
+    with BatchFile(str(path)) as batch:
+        assert batch.scan().invalid == 0
+        items = list(batch.items(batch_id))
+    return [(i.job_id, i.request, i.idempotency_key, i.priority) for i in items if type(i) is Item]
+
+
+MIXED = (
+    LINE.format(i=1)
+    + '{"prompt": "with options", "image": "https://e.com/2.jpg", "seed": 7, "priority": 3}\n'
+    + "\n# a comment\n"
+    + '{"prompt": "own key", "image": "https://e.com/4.jpg", "idempotency_key": "k-4"}\n'
+    + '{"prompt": "café ☕", "image": "https://e.com/5.jpg"}\n'
+    + LINE.format(i=6)
+)
+
+
+def test_the_scan_is_the_only_pass_over_a_file_within_the_bound(tmp_path: Path) -> None:
+    """`items` makes the scanned lines' Items without reading the file again: the same
+    Items as a fresh scan, even once the file is gone."""
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(MIXED)
+    expected = batch_items(path)
+    # Made-up keys name the line (blank and comment lines count); a line's own is kept.
+    prefixes = [key.rsplit(":", 1)[0] for _, _, key, _ in expected]
+    assert prefixes == ["b:1", "b:2", "k-4", "b:6", "b:7"]
+    assert expected[1][3] == 3 and expected[1][1].seed == 7  # type: ignore[attr-defined]
+    from worker.batchfile import BatchFile
+
+    with BatchFile(str(path)) as batch:
+        batch.scan()
+        path.unlink()
+        again = [(i.job_id, i.request, i.idempotency_key, i.priority) for i in batch.items("b")]
+    assert again == expected
+
+
+def test_lines_beyond_the_kept_bound_are_read_and_checked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for only a few lines, the rest are read again, giving the same Items."""
+    from worker import batchfile
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(MIXED + "".join(LINE.format(i=i) for i in range(9, 40)))
+    expected = batch_items(path)
+    monkeypatch.setattr(batchfile, "KEEP_BYTES", 700)  # the first 2 lines
+    assert batch_items(path) == expected
+    csv_path = tmp_path / "edits.csv"
+    csv_path.write_text(
+        "prompt,image,seed\n" + "".join(f"edit {i},https://e.com/{i}.jpg,{i}\n" for i in range(9))
+    )
+    monkeypatch.setattr(batchfile, "KEEP_BYTES", 10**9)
+    expected = batch_items(csv_path)
+    monkeypatch.setattr(batchfile, "KEEP_BYTES", 700)
+    assert batch_items(csv_path) == expected and len(expected) == 9
+
+
+def test_a_bad_last_line_beyond_the_kept_bound_enqueues_nothing(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    """All-or-nothing holds past the bound: the last line is bad, nothing is written, and
+    the error names the line and the field."""
+    bad = '{"prompt": "ok", "image": "https://e.com/x.jpg", "seed": "one"}\n'
+    path = write_lines(tmp_path / "tail.jsonl", 50, {50: bad})
+    code = (
+        "import sys; import worker.batchfile as b; b.KEEP_BYTES = 2000\n"
+        "from kq.cli import main; sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, "batch", str(path), "--batch-id", "tail"],
+        env=cli_env(redis_url, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    out = " ".join((result.stdout + result.stderr).split())
+    assert "line 50: seed" in out and "nothing was enqueued" in out
+    assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("prompt", "image", "field"),
+    [
+        ("   ", "https://e.com/1.jpg", "prompt"),
+        ("\u00a0\u2003", "https://e.com/1.jpg", "prompt"),
+        ("a\u0000b", "https://e.com/1.jpg", "prompt"),
+        ("lone \ud800", "https://e.com/1.jpg", "prompt"),
+        ("x" * 4001, "https://e.com/1.jpg", "prompt"),
+        (5, "https://e.com/1.jpg", "prompt"),
+        ("ok", "https://e.com/a b.jpg", "image"),
+        ("ok", "https://e.com/1.jpg\n", "image"),
+        ("ok", "ftp://e.com/1.jpg", "image"),
+        ("ok", "https://e.com/" + "x" * 4090, "image"),
+        ("ok", None, "image"),
+        ("ok", ["https://e.com/1.jpg"], "image"),
+        ("ok", "https://[::1]/1.jpg", "image"),
+        ("café ☕ ünïcode", "https://e.com/1.jpg", None),
+        ("x" * 4000, "https://e.com:8080/p?q=1#f", None),
+        ("ok", "https://e.com/ä.jpg", None),
+        ("ok", "https://user:pw@e.com/p", None),
+    ],
+)
+def test_the_quick_check_of_the_usual_line_agrees_with_the_full_one(
+    tmp_path: Path, prompt: object, image: object, field: str | None
+) -> None:
+    """A prompt-and-image line takes the quick check; whatever it accepts, the full check
+    accepts too, and a refused line names its field."""
+    from worker.batchfile import BatchFile
+    from worker.items import item_parts
+
+    line = json.dumps({"prompt": prompt, "image": image})
+    path = tmp_path / "one.jsonl"
+    path.write_text(line + "\n")
+    with BatchFile(str(path)) as batch:
+        scan = batch.scan()
+        items = list(batch.items("b"))
+    if field is None:
+        assert scan.valid == 1 and len(items) == 1
+        assert items[0].request == item_parts(json.loads(line))[0]  # type: ignore[union-attr]
+    else:
+        assert scan.invalid == 1 and not items
+        assert field in {e.field for e in scan.errors[0].errors}

@@ -1,5 +1,6 @@
 """Property-based fuzzing (hypothesis) of the two doors untrusted input comes through:
-the webhook receiver and `EditRequest.from_dict` (every producer's validation).
+the webhook receiver and `EditRequest.from_dict` (every producer's validation), and the
+batch files' quick check against the full one.
 
 No input may produce a 500 or an exception other than the documented refusal. The
 runs are derandomized with modest example counts, so CI sees the same few hundred
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from webhook_receiver.app import create_app
 from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS, EditRequest, JobState
 from worker.errors import ValidationError
+from worker.items import item_parts, plain_item
 from worker.settings import Settings
 from worker.signing import job_token, sign_v3
 from worker.store import JobStore
@@ -118,6 +120,43 @@ def test_edit_request_accepts_or_refuses_naming_fields(data: object) -> None:
     payload = request.to_payload()
     assert httpx_encodes(payload)
     assert EditRequest.from_dict(payload) == request
+
+
+plain_prompts = st.one_of(
+    texts,
+    st.text(alphabet=st.sampled_from(" \t\n\x85\xa0\u2028\u3000\x00"), min_size=1, max_size=3),
+    st.builds(lambda n: "x" * n, st.integers(3995, 4005)),
+    scalars,
+)
+plain_images = st.one_of(
+    urls,
+    st.builds(
+        lambda scheme, host, rest: f"{scheme}://{host}{rest}",
+        st.sampled_from(["http", "https", "HTTPS", "ftp"]),
+        st.one_of(st.sampled_from(["example.com", "a-b.c:8080", "x:99999", "", "[::1]"]), texts),
+        st.one_of(st.sampled_from(["", "/a.jpg", "?q=1", "#f", "/a b", "/\x7f"]), texts),
+    ),
+    st.builds(lambda n: "https://e.com/" + "a" * n, st.integers(4075, 4090)),
+)
+
+
+@FUZZ
+@given(prompt=plain_prompts, image=plain_images)
+@example(prompt="\u3000", image="https://example.com/a.jpg")
+@example(prompt="x" * 4001, image="https://example.com/a.jpg")
+@example(prompt="p", image="https://e.com/" + "a" * 4083)
+def test_the_batch_files_quick_check_accepts_only_what_the_full_check_does(
+    prompt: object, image: object
+) -> None:
+    """`plain_item` (the usual bulk line, checked at a fraction of the cost) may say "not
+    sure", never "valid" where the full check refuses; what it accepts is the same request."""
+    data = {"prompt": prompt, "image": image}
+    plain = plain_item(data)
+    if plain is None:
+        return
+    request, key, priority, metadata = item_parts(data)
+    assert request == EditRequest.plain(*plain) == EditRequest(prompt=plain[0], image=plain[1])
+    assert (key, priority, metadata) == ("", 0, None)
 
 
 # --- the receiver ----------------------------------------------------------------------

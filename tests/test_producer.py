@@ -165,6 +165,44 @@ def test_a_write_error_of_a_chunk_stops_the_batch(store: JobStore) -> None:
         producer.enqueue_batch([{**REQ, "prompt": f"edit {i}"} for i in range(3 * ENQUEUE_CHUNK)])
 
 
+def test_a_batch_sends_each_chunk_after_its_records_and_all_before_returning(
+    store: JobStore,
+) -> None:
+    """Messages go out on a sender thread while the next chunk is written: each id is
+    sent once its record is readable, in item order, and every one before the return."""
+    sent: list[str] = []
+    unreadable: list[str] = []
+
+    def send(job_ids: list[str]) -> None:
+        unreadable.extend(
+            j for j, job in zip(job_ids, store.get_many(job_ids), strict=True) if job is None
+        )
+        time.sleep(0.01)  # a slow broker: later chunks are written meanwhile
+        sent.extend(job_ids)
+
+    producer = Producer(store=store, send=send)
+    items = [Item(EditRequest(f"edit {i}", "https://e.com/x.jpg"), f"k{i}") for i in range(1234)]
+    receipt = producer.enqueue_batch(items, batch_id="slow")
+    assert receipt.created == 1234 and unreadable == []
+    assert sent == [item.job_id for item in items]
+
+
+def test_a_send_error_stops_the_batch_even_once_its_chunks_are_written(
+    store: JobStore,
+) -> None:
+    """A send that fails on the sender thread is still the caller's error."""
+    calls: list[int] = []
+
+    def broken_later(job_ids: list[str]) -> None:
+        calls.append(len(job_ids))
+        if len(calls) == 2:
+            raise RuntimeError("broker broke")
+
+    producer = Producer(store=store, send=broken_later)
+    with pytest.raises(RuntimeError, match="broker broke"):
+        producer.enqueue_batch([{**REQ, "prompt": f"edit {i}"} for i in range(2 * ENQUEUE_CHUNK)])
+
+
 def test_cancel_before_submit_means_never_submitted(
     producer: Producer, store: JobStore, settings: Settings
 ) -> None:

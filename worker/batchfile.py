@@ -1,9 +1,11 @@
 """Batch files: JSONL or CSV lines of edit requests, validated before anything is enqueued.
 
-Two passes over the file: `scan` checks every line (and keeps only the errors, so a
-100,000-line file costs little memory); `items` then streams the valid lines as
-`Item`s with a per-line idempotency key, so re-running the same file resumes rather
-than duplicating. Standard input is spooled to a temporary file so it can be read twice.
+`scan` checks every line first (so nothing is enqueued from a file with a bad line);
+`items` then streams the valid lines as `Item`s with a per-line idempotency key, so
+re-running the same file resumes rather than duplicating. The scan keeps what it checked
+for the first KEEP_BYTES or so of lines, which `items` makes Items of without reading
+or checking them again; only lines beyond that are read a second time. Standard input
+is spooled to a temporary file so it can be read twice.
 
 Default keys: the batch id defaults to one derived from the file's path (or, for
 stdin, its content), and each line's key is `<batch id>:<line number>:<hash of the
@@ -38,8 +40,9 @@ from typing import Any, TextIO
 from worker.chains import ChainItem, chain_from_dict, is_chain
 from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS
 from worker.errors import FieldError, ValidationError
-from worker.items import ItemParts, item_parts
+from worker.items import ItemParts, item_parts, plain_item
 from worker.producer import ITEM_ENVELOPE_FIELDS, Item
+from worker.request import EditRequest
 
 FORMATS = ("jsonl", "csv")
 # Errors kept in full; beyond this only their number is.
@@ -49,6 +52,16 @@ CSV_COLUMNS = (*REQUEST_FIELDS, *ITEM_ENVELOPE_FIELDS)
 TEXT_SNIFF_BYTES = 64 * 1024
 BATCH_ID_PER_LINE = "set the batch with --batch-id (over HTTP: ?batch_id=), not per line"
 _REFUSED = {"batch_id": BATCH_ID_PER_LINE}
+# A scan keeps its checked lines up to about this much memory (a usual line: ~350 bytes,
+# so ~190,000 lines); `items` reads and checks again only the lines beyond.
+KEEP_BYTES = 64 * 1024 * 1024
+# Estimated memory of a kept line: its text twice (the text, and the values parsed from
+# it) and this much besides (the tuple, the number and the strings' headers).
+_KEPT_OVERHEAD = 250
+
+# A checked line as a scan keeps it: (number, text, prompt, image) for the usual line (its
+# request is made from them unchecked), else (number, text, checked parts, None).
+_Kept = tuple[int, str, "str | ItemParts | ChainItem", str | None]
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,9 @@ class BatchFile:
         self.fmt = fmt or ("csv" if self.path.suffix.lower() == ".csv" else "jsonl")
         if self.fmt not in FORMATS:
             raise ValidationError.single("--format", f"expected one of {', '.join(FORMATS)}")
+        # The valid lines the last scan kept, and whether they are all the valid lines.
+        self._kept: list[_Kept] | None = None
+        self._kept_all = False
 
     def __enter__(self) -> BatchFile:
         return self
@@ -122,17 +138,33 @@ class BatchFile:
             self._spool.unlink(missing_ok=True)
 
     def scan(self) -> ScanResult:
-        """Validate every line; keep the first MAX_ERRORS_KEPT errors in full."""
+        """Validate every line; keep the first MAX_ERRORS_KEPT errors in full, and the
+        checked lines up to KEEP_BYTES for `items`."""
         result = ScanResult()
+        kept: list[_Kept] = []
+        room = KEEP_BYTES
         for number, text, parsed in self._records():
+            # The usual line (a prompt and an image) by a quick check; any other, or any
+            # it is not sure of, by the full one, which names every problem.
+            plain = plain_item(parsed)
+            if plain is not None:
+                result.valid += 1
+                if room > 0:
+                    kept.append((number, text, *plain))
+                    room -= 2 * len(text) + _KEPT_OVERHEAD
+                continue
             try:
-                _checked(parsed)
+                checked = _checked(parsed)
             except ValidationError as exc:
                 result.invalid += 1
                 if len(result.errors) < MAX_ERRORS_KEPT:
                     result.errors.append(LineError(number, exc.errors, text[:500]))
                 continue
             result.valid += 1
+            if room > 0:
+                kept.append((number, text, checked, None))
+                room -= 2 * len(text) + _KEPT_OVERHEAD
+        self._kept, self._kept_all = kept, len(kept) == result.valid
         return result
 
     def items(
@@ -140,14 +172,40 @@ class BatchFile:
     ) -> Iterator[Item | ChainItem]:
         """The valid lines as Items with per-line keys; invalid lines are skipped.
         `auto_keys=False`: only a line's own `idempotency_key`, none made up."""
-        for number, text, parsed in self._records():
+        for number, text, checked, image in self._checked_lines():
             if number in skip:
                 continue
-            try:
-                if auto_keys:
-                    yield _to_item(parsed, batch_id=batch_id, number=number, text=text)
+            if image is not None:
+                assert isinstance(checked, str)
+                key = _line_key(batch_id, number, text) if auto_keys else ""
+                yield Item(EditRequest.plain(checked, image), key)
+            elif isinstance(checked, ChainItem):
+                if checked.idempotency_key or not auto_keys:
+                    yield checked
                 else:
-                    yield _check(parsed)
+                    yield checked.with_key(_line_key(batch_id, number, text))
+            else:
+                assert isinstance(checked, tuple)
+                request, key, priority, metadata = checked
+                if not key and auto_keys:
+                    key = _line_key(batch_id, number, text)
+                yield Item(request, key, priority, metadata=metadata)
+
+    def _checked_lines(self) -> Iterator[_Kept]:
+        """The valid lines, checked: those the last scan kept, then the rest read again."""
+        after = 0
+        if self._kept is not None:
+            yield from self._kept
+            if self._kept_all:
+                return
+            after = self._kept[-1][0] if self._kept else 0
+        for number, text, parsed in self._records(after=after):
+            plain = plain_item(parsed)
+            if plain is not None:
+                yield (number, text, *plain)
+                continue
+            try:
+                yield number, text, _checked(parsed), None
             except ValidationError:
                 continue
 
@@ -165,19 +223,22 @@ class BatchFile:
                 f"{name} is not a text file ({why}); expected UTF-8 {self.fmt.upper()}",
             )
 
-    def _records(self) -> Iterator[tuple[int, str, object]]:
-        """(line number, raw text, parsed object or a ValidationError) per data line."""
+    def _records(self, *, after: int = 0) -> Iterator[tuple[int, str, object]]:
+        """(line number, raw text, parsed object or a ValidationError) per data line
+        (only those after line `after`)."""
         self.check_text()
         # utf-8-sig: a byte-order mark at the start (as spreadsheets write it) is dropped.
         with self.path.open(encoding="utf-8-sig", errors="replace", newline="") as fh:
             if self.fmt == "jsonl":
-                yield from _jsonl_records(fh)
+                yield from _jsonl_records(fh, after)
             else:
-                yield from _csv_records(fh)
+                yield from _csv_records(fh, after)
 
 
-def _jsonl_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
+def _jsonl_records(fh: TextIO, after: int) -> Iterator[tuple[int, str, object]]:
     for number, line in enumerate(fh, start=1):
+        if number <= after:
+            continue
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -189,7 +250,7 @@ def _jsonl_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
             yield number, text, ValidationError.single("json", "not valid JSON (nested too deeply)")
 
 
-def _csv_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
+def _csv_records(fh: TextIO, after: int) -> Iterator[tuple[int, str, object]]:
     reader = csv.reader(fh)
     header: list[str] | None = None
     for row in reader:
@@ -211,6 +272,8 @@ def _csv_records(fh: TextIO) -> Iterator[tuple[int, str, object]]:
                     f"line {number}: expected columns from {', '.join(CSV_COLUMNS)} "
                     f"including prompt and image (or images); got {', '.join(header)}",
                 )
+            continue
+        if number <= after:
             continue
         text = _csv_text(row)
         if len(row) != len(header):
@@ -262,17 +325,9 @@ def _csv_text(row: list[str]) -> str:
     return out.getvalue().strip()
 
 
-def _check(parsed: object) -> Item | ChainItem:
-    """Validate one parsed line (an edit, or a chain of edits), naming every problem."""
-    checked = _checked(parsed)
-    if isinstance(checked, ChainItem):
-        return checked
-    request, key, priority, metadata = checked
-    return Item(request, key, priority, metadata=metadata)
-
-
 def _checked(parsed: object) -> ItemParts | ChainItem:
-    """`_check` without making the Item: its job id comes from its key, made later."""
+    """Validate one parsed line (an edit, or a chain of edits), naming every problem;
+    its Item is made later (its job id comes from its key)."""
     early: tuple[FieldError, ...] = ()
     if isinstance(parsed, _Cells):
         early = parsed.errors
@@ -290,16 +345,6 @@ def _checked(parsed: object) -> ItemParts | ChainItem:
     if early:
         raise ValidationError(early)
     return checked
-
-
-def _to_item(parsed: object, *, batch_id: str, number: int, text: str) -> Item | ChainItem:
-    checked = _checked(parsed)
-    if isinstance(checked, ChainItem):
-        if checked.idempotency_key:
-            return checked
-        return checked.with_key(_line_key(batch_id, number, text))
-    request, key, priority, metadata = checked
-    return Item(request, key or _line_key(batch_id, number, text), priority, metadata=metadata)
 
 
 def _line_key(batch_id: str, number: int, text: str) -> str:

@@ -21,7 +21,7 @@ from worker.domain import (
 )
 from worker.errors import FieldError, ValidationError
 from worker.models import lookup
-from worker.request import model_of, required_message
+from worker.request import model_of, plain_edit_ok, required_message
 
 # The producer's metadata object, as compact UTF-8 JSON, at most this many bytes.
 MAX_METADATA_BYTES = 4096
@@ -118,6 +118,18 @@ ItemParts = tuple[EditRequest, str, int, dict[str, Any] | None]
 _SHORT_FIELDS = frozenset(
     ("prompt", "image", "seed", "guidance_scale", "aspect_ratio", *ITEM_ENVELOPE_FIELDS)
 )
+
+
+def plain_item(data: object) -> tuple[str, str] | None:
+    """The prompt and image of the usual bulk line, a JSON object of just those two when
+    both are plainly valid; else None, and `item_parts` decides. Accepts only what
+    `item_parts` accepts (so `EditRequest.plain` makes its request unchecked)."""
+    if type(data) is not dict or len(data) != 2:
+        return None
+    prompt, image = data.get("prompt"), data.get("image")
+    if type(image) is str and _IMAGE_URL.fullmatch(image) and plain_edit_ok(prompt, image):
+        return prompt, image  # type: ignore[return-value]  # both are str (plain_edit_ok)
+    return None
 
 
 def item_parts(

@@ -68,6 +68,9 @@ ENQUEUE_CHUNK = 500
 WAIT_POLL_S = 0.25
 # A filtered page of a batch's jobs reads at most this many members of the batch.
 PAGE_SCAN_MAX = 5000
+# A write's answers whose job is (still) queued: its id goes to the workers (again). A
+# set made once: the batch writer looks up 100,000 answers for as many lines.
+_SEND_ANSWERS = frozenset((NEW, JobState.QUEUED.value))
 
 
 @dataclass
@@ -160,14 +163,30 @@ class Producer(ChainMethods):
             if on_chunk is not None:
                 on_chunk(BatchReceipt(batch_id, totals[0], totals[1], totals[2]))
 
-        # Chunk n is written (Redis, then the submit queue) by one writer thread while
-        # chunk n + 1 is validated here: the waits on Redis and the broker overlap the
-        # validation. Chunks are still written one at a time, in order, each only once
-        # it is valid, and a failure stops the batch as it would in sequence: an earlier
-        # chunk's write error comes before a later chunk's ValidationError, and a chunk
-        # written is reported to `on_chunk` before either is raised.
+        # Chunk n is written to Redis by one writer thread while chunk n + 1 is validated
+        # here, and its messages are sent by one sender thread while chunk n + 1 is
+        # written: the waits on Redis and the broker overlap the rest. Chunks are still
+        # written one at a time, in order, each only once it is valid, and each one's
+        # messages are sent after its records are written (a worker never gets an id it
+        # cannot read), in order. A failure stops the batch as it would in sequence: an
+        # earlier chunk's write or send error comes before a later chunk's
+        # ValidationError, and a chunk written is reported to `on_chunk` before either is
+        # raised. Every message is sent (or deferred) before this returns.
         pending: Future[tuple[int, int, int]] | None = None
-        with ThreadPoolExecutor(1, thread_name_prefix="kq-enqueue") as writer:
+        sends: list[Future[None]] = []
+
+        def check_sends() -> None:
+            while sends and sends[0].done():
+                sends.pop(0).result()
+
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="kq-enqueue") as writer,
+            ThreadPoolExecutor(1, thread_name_prefix="kq-send") as sender,
+        ):
+
+            def send_later(ids: list[str]) -> None:
+                sends.append(sender.submit(self._send_deferrable, ids))
+
             try:
                 for chunk in _chunks(items, ENQUEUE_CHUNK):
                     coerced = [coerce_item(item) for item in chunk]
@@ -180,23 +199,32 @@ class Producer(ChainMethods):
                     if pending is not None:
                         written, pending = pending, None
                         settle(written)
-                    pending = writer.submit(self._write_items, coerced, batch_id)
+                        check_sends()
+                    pending = writer.submit(self._write_items, coerced, batch_id, send_later)
             except BaseException:
                 if pending is not None:
                     settle(pending)
+                for send in sends:
+                    send.result()
                 raise
             if pending is not None:
                 settle(pending)
+            for send in sends:
+                send.result()
         created, existing, resent = totals
         ids = None if job_ids is None else tuple(job_ids)
         return BatchReceipt(batch_id, created, existing, resent, ids)
 
     def _write_items(
-        self, coerced: Sequence[Item | ChainItem], batch_id: str
+        self,
+        coerced: Sequence[Item | ChainItem],
+        batch_id: str,
+        send: Callable[[list[str]], None],
     ) -> tuple[int, int, int]:
-        """Write one validated chunk: (created, existing, resent)."""
+        """Write one validated chunk: (created, existing, resent). Its plain jobs' ids
+        go to `send`; a chain's step jobs are sent as its chunk is written."""
         plain = [(i.job_id, i) for i in coerced if isinstance(i, Item)]
-        c, e, r = self._write_chunk(plain, batch_id)
+        c, e, r = self._write_chunk(plain, batch_id, send)
         # A chain counts as one item: created, or existing (its queued steps resent).
         for chain in (i for i in coerced if isinstance(i, ChainItem)):
             write = self._write_chain(chain, batch_id)
@@ -217,7 +245,10 @@ class Producer(ChainMethods):
             log.warning("enqueue.send_deferred", jobs=len(job_ids), error=str(exc))
 
     def _write_chunk(
-        self, chunk: Sequence[tuple[str, Item]], batch_id: str
+        self,
+        chunk: Sequence[tuple[str, Item]],
+        batch_id: str,
+        send: Callable[[list[str]], None] | None = None,
     ) -> tuple[int, int, int]:
         # The records first, then the messages: a worker never gets an id it cannot read.
         answers = self.store.create_many(
@@ -231,10 +262,10 @@ class Producer(ChainMethods):
         to_send = [
             job_id
             for (job_id, _), answer in zip(chunk, answers, strict=True)
-            if answer in (NEW, JobState.QUEUED.value)
+            if answer in _SEND_ANSWERS
         ]
-        self._send_deferrable(to_send)
-        created = sum(1 for a in answers if a == NEW)
+        (send or self._send_deferrable)(to_send)
+        created = answers.count(NEW)
         if batch_id and created:
             # What the batch's new jobs cost if each gets its task, at each one's model's
             # price: its cost is priced by the mean of this (BatchProgress.price_micros).

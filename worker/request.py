@@ -98,6 +98,14 @@ class EditRequest:
         if errors:
             raise ValidationError(errors)
 
+    @classmethod
+    def plain(cls, prompt: str, image: str) -> EditRequest:
+        """The request for a prompt and image `plain_edit_ok` passed, not checked again
+        (a 100,000-line file is checked once, then written)."""
+        request = cls.__new__(cls)
+        request.__dict__.update(_PLAIN_FIELDS, prompt=prompt, image=image)
+        return request
+
     @property
     def spec(self) -> Model:
         """The model's registry entry (always found: validation refused unknown models)."""
@@ -183,6 +191,32 @@ class EditRequest:
             data["guidance_scale"] = self.guidance_scale
         if self.aspect_ratio is not None:
             data["aspect_ratio"] = self.aspect_ratio
+
+
+# What `EditRequest.plain` sets beside the prompt and image: every option unset.
+_PLAIN_FIELDS = {
+    "seed": None,
+    "guidance_scale": None,
+    "aspect_ratio": None,
+    "model": MODEL,
+    "images": None,
+}
+
+
+def plain_edit_ok(prompt: object, image: object) -> bool:
+    """Whether a prompt and image make a plainly valid edit of the default model with no
+    options, by a quick check for bulk files: True only where EditRequest accepts them
+    too; False means "not sure", and EditRequest then decides (naming any problem)."""
+    return (
+        type(prompt) is str
+        and type(image) is str
+        and 0 < len(prompt) <= MAX_PROMPT_CHARS
+        and len(image) <= MAX_URL_CHARS
+        and not prompt.isspace()
+        and "\x00" not in prompt
+        and (prompt.isascii() or _SURROGATE.search(prompt) is None)
+        and _PLAIN_HTTP_URL.match(image) is not None
+    )
 
 
 def model_of(data: Mapping[str, Any]) -> Any:

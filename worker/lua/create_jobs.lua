@@ -13,45 +13,58 @@
 local answers = {}
 local created = 0
 local batch_id = ARGV[1]
+local now = ARGV[2]
 local members = {}
 local poll = {}
+-- Counters rather than table.insert, `#` and an index computed per job: this loop runs
+-- 100,000 times for a `kq batch` of as many lines, and Redis does nothing else meanwhile.
+local n = 0
 for i = 4, #ARGV, 5 do
+  n = n + 1
   local job_id = ARGV[i]
-  local key = KEYS[5 + (i - 4) / 5]
+  local key = KEYS[4 + n]
   local state = redis.call('HGET', key, 'state')
   if state then
     if state == 'queued' then redis.call('ZADD', KEYS[4], 'NX', ARGV[3], job_id) end
-    table.insert(answers, state)
+    answers[n] = state
   else
-    poll[#poll + 1] = ARGV[3]
-    poll[#poll + 1] = job_id
-    local fields = {'state', 'queued', 'version', 1, 'request', ARGV[i + 1], 'attempts', 0,
-      'created_at', ARGV[2], 'updated_at', ARGV[2]}
-    if batch_id ~= '' then
-      fields[#fields + 1] = 'batch_id'; fields[#fields + 1] = batch_id
-      members[#members + 1] = job_id
+    poll[2 * created + 1] = ARGV[3]
+    poll[2 * created + 2] = job_id
+    local idem, priority, metadata = ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    if batch_id ~= '' then members[#members + 1] = job_id end
+    if batch_id ~= '' and idem ~= '' and priority == '0' and metadata == '' then
+      -- A batch file's usual line, written without building a table to unpack.
+      redis.call('HSET', key, 'state', 'queued', 'version', 1, 'request', ARGV[i + 1],
+        'attempts', 0, 'created_at', now, 'updated_at', now, 'batch_id', batch_id,
+        'idempotency_key', idem)
+    else
+      local fields = {'state', 'queued', 'version', 1, 'request', ARGV[i + 1], 'attempts', 0,
+        'created_at', now, 'updated_at', now}
+      if batch_id ~= '' then
+        fields[#fields + 1] = 'batch_id'; fields[#fields + 1] = batch_id
+      end
+      if idem ~= '' then
+        fields[#fields + 1] = 'idempotency_key'; fields[#fields + 1] = idem
+      end
+      if priority ~= '0' then
+        fields[#fields + 1] = 'priority'; fields[#fields + 1] = priority
+      end
+      if metadata ~= '' then
+        fields[#fields + 1] = 'metadata'; fields[#fields + 1] = metadata
+      end
+      redis.call('HSET', key, unpack(fields))
     end
-    if ARGV[i + 2] ~= '' then
-      fields[#fields + 1] = 'idempotency_key'; fields[#fields + 1] = ARGV[i + 2]
-    end
-    if ARGV[i + 3] ~= '0' then
-      fields[#fields + 1] = 'priority'; fields[#fields + 1] = ARGV[i + 3]
-    end
-    if ARGV[i + 4] ~= '' then
-      fields[#fields + 1] = 'metadata'; fields[#fields + 1] = ARGV[i + 4]
-    end
-    redis.call('HSET', key, unpack(fields))
     created = created + 1
-    table.insert(answers, 'new')
+    answers[n] = 'new'
   end
 end
 -- In bulk: one command per 1,000 jobs for the poll checks and the batch members (a job
 -- is created at most once per call, so no member is pushed twice).
-for n = 1, #poll, 2000 do
-  redis.call('ZADD', KEYS[4], 'NX', unpack(poll, n, math.min(n + 1999, #poll)))
+for j = 1, #poll, 2000 do
+  redis.call('ZADD', KEYS[4], 'NX', unpack(poll, j, math.min(j + 1999, #poll)))
 end
-for n = 1, #members, 1000 do
-  redis.call('RPUSH', KEYS[3], unpack(members, n, math.min(n + 999, #members)))
+for j = 1, #members, 1000 do
+  redis.call('RPUSH', KEYS[3], unpack(members, j, math.min(j + 999, #members)))
 end
 if created > 0 then
   redis.call('HINCRBY', KEYS[1], 'now:queued', created)
