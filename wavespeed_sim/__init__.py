@@ -16,6 +16,7 @@ Modules:
     lifecycle the task lifecycle: queue, concurrency cap, ending a task
     engine    Simulator: submits, the scheduler thread, queries, control
     delivery  webhook sender: signed POSTs, retries with backoff, thread pool
+    webhook_http  the sender's HTTP client: http.client over kept-alive connections
     images    output JPEGs drawn with Pillow
     app       create_app(sim): the v3 API, uploads and outputs over HTTP
     control   the /_sim/* endpoints

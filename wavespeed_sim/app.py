@@ -17,7 +17,7 @@ import mimetypes
 import socket
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, g, request
 from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
@@ -61,15 +61,24 @@ KINDS = {
 }
 
 
+# The bytes Flask's jsonify writes outside debug mode (compact, ASCII, keys in order, a
+# trailing newline), from one encoder made once: jsonify goes through the app's JSON
+# provider and builds an encoder per call. The envelopes hold plain JSON values only.
+_ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
+def _json_response(envelope: dict[str, object], status: int = 200) -> Response:
+    return Response(_ENCODER.encode(envelope) + "\n", status=status, mimetype="application/json")
+
+
 def ok(data: object) -> Response:
     """A success envelope."""
-    return jsonify({"code": 200, "message": "success", "data": data})
+    return _json_response({"code": 200, "message": "success", "data": data})
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """An error envelope whose ``code`` is the HTTP status."""
-    response = jsonify({"code": status, "message": message, "data": None})
-    response.status_code = status
+    response = _json_response({"code": status, "message": message, "data": None}, status)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

@@ -6,10 +6,11 @@ to ``webhook_retries`` more, ``webhook_retry_base_s * 2**n`` apart, then it give
 good. A duplicated message is two deliveries of the same message (same id, same body).
 
 A dispatcher thread keeps a heap of attempts that are due and hands each to a small
-thread pool, so a slow receiver (up to ``webhook_timeout_s`` per attempt) never stalls
-the lifecycle scheduler or other receivers. Attempts are re-signed at send time: the
-``webhook-timestamp`` is the send time in real Unix seconds (not the sim clock, since
-receivers compare it with their own clock).
+thread pool (a first attempt due at once goes to the pool directly), so a slow receiver
+(up to ``webhook_timeout_s`` per attempt) never stalls the lifecycle scheduler or other
+receivers. Connections to receivers are kept alive and reused (``webhook_http``).
+Attempts are re-signed at send time: the ``webhook-timestamp`` is the send time in real
+Unix seconds (not the sim clock, since receivers compare it with their own clock).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-
-import httpx
+from http.client import HTTPException
 
 from wavespeed_sim import signing
 from wavespeed_sim.config import TASK_ERRORS
 from wavespeed_sim.state import Task, new_id
+from wavespeed_sim.webhook_http import WebhookClient
 
 STALE_SKEW_S = 900  # a stale timestamp is this far in the past: well outside the 300 s window
 DUPLICATE_GAP_S = 0.05  # the second copy of a duplicated message follows the first this closely
@@ -152,8 +153,7 @@ class Deliverer:
         self._generation = 0
         self._stopping = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sim-webhook")
-        # trust_env=False: an HTTP(S)_PROXY in the environment must not swallow local receivers.
-        self._http = httpx.Client(trust_env=False, follow_redirects=False)
+        self._http = WebhookClient()
         self._thread = threading.Thread(target=self._dispatch, name="sim-dispatch", daemon=True)
 
     def start(self) -> None:
@@ -190,7 +190,12 @@ class Deliverer:
         now = time.monotonic()
         with self._cond:
             first = Delivery(message, 1, delay_s, follow_up=follow_up, generation=self._generation)
-            self._add(first, now + delay_s)
+            if delay_s <= 0 and not self._stopping:
+                # Due now: straight to a sender thread, without waking the dispatcher.
+                self._by_task.setdefault(message.task_id, []).append(first)
+                self._pool.submit(self._attempt, first)
+            else:
+                self._add(first, now + delay_s)
             if duplicate:
                 second = Delivery(message, 2, delay_s, generation=self._generation)
                 self._add(second, now + delay_s + DUPLICATE_GAP_S)
@@ -255,11 +260,10 @@ class Deliverer:
             "user-agent": "wavespeed-sim-webhook/1.0",
         }
         try:
-            response = self._http.post(
-                message.url, content=message.body, headers=headers, timeout=settings.timeout_s
+            attempt.status_code = self._http.post(
+                message.url, message.body, headers, settings.timeout_s
             )
-            attempt.status_code = response.status_code
-        except httpx.HTTPError as exc:
+        except (OSError, HTTPException, ValueError) as exc:
             attempt.error = f"{type(exc).__name__}: {exc}"
         attempt.duration_s = time.time() - sent_at
         ok = attempt.status_code is not None and 200 <= attempt.status_code < 300

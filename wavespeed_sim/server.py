@@ -48,10 +48,18 @@ class _KeepAliveHandler(WSGIRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = KEEP_ALIVE_IDLE_S  # socket timeout: an idle kept-alive connection ends
-    # The status line, headers and body go out in separate writes: without TCP_NODELAY a
-    # kept-alive connection waits for the client's delayed ACK (~40 ms) on every answer.
+    # Answers are written through a buffer, sent whole at werkzeug's flush after the body:
+    # the status line, headers and body leave in one send, not two.
+    wbufsize = -1
+    # Should an answer still go out in several writes (a body bigger than the buffer),
+    # without TCP_NODELAY a kept-alive connection would wait for the client's delayed ACK.
     disable_nagle_algorithm = True
     _reusable = False
+
+    def handle_expect_100(self) -> bool:
+        proceed = bool(super().handle_expect_100())
+        self.wfile.flush()  # the client waits for this "100 Continue" before its body
+        return proceed
 
     def make_environ(self) -> Any:
         environ = super().make_environ()
@@ -61,19 +69,27 @@ class _KeepAliveHandler(WSGIRequestHandler):
         if self._reusable and length.isdigit() and int(length) <= MAX_BUFFERED_BODY:
             # The whole body now: whatever the app reads, the next request starts here.
             environ["wsgi.input"] = io.BytesIO(self.rfile.read(int(length)))
+            # Nothing of this request is left to read, so werkzeug's drain (see run_wsgi)
+            # is shown a socket at end-of-file and an empty stream: it ends at once, where
+            # on a socket with nothing to read it would wait 10 ms, holding the connection.
+            self.connection = self.server.at_eof  # type: ignore[attr-defined]
+            self.rfile = io.BytesIO()
         else:
             self._reusable = False
         return environ
 
     def run_wsgi(self) -> None:
         # After each response werkzeug reads and throws away whatever the client has sent
-        # meanwhile (on a kept-alive connection: the next request). It looks for it on
-        # `self.connection`; here that is a socket on which nothing ever arrives.
+        # meanwhile (on a kept-alive connection: the next request) from `self.rfile`, for as
+        # long as `self.connection` is readable. Here `self.connection` is a socket on which
+        # nothing ever arrives (make_environ swaps both when the body has been read whole).
         self.connection = self.server.never_readable  # type: ignore[attr-defined]
+        rfile = self.rfile
         try:
             super().run_wsgi()
         finally:
             self.connection = self.request
+            self.rfile = rfile
 
     def send_header(self, keyword: str, value: str) -> None:
         if keyword.lower() == "connection" and value.lower() == "close" and self._reusable:
@@ -92,6 +108,8 @@ class _PooledServer(BaseWSGIServer):
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
         self.never_readable, self._never_written = socket.socketpair()
+        self.at_eof, peer = socket.socketpair()
+        peer.close()  # so `at_eof` is always readable, and reads nothing
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._open_lock:
@@ -118,6 +136,7 @@ class _PooledServer(BaseWSGIServer):
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.never_readable.close()
         self._never_written.close()
+        self.at_eof.close()
 
 
 class _QuietHandler(_KeepAliveHandler):

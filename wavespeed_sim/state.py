@@ -11,8 +11,8 @@ engine guards tasks and the limiter with its one lock. Two clocks are in play on
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
+import functools
 import secrets
 import threading
 import time
@@ -35,8 +35,13 @@ def new_id() -> str:
 def iso_ns(epoch_ns: int) -> str:
     """ISO-8601 UTC with nanoseconds and ``Z``, like WaveSpeed's ``created_at``."""
     seconds, nanos = divmod(epoch_ns, 1_000_000_000)
-    stamp = dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{nanos:09d}Z"
+    return f"{_iso_seconds(seconds)}.{nanos:09d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_seconds(seconds: int) -> str:
+    # Every prediction shown formats its created_at; tasks come many per second.
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 class SimClock:
@@ -156,13 +161,14 @@ class Task:
         Identity as the provider shows it: only a webhook says which request a task
         belongs to (``input`` here, the job in its URL). ``prediction()``, the GET result
         and list items, never carries ``input`` or the webhook URL. ``input`` holds the
-        accepted parameters exactly as sent (unknown fields were dropped at submit).
+        accepted parameters exactly as sent (unknown fields were dropped at submit). It is
+        the task's own ``params``, not a copy: the body is serialized at once, never changed.
         """
         body: dict[str, object] = {}
         for key, value in self.prediction().items():
             body[key] = value
             if key == "model":
-                body["input"] = copy.deepcopy(self.params)
+                body["input"] = self.params
         return body
 
     def as_dict(self, *, expired: bool) -> dict[str, object]:
