@@ -15,7 +15,14 @@ Measured from the simulator's ground truth, not from our own bookkeeping:
 
 Baseline: the official `wavespeed` SDK as its README shows it, `Client.run()` (submit,
 then poll every second until done) in a thread pool as wide as the cap, against a fresh
-simulator with the same settings.
+simulator with the same settings. Two pairs of runs against it:
+
+- every task takes exactly 2 s: the SDK's best case, as its polls (at ~0, 1 and 2 s after
+  each submit) find each task done just after it ends; shown, no goal;
+- task times spread evenly over 1.5-2.5 s (the simulator's `--inference-jitter`), as
+  real tasks' times vary (the provider's own examples: 4.2 s and 6.7 s): the SDK finds a
+  task done only at its next whole second; ours hears the webhook. This pair has the
+  goal (<= 0.85x).
 """
 
 from __future__ import annotations
@@ -44,10 +51,14 @@ MAKESPAN_GOAL = 1.05
 SDK_GOAL = 0.85
 
 
-def _sim_args(inference_s: float) -> tuple[str, ...]:
+# The spread of task times in the SDK comparison: +- this share of the inference time.
+SPREAD = 0.25
+
+
+def _sim_args(inference_s: float, jitter_s: float = 0.0) -> tuple[str, ...]:
     return (
-        "--inference-time", str(inference_s), "--queue-delay", "0",
-        "--webhook-workers", "32", "--seed", "7",
+        "--inference-time", str(inference_s), "--inference-jitter", str(jitter_s),
+        "--queue-delay", "0", "--webhook-workers", "32", "--seed", "7",
     )  # fmt: skip
 
 
@@ -55,8 +66,12 @@ def run(*, quick: bool) -> list[Row]:
     n, cap, inference_s = (60, 20, 0.5) if quick else (2_000, 200, 2.0)
     timeout_s = 60.0 if quick else 300.0
     ideal = math.ceil(n / cap) * inference_s
-    ours = _ours(n, cap, inference_s, timeout_s, beat=not quick)
-    sdk = _sdk(n, cap, inference_s, timeout_s)
+    jitter_s = SPREAD * inference_s
+    ours = _ours(n, cap, inference_s, 0.0, timeout_s, beat=not quick)
+    sdk = _sdk(n, cap, inference_s, 0.0, timeout_s)
+    ours_spread = _ours(n, cap, inference_s, jitter_s, timeout_s, beat=not quick)
+    sdk_spread = _sdk(n, cap, inference_s, jitter_s, timeout_s)
+    spread = f"{inference_s - jitter_s:g}-{inference_s + jitter_s:g} s"
     return [
         Row.lower_is_better(
             SCENARIO,
@@ -86,13 +101,23 @@ def run(*, quick: bool) -> list[Row]:
             strict=True,
             note=f"ours {ours.calls_by_kind}; SDK {sdk.calls_by_kind}",
         ),
-        Row.lower_is_better(
+        Row.reported(
             SCENARIO,
-            f"makespan vs wavespeed SDK run() in {cap} threads",
+            f"makespan vs wavespeed SDK run() in {cap} threads, every task {inference_s:g} s",
             ours.makespan,
             sdk.makespan,
             "s",
+            note="the SDK's best case: its polls each second find a task done as it ends",
+        ),
+        Row.lower_is_better(
+            SCENARIO,
+            f"makespan vs wavespeed SDK run() in {cap} threads, tasks {spread}",
+            ours_spread.makespan,
+            sdk_spread.makespan,
+            "s",
             SDK_GOAL,
+            note=f"task times even over {spread} (seeded); ours peaked at "
+            f"{ours_spread.max_in_flight} in flight, the SDK at {sdk_spread.max_in_flight}",
         ),
     ]
 
@@ -112,18 +137,21 @@ class Outcome:
         self.calls_by_kind = dict(Counter(str(r["kind"]) for r in requests).most_common())
 
 
-def _ours(n: int, cap: int, inference_s: float, timeout_s: float, *, beat: bool) -> Outcome:
+def _ours(
+    n: int, cap: int, inference_s: float, jitter_s: float, timeout_s: float, *, beat: bool
+) -> Outcome:
     env = {"KQ_MAX_IN_FLIGHT": str(cap), "KQ_MAX_SUBMITS_PER_MINUTE": "100000"}
+    sim_args = _sim_args(inference_s, jitter_s)
     with (
-        bench_stack(sim_args=_sim_args(inference_s), extra_env=env, start_beat=beat) as stack,
+        bench_stack(sim_args=sim_args, extra_env=env, start_beat=beat) as stack,
         timed_batch(stack, n, "limit-bound", timeout_s) as (seconds, sim),
     ):
         return Outcome(seconds, n, sim)
 
 
-def _sdk(n: int, threads: int, inference_s: float, timeout_s: float) -> Outcome:
+def _sdk(n: int, threads: int, inference_s: float, jitter_s: float, timeout_s: float) -> Outcome:
     with bench_stack(
-        sim_args=_sim_args(inference_s),
+        sim_args=_sim_args(inference_s, jitter_s),
         start_receiver=False,
         start_worker=False,
         start_beat=False,

@@ -414,6 +414,27 @@ def test_concurrency_cap_queues_tasks(api: Api) -> None:
         assert started >= finished - 0.01  # never two at once
 
 
+def test_inference_jitter_spreads_task_times_and_shifts_no_fault(api: Api) -> None:
+    """--inference-jitter: each task takes inference_time +- up to the jitter, drawn from
+    its own seeded stream, so the same seed fails the same tasks with or without it."""
+
+    def run(jitter_s: float) -> tuple[list[float], list[str]]:
+        api.http.post("/_sim/reset").raise_for_status()
+        api.patch(seed=99, fail_rate=0.5, inference_time_s=0.3, inference_jitter_s=jitter_s)
+        ids = [api.created()["id"] for _ in range(24)]
+        ended = [api.wait_status(i, "completed", "failed") for i in ids]
+        truth = {t["id"]: t for t in api.tasks()}
+        took = [truth[i]["finished_at"] - truth[i]["started_at"] for i in ids]
+        return took, [e["status"] for e in ended]
+
+    steady, statuses = run(0.0)
+    spread, jittered_statuses = run(0.2)
+    assert all(0.29 <= t <= 0.45 for t in steady)
+    assert all(0.09 <= t <= 0.65 for t in spread)
+    assert min(spread) < 0.2 and max(spread) > 0.4  # spread over the range, not one value
+    assert jittered_statuses == statuses and "failed" in statuses and "completed" in statuses
+
+
 def test_rate_limit_429_creates_no_task(api: Api) -> None:
     """Over the per-minute limit a submit is 429 with Retry-After, no task and no debit."""
     api.patch(rate_limit_per_minute=2)

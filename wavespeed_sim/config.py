@@ -80,6 +80,12 @@ class SimConfig:
         0.0, "--queue-delay", "seconds", "seconds a task waits in the queue before processing"
     )
     inference_time_s: float = _knob(1.0, "--inference-time", "seconds", "seconds of processing")
+    inference_jitter_s: float = _knob(
+        0.0,
+        "--inference-jitter",
+        "seconds",
+        "each task's processing time spreads evenly within +- this of --inference-time",
+    )
     concurrency: int = _knob(
         0, "--concurrency", "count", "max tasks processing at once, others queue (0 = unlimited)"
     )

@@ -203,6 +203,7 @@ class Simulator:
                 charged=price / 1e6,
                 faults=faults,
                 ready_mono=now + cfg.queue_delay_s,
+                timing=self._dice.task_timing(),
             )
             self._tasks[task.id] = task
             self._active[task.id] = task

@@ -4,7 +4,8 @@ Each submit draws the same number of numbers whatever the rates are (4 for the s
 itself, then 9 more if a task is created), so one ``--seed`` and the same sequence of
 submits give the same faults even when a test changes one rate: changing
 ``drop_webhook_rate`` does not shift which tasks fail. Ids are deliberately not drawn
-from here (see ``state.new_id``).
+from here (see ``state.new_id``). Task times come from a second stream of the same seed,
+so spreading them (``inference_jitter_s``) shifts no fault either.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class FaultDice:
 
     def __init__(self, seed: int) -> None:
         self._rng = random.Random(seed)
+        self._timing = random.Random(f"timing:{seed}")
 
     def submit_refusal(self, cfg: SimConfig) -> Refusal | None:
         """Whether an injected 400, 5xx or 429 refuses this submit (always 4 draws)."""
@@ -47,6 +49,10 @@ class FaultDice:
         if roll_429 < cfg.submit_429_rate:
             return Refusal(429, "too many requests (simulated)", "submit_429", 1.0)
         return None
+
+    def task_timing(self) -> float:
+        """Where a new task's processing time falls within +-inference_jitter_s: -1 to 1."""
+        return self._timing.uniform(-1.0, 1.0)
 
     def task_faults(self, cfg: SimConfig, *, has_webhook: bool) -> TaskFaults:
         """The faults of a new task (always 9 draws)."""

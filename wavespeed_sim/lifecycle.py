@@ -2,7 +2,8 @@
 
 A task leaves the queue once its queue delay is over and fewer than ``concurrency``
 tasks are processing (FIFO: the head of the queue waits for a free slot), and ends
-``inference_time_s`` later, failed with its task code if it drew a failure at submit.
+``inference_time_s`` (+- its drawn share of ``inference_jitter_s``) later, failed with
+its task code if it drew a failure at submit.
 These functions only change tasks; the engine calls them under its lock from its
 scheduler thread, then wakes sync-mode waiters and sends the webhooks of ended tasks.
 """
@@ -52,7 +53,8 @@ def step(active: MutableMapping[str, Task], cfg: SimConfig, now: float) -> tuple
             task.status = "processing"
             task.started_mono = now
             task.started_unix = time.time()
-            task.finish_mono = now + cfg.inference_time_s
+            inference_s = cfg.inference_time_s + task.timing * cfg.inference_jitter_s
+            task.finish_mono = now + max(0.0, inference_s)
             processing += 1
             moved = moved or task.finish_mono <= now
             wake = min(wake, task.finish_mono)

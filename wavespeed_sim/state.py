@@ -100,6 +100,9 @@ class Task:
     charged: float
     faults: TaskFaults
     ready_mono: float  # when the queue delay ends
+    # Where in +-inference_jitter_s this task's processing time falls (-1 to 1; drawn at
+    # submit, applied when processing starts, so a changed config still applies).
+    timing: float = 0.0
     submitted_unix: float = field(default_factory=time.time)
     status: str = "created"
     error: str = ""
