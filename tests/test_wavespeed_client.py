@@ -213,3 +213,30 @@ def test_list_and_delete() -> None:
     assert bodies[0]["model"] == "wavespeed-ai/flux-kontext-max"
     assert bodies[0]["created_after"] == "2025-01-01T00:00:00Z"
     assert bodies[1] == {"ids": [PID, PID]}
+
+
+@pytest.mark.parametrize("status", [301, 304, 307])
+def test_a_3xx_answer_is_a_response_error_on_every_call(status: int) -> None:
+    """A redirect-class status is not followed nor read as data: a response error, named
+    by its status (the provider's message is only read for failures)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json={"code": status, "message": "moved"})
+
+    with client_for(handler) as client:
+        for call in (
+            lambda: client.submit(REQUEST, webhook_url=None),
+            lambda: client.get_result(PID),
+        ):
+            with pytest.raises(ProviderResponseError) as exc:
+                call()
+            assert type(exc.value) is ProviderResponseError
+            assert exc.value.status_code == status
+            assert f"unexpected HTTP {status}" in str(exc.value)
+
+
+def test_a_2xx_with_a_message_field_is_read_as_data() -> None:
+    """A success's body is decoded once, as data; its `message` is not an error."""
+    answer = httpx.Response(200, json={"code": 200, "message": "nope", "data": PREDICTION})
+    with client_for(lambda request: answer) as client:
+        assert client.submit(REQUEST, webhook_url=None).id == PID

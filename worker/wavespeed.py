@@ -236,16 +236,20 @@ class WaveSpeedClient:
             raise TransientError(message) from None
 
         status = response.status_code
-        message = _provider_message(response)
-        if status == 429:
-            raise RateLimited(f"{name}: HTTP 429 rate limited: {message}", status_code=status)
-        if status == 504 and ambiguous:
-            raise AmbiguousError(f"{name}: HTTP 504 gateway timeout: {message}", status_code=504)
-        if status >= 500:
-            raise TransientError(f"{name}: HTTP {status}: {message}", status_code=status)
-        if status >= 400:
-            raise PermanentError(f"{name}: HTTP {status}: {message}", status_code=status)
         if status >= 300:
+            # Only a failure needs the provider's message: a success's body is decoded
+            # once, below (with the message read first, each submit decoded it twice).
+            message = _provider_message(response)
+            if status == 429:
+                raise RateLimited(f"{name}: HTTP 429 rate limited: {message}", status_code=status)
+            if status == 504 and ambiguous:
+                raise AmbiguousError(
+                    f"{name}: HTTP 504 gateway timeout: {message}", status_code=504
+                )
+            if status >= 500:
+                raise TransientError(f"{name}: HTTP {status}: {message}", status_code=status)
+            if status >= 400:
+                raise PermanentError(f"{name}: HTTP {status}: {message}", status_code=status)
             raise ProviderResponseError(f"{name}: unexpected HTTP {status}", status_code=status)
 
         error_cls: type[ProviderError] = AmbiguousError if ambiguous else ProviderResponseError

@@ -122,8 +122,13 @@ def submit_jobs(
 
 
 def _bound(job_id: str, job: Job | None) -> structlog.BoundLogger:
-    bound: structlog.BoundLogger = log.bind(job_id=job_id)
-    return bound if job is None else bound.bind(batch_id=job.batch_id or None)
+    # One bind per job (each bind copies the context into a new logger).
+    bound: structlog.BoundLogger = (
+        log.bind(job_id=job_id)
+        if job is None
+        else log.bind(job_id=job_id, batch_id=job.batch_id or None)
+    )
+    return bound
 
 
 def _check(
@@ -259,11 +264,11 @@ def _send(
         deps.count({"submit.rejected": 1})
         return SubmitResult(SubmitOutcome.FAILED, str(exc))
 
-    bound = bound.bind(prediction_id=prediction.id)
     recorded = record_submitted(deps, job_id, prediction.id)
     # DEBUG: a line per job at INFO was a measurable share of a worker's CPU per job
     # (bench: pipeline overhead); the job's record and its final event hold the same ids.
-    bound.debug("submit.ok", recorded=recorded.outcome.value)
+    # (The prediction id goes on the line itself: no logger is bound for it per job.)
+    bound.debug("submit.ok", prediction_id=prediction.id, recorded=recorded.outcome.value)
     # The job's own model's price: cost today and in total (worker.status).
     deps.count({"submit.submitted": 1, telemetry.COST_SUBMITTED_MICROS: request.price_micros})
     if recorded.outcome is TransitionOutcome.REJECTED and recorded.state == JobState.CANCELLED:
