@@ -22,6 +22,7 @@ from tests.test_receiver import deliver
 from webhook_receiver.app import create_app
 from worker.domain import JobState
 from worker.settings import Settings
+from worker.signing import job_token, sign_v3
 from worker.store import JobStore
 
 # WaveSpeed waits this long for an answer before it counts a delivery as failed.
@@ -65,3 +66,38 @@ def test_a_stalled_redis_gets_a_prompt_503_and_the_retry_is_applied(
         # was applied, which the job's state above proves.
         assert retry.json()["result"] in ("applied", "duplicate")
         assert len(store.events()) == 1
+
+
+def test_a_connection_redis_dropped_is_replaced_without_a_503(
+    frozen_redis: tuple[Settings, JobStore, int],
+) -> None:
+    """A server thread keeps its own Redis connection between deliveries; when Redis drops
+    it (a restart, an idle timeout), the next delivery on that thread reconnects and is
+    applied, rather than answered 503 and left for the provider's retry minutes later."""
+    settings, store, _ = frozen_redis
+    pids = {"job1": "1" * 32, "job2": "2" * 32}
+    for job_id, pid in pids.items():
+        make_submitted_job(store, job_id, pid)
+    # Called from this one thread (no server): both deliveries use the same thread's
+    # connection, made by the app's own fail-fast client as `kq receiver` makes it.
+    client = create_app(settings, heartbeat=False).test_client()
+
+    def post(job_id: str) -> tuple[int, str]:
+        body = prediction_body(pids[job_id])
+        webhook_id, ts = f"w-{job_id}", str(int(time.time()))
+        response = client.post(
+            f"/webhooks/wavespeed?job={job_id}&t={job_token(settings.secret_key, job_id)}",
+            data=body,
+            headers={
+                "webhook-id": webhook_id,
+                "webhook-timestamp": ts,
+                "webhook-signature": sign_v3(settings.webhook_secret, webhook_id, ts, body),
+            },
+        )
+        return response.status_code, response.get_json()["result"]
+
+    assert post("job1") == (200, "applied")
+    killed = store.redis.client_kill_filter(_type="normal", skipme=True)
+    assert killed >= 1  # the receiver's connection among them
+    assert post("job2") == (200, "applied")
+    assert [store.get(j).state for j in pids] == [JobState.COMPLETED] * 2  # type: ignore[union-attr]

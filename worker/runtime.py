@@ -36,9 +36,11 @@ HEARTBEAT_EVERY_S = 5.0
 
 
 def make_redis(settings: Settings, *, fail_fast: bool = False) -> redis.Redis:
-    """A client for the job store. `fail_fast` (the receiver): short timeouts and no
-    retries, so a stalled Redis gives a prompt error (a 503 the provider retries) instead
-    of holding the request past the provider's own timeout.
+    """A client for the job store. `fail_fast` (the receiver): short timeouts, so a stalled
+    Redis gives a prompt error (a 503 the provider retries) instead of holding the request
+    past the provider's own timeout. Its one retry is for a connection found broken (a
+    Redis restart, an idle timeout): an instant reconnect, as a pool's check of a
+    connection before use would do (a pinned connection is not checked: pinned_client).
 
     With KQ_REDIS_SENTINELS the client asks the Sentinels for the primary whenever it
     connects, and drops a connection whose server turned into a replica (redis-py answers
@@ -48,7 +50,7 @@ def make_redis(settings: Settings, *, fail_fast: bool = False) -> redis.Redis:
         options: dict[str, Any] = {
             "socket_connect_timeout": FAIL_FAST_TIMEOUT_S,
             "socket_timeout": FAIL_FAST_TIMEOUT_S,
-            "retry": Retry(NoBackoff(), 0),
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         }
     else:
         options = {"socket_connect_timeout": 5, "socket_timeout": 10, "retry_on_timeout": True}
@@ -57,6 +59,15 @@ def make_redis(settings: Settings, *, fail_fast: bool = False) -> redis.Redis:
     return redis.Redis.from_url(
         settings.redis_url, decode_responses=True, health_check_interval=30, **options
     )
+
+
+def pinned_client(client: redis.Redis) -> redis.Redis:
+    """A client that holds one connection of `client`'s pool for its whole life, for a
+    thread that makes many calls: each call then skips the pool's check-out (a lock, and a
+    poll of the socket for unread data) and check-in. Same server, options and timeouts
+    (they live in the pool); a broken connection is reconnected as usual. Dropped, it
+    gives its connection back to the pool."""
+    return redis.Redis(connection_pool=client.connection_pool, single_connection_client=True)
 
 
 def _sentinel_master(settings: Settings, options: dict[str, Any]) -> redis.Redis:

@@ -184,6 +184,15 @@ class JobStore:
         self._reserve_budget = client.register_script(_script("reserve_budget.lua"))
         self._flag = client.register_script(_script("flag.lua"))
 
+    def on_client(self, client: redis.Redis) -> JobStore:
+        """This store (same settings, same scripts) on another client of the same Redis."""
+        return JobStore(
+            client,
+            result_ttl_s=self.result_ttl_s,
+            events_maxlen=self.events_maxlen,
+            keep_outputs=self.keep_outputs,
+        )
+
     def ping(self) -> bool:
         return bool(self.redis.ping())
 
