@@ -20,7 +20,6 @@ over all receiver processes, for Prometheus.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import time
@@ -197,7 +196,6 @@ class Deliveries:
         self._propagate = propagate
         # The chain steps the delivery being served in this thread wrote (sent after it).
         self._steps = threading.local()
-        self._pinned = threading.local()  # this thread's Deps (see _thread_deps)
         self._deps = Deps(
             store=store,
             provider=provider,
@@ -205,6 +203,8 @@ class Deliveries:
             clock=clock,
             enqueue_submit=self._remember_step,
         )
+        # Each server thread applies deliveries on a Redis connection of its own.
+        self._deps.per_thread = runtime.pinned_per_thread(self._deps)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO") != WEBHOOK_PATH:
@@ -230,16 +230,6 @@ class Deliveries:
             send = self._send_submits
             return ClosingIterator([body], lambda: _send_quietly(send, spawned))
         return [body]
-
-    def _thread_deps(self) -> Deps:
-        """This thread's adapters: the store on a Redis connection of the thread's own,
-        made on its first delivery (a server thread serves thousands; see
-        runtime.pinned_client for what that saves each of them)."""
-        deps: Deps | None = getattr(self._pinned, "deps", None)
-        if deps is None:
-            store = self._store.on_client(runtime.pinned_client(self._store.redis))
-            deps = self._pinned.deps = dataclasses.replace(self._deps, store=store)
-        return deps
 
     def _remember_step(self, job_id: str) -> None:
         spawned: list[str] | None = getattr(self._steps, "spawned", None)
@@ -329,7 +319,7 @@ class Deliveries:
         assert webhook_id is not None  # verify_v3 refused a delivery without one
         # Dedupe and apply are one atomic step: a delivery counts as seen only once its
         # result is applied (or found stale), so a retry after any failure is applied.
-        deps = self._thread_deps()
+        deps = self._deps.on_this_thread()
         result = apply_webhook(deps, job_id, prediction, webhook_id)
         if result is None:
             return self._counted(200, "not_final")

@@ -67,12 +67,17 @@ class Admission:
 
     def __init__(self, client: redis.Redis, settings: Settings) -> None:
         self.redis = client
+        self._settings = settings
         self.max_in_flight = settings.max_in_flight
         self.max_per_minute = settings.max_submits_per_minute
         self.lease_s = settings.job_deadline_s + settings.http_timeout_s + LEASE_MARGIN_S
         self._script = client.register_script(
             resources.files("worker").joinpath("lua", "admission.lua").read_text()
         )
+
+    def on_client(self, client: redis.Redis) -> Admission:
+        """The same limits on another client of the same Redis."""
+        return Admission(client, self._settings)
 
     def _call(self, op: str, now: float, *extra: Any) -> Any:
         padded = [*extra, "", "", ""][:3]

@@ -76,7 +76,7 @@ def sweep(deps: Deps, pool: ThreadPoolExecutor | None = None) -> SweepReport:
     if pool is None:
         outcomes = [poll_job(deps, job) for job in jobs]
     else:
-        outcomes = list(pool.map(lambda job: poll_job(deps, job), jobs))
+        outcomes = list(pool.map(lambda job: poll_job(deps.on_this_thread(), job), jobs))
     report.outcomes.update(outcomes)
     telemetry.count_many(deps.store.redis, {f"poll.{k}": v for k, v in report.outcomes.items()})
     log.info("poll.sweep", claimed=len(due), **dict(report.outcomes))

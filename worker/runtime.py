@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -70,6 +71,25 @@ def pinned_client(client: redis.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=client.connection_pool, single_connection_client=True)
 
 
+def pinned_per_thread(deps: Deps) -> Callable[[], Deps]:
+    """For `Deps.per_thread`: each calling thread gets a copy of `deps` whose store and
+    admission run on a connection of the thread's own (pinned_client), made on its first
+    call. For pools of long-lived threads (gunicorn's, the submit and poll pools)."""
+    local = threading.local()
+
+    def this_thread() -> Deps:
+        own: Deps | None = getattr(local, "deps", None)
+        if own is None:
+            client = pinned_client(deps.store.redis)
+            admission = deps.admission and deps.admission.on_client(client)
+            store = deps.store.on_client(client)
+            own = replace(deps, store=store, admission=admission, per_thread=None)
+            local.deps = own
+        return own
+
+    return this_thread
+
+
 def _sentinel_master(settings: Settings, options: dict[str, Any]) -> redis.Redis:
     """A client of the Sentinel-managed primary; KQ_REDIS_URL lends its database number,
     username and password (the Sentinels themselves are asked without a password)."""
@@ -112,13 +132,15 @@ def make_deps(settings: Settings, enqueue_submit: Callable[[str], None]) -> Deps
     """The adapters a worker or beat process hands to the use cases."""
     settings.require_provider()
     store = make_store(settings)
-    return Deps(
+    deps = Deps(
         store=store,
         provider=make_provider(settings),
         settings=settings,
         enqueue_submit=enqueue_submit,
         admission=Admission(store.redis, settings),
     )
+    deps.per_thread = pinned_per_thread(deps)
+    return deps
 
 
 def make_producer(settings: Settings) -> Producer:

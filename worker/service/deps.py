@@ -34,6 +34,14 @@ class Deps:
     # Where the use cases' counters go: None writes each at once; a long-running worker
     # hands in a started `telemetry.Buffered` so a submit pays no round trip for them.
     counter: telemetry.Buffered | None = None
+    # Gives the calling thread its own adapters (see `on_this_thread`); None: one set for all.
+    per_thread: Callable[[], Deps] | None = None
+
+    def on_this_thread(self) -> Deps:
+        """The adapters for the calling thread: these, or the thread's own copy where the
+        entry point gives each thread one (a Redis connection of its own: see
+        runtime.pinned_per_thread). A use case running on a pool thread asks once."""
+        return self if self.per_thread is None else self.per_thread()
 
     def count(self, counts: Mapping[str, int]) -> None:
         """Add to telemetry counters (names of telemetry.NAMES); never raises."""

@@ -181,6 +181,7 @@ def _send(
     `fresh`: `job` was read just now. A record read earlier with its chunk that has
     moved since fails the claim's version check; if it is still queued it is read again
     and sent as `submit_job` would (holding the slot it may have taken here)."""
+    deps = deps.on_this_thread()
     store, settings = deps.store, deps.settings
     job_id = job.id
     now = deps.clock()
