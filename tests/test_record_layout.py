@@ -223,3 +223,57 @@ def test_index_entries_are_hash_fields_in_expiring_buckets(
     assert done.applied and store.webhook_seen(hex_id)
     again = store.transition("job1", JobState.FAILED, now=104.0, webhook_id=hex_id)
     assert again.outcome is TransitionOutcome.DUPLICATE
+
+
+def test_the_script_finds_an_index_entry_where_the_caller_would(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """A move names its ids' shards and entry names (worked out by the caller); one that
+    names none (here: a cancel, whose prediction id comes from the record) has the script
+    work them out, into the same bucket and entry the caller reads."""
+    hex_job = "ef" * 16
+    assert store.create(hex_job, REQ, now=100.0)
+    assert store.transition(hex_job, JobState.SUBMITTING, now=101.0).applied
+    assert store.transition(
+        hex_job,
+        JobState.SUBMITTED,
+        now=102.0,
+        fields={"prediction_id": PID},
+        expect_prediction_id=PID,
+    ).applied
+    buckets = index_keys(keys.PREDICTION_PREFIX, PID, store.result_ttl_s)
+    assert store.job_for_prediction(PID) == hex_job
+    redis_client.delete(*buckets)  # so only the script's own rewrite below can hold it
+    assert store.job_for_prediction(PID) is None
+    assert store.transition(hex_job, JobState.CANCELLED, now=103.0).applied
+    assert store.job_for_prediction(PID) == hex_job
+
+
+def test_a_task_first_recorded_by_the_move_that_ends_its_job_is_paid_for(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """A submit whose answer was lost, then its webhook: the one move records the task
+    (its price counted once, from the record) and finishes the job (the price dropped from
+    the record, the event appended and its id kept)."""
+    assert store.create("job1", REQ, batch_id="b1", idempotency_key="k1", now=100.0)
+    assert store.transition(
+        "job1", JobState.SUBMITTING, now=101.0, fields={"price_micros": 40000, "attempts": 1}
+    ).applied
+    paid_before = store.stats().get("paid_micros", 0)
+    done = store.transition(
+        "job1",
+        JobState.COMPLETED,
+        now=130.0,
+        fields={"prediction_id": PID, "outputs": '["https://o/1.jpeg"]', "finished_at": 130.0},
+        expect_prediction_id=PID,
+        webhook_id="w1",
+    )
+    assert done.applied
+    assert store.stats()["paid_micros"] - paid_before == 40000
+    assert store.batch_counts("b1")["paid_micros"] == 40000
+    raw = redis_client.hgetall(keys.job("job1"))
+    assert "price_micros" not in raw and "updated_at" not in raw
+    [(event_id, event)] = store.events()
+    assert raw["event_id"] == event_id
+    assert (event["prediction_id"], event["idempotency_key"], event["attempts"]) == (PID, "k1", "1")
+    assert store.job_for_prediction(PID) == "job1"

@@ -113,18 +113,33 @@ def index_keys(prefix: str, entry_id: str, ttl_s: float) -> list[str]:
     `entry_id` (an entry lives at least `ttl_s`), newest first: see the top of
     lua/transition.lua. One more day each side than the script reads, for the skew
     between this clock and the Redis server's."""
-    digest = hashlib.sha1(entry_id.encode(), usedforsecurity=False).hexdigest()
-    shard = int(digest[:3], 16) % INDEX_SHARDS
+    shard = index_shard(entry_id)
     now = time.time()
     newest = int(now // INDEX_PERIOD_S) + 1
     oldest = int((now - ttl_s) // INDEX_PERIOD_S) - 2
     return [f"{prefix}{period}:{shard}" for period in range(newest, oldest - 1, -1)]
 
 
+def index_shard(entry_id: str) -> int:
+    """The shard of the buckets that hold `entry_id` (lua/transition.lua does the same)."""
+    digest = hashlib.sha1(entry_id.encode(), usedforsecurity=False).hexdigest()
+    return int(digest[:3], 16) % INDEX_SHARDS
+
+
 def index_name(entry_id: str) -> str | bytes:
     """An entry's name in its bucket: an id of 32 hex digits (a prediction id) as its 16
     bytes, anything else as it is (lua/transition.lua does the same)."""
     return bytes.fromhex(entry_id) if _HEX32.fullmatch(entry_id) else entry_id
+
+
+def index_job_value(job_id: str) -> str | bytes:
+    """A job id as the prediction index stores it (see index_job_id)."""
+    return b"\0" + bytes.fromhex(job_id) if _HEX32.fullmatch(job_id) else job_id
+
+
+def _index_hint(entry_id: str) -> tuple[str, str | bytes]:
+    """(shard, name) of an id, worked out here for lua/transition.lua ('', '' for none)."""
+    return (str(index_shard(entry_id)), index_name(entry_id)) if entry_id else ("", "")
 
 
 def index_job_id(value: bytes) -> str:
@@ -337,6 +352,10 @@ class JobStore:
             "1" if self.keep_outputs else "0",
             webhook_id,
             keys.WEBHOOK_ID_PREFIX,
+            *_index_hint(webhook_id),
+            indexed := str((fields or {}).get("prediction_id") or expect_prediction_id),
+            *_index_hint(indexed),
+            index_job_value(job_id),
         ]
         for name, value in (fields or {}).items():
             args.extend((name, _record_value(name, value)))

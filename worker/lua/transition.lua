@@ -18,7 +18,10 @@
 -- ARGV[20] when a chain step written by this move gets its queued check (poll score)
 -- ARGV[21] '1': completed jobs' outputs are copied out (queue them in KEYS[13])
 -- ARGV[22] the webhook delivery's id ('' for none)  ARGV[23] key prefix: webhook-id marks
--- ARGV[24..] field, value pairs to write with the move
+-- ARGV[24], ARGV[25] the webhook id's index shard and entry name ('' for none)
+-- ARGV[26..28] a prediction id the move may index ('' for none), its shard and entry name
+-- ARGV[29] this job's id as the prediction index stores it
+-- ARGV[30..] field, value pairs to write with the move
 --
 -- Answer: {outcome, state, version} and, for an applied move, the ids of the chain step
 -- jobs it wrote (chain_step.lua, in front of this file) as a 4th element, comma-separated.
@@ -43,12 +46,15 @@ local function hex32_bytes(id)
   end
 end
 -- An id's shard and entry name, worked out once per id (a delivery's id is looked up,
--- then written).
+-- then written); the caller works them out for the ids it knows (worker.store: cheaper
+-- in its process than here, in the one thread every client of this Redis waits on).
 local SHARDS, NAMES = {}, {}
+if ARGV[24] ~= '' then SHARDS[ARGV[22]], NAMES[ARGV[22]] = ARGV[24], ARGV[25] end
+if ARGV[26] ~= '' then SHARDS[ARGV[26]], NAMES[ARGV[26]] = ARGV[27], ARGV[28] end
 local function index_shard(id)
   local shard = SHARDS[id]
   if not shard then
-    shard = tonumber(string.sub(redis.sha1hex(id), 1, 3), 16) % INDEX_SHARDS
+    shard = tostring(tonumber(string.sub(redis.sha1hex(id), 1, 3), 16) % INDEX_SHARDS)
     SHARDS[id] = shard
   end
   return shard
@@ -60,10 +66,6 @@ local function index_name(id)
     NAMES[id] = name
   end
   return name
-end
-local function index_job_value(job_id)
-  local packed = hex32_bytes(job_id)
-  return packed and ('\0' .. packed) or job_id
 end
 local function index_job_id(value)
   if value and #value == 17 and string.byte(value, 1) == 0 then
@@ -101,16 +103,19 @@ if dedupe and index_get(WHID, ARGV[22], tonumber(ARGV[11])) then
 end
 
 local PRED, BATCH, BATCH_JOBS, ADM_WAIT = ARGV[12], ARGV[13], ARGV[14], ARGV[15]
--- The job's fields this move reads, in one look-up. `after(name)` is a field's value once
--- the move has written its own (a field it removes reads as false, as HGET answers).
-local HAD = redis.call('HMGET', job, 'state', 'version', 'id', 'prediction_id', 'batch_id',
-  'attempts', 'price_micros')
-local HAD_AT = {state = 1, version = 2, id = 3, prediction_id = 4, batch_id = 5, attempts = 6,
-  price_micros = 7}
+local terminal = ARGV[8] == '1'
+-- The job's fields this move reads, in one look-up: the first 7, and for a terminal move
+-- the rest too (its event's). `after_at(i)` is field READS[i]'s value once the move has
+-- written its own (a field it removes reads as false, as HGET answers).
+local READS = {'state', 'version', 'id', 'prediction_id', 'batch_id', 'attempts',
+  'price_micros', 'outputs', 'error', 'reason', 'task_code', 'resolved_by', 'created_at',
+  'submitted_at', 'finished_at', 'idempotency_key', 'metadata', 'chain_id', 'step', 'branch',
+  'priority'}
+local HAD = redis.call('HMGET', job, unpack(READS, 1, terminal and #READS or 7))
 local written = {}
-local function after(name)
-  local value = written[name]
-  if value == nil then return HAD[HAD_AT[name]] end
+local function after_at(i)
+  local value = written[READS[i]]
+  if value == nil then return HAD[i] end
   return value
 end
 local state = HAD[1]
@@ -149,14 +154,50 @@ version = version + 1
 local ZERO_IS_DEFAULT = {ambiguous = true, answer_lost_at = true}
 local order = {'state', 'version', 'updated_at'}
 written.state, written.version, written.updated_at = ARGV[1], tostring(version), ARGV[5]
-for i = 24, #ARGV, 2 do
-  local name, value = ARGV[i], ARGV[i + 1]
+local function put(name, value)  -- false: remove the field
   if written[name] == nil then table.insert(order, name) end
-  if value == '' or (value == '0' and ZERO_IS_DEFAULT[name]) then
-    written[name] = false
-  else
-    written[name] = value
+  written[name] = value
+end
+for i = 30, #ARGV, 2 do
+  local name, value = ARGV[i], ARGV[i + 1]
+  put(name, not (value == '' or (value == '0' and ZERO_IS_DEFAULT[name])) and value)
+end
+-- The job's price, as the move leaves it (a terminal move then drops it: below).
+local price = tonumber(after_at(7) or '')
+
+-- A terminal move appends the job's result event, from the record as the move leaves it
+-- (`f`; docs/events.md), and writes its id with the move's other fields.
+local f
+if terminal then
+  -- batch_id, prediction_id, outputs, error, reason, task_code, resolved_by, created_at,
+  -- submitted_at, finished_at, attempts, idempotency_key, metadata, chain_id, step,
+  -- branch, priority
+  f = {}
+  for i, at in ipairs({5, 4, 8, 9, 10, 11, 12, 13, 14, 15, 6, 16, 17, 18, 19, 20, 21}) do
+    f[i] = after_at(at)
   end
+  local event = {'schema', '2', 'type', 'job', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
+    'prediction_id', f[2] or '', 'outputs', f[3] or '[]', 'error', f[4] or '',
+    'reason', f[5] or '', 'task_code', f[6] or '', 'resolved_by', f[7] or '',
+    'created_at', f[8] or '', 'submitted_at', f[9] or '', 'finished_at', f[10] or '',
+    'attempts', f[11] or '0', 'version', tostring(version)}
+  -- The producer's own key and metadata, and its place in a chain, when the job has them
+  -- (docs/events.md).
+  for i, name in ipairs({'idempotency_key', 'metadata', 'chain_id', 'step', 'branch'}) do
+    local value = f[11 + i]
+    if value and value ~= '' then
+      table.insert(event, name)
+      table.insert(event, value)
+    end
+  end
+  put('event_id', redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(event)))
+  -- Bookkeeping a finished job no longer needs: its price was counted when its task was
+  -- recorded (below, or never), its budget reservation is never made again (a finished
+  -- job is not reserved for: reserve_budget.lua), and its last update is its finish
+  -- (readers fall back to finished_at).
+  put('price_micros', false)
+  put('reserved', false)
+  if f[10] == ARGV[5] then put('updated_at', false) end
 end
 local sets, removes = {}, {}
 for _, name in ipairs(order) do
@@ -182,20 +223,19 @@ end
 -- Open submit attempts: from the moment a POST may go out until its task is known (the
 -- job records a prediction id) or it is known that no task came of it. Reconciliation
 -- through the list call adopts a task only when no other open attempt could own it.
-local attempt = job_id .. ':' .. (after('attempts') or '0')
+local attempt = job_id .. ':' .. (after_at(6) or '0')
 if ARGV[1] == 'submitting' then redis.call('ZADD', KEYS[10], tonumber(ARGV[5]), attempt) end
 if ARGV[10] == '1' then redis.call('ZREM', KEYS[10], attempt) end
 
 local ttl = tonumber(ARGV[6])
-local pid = after('prediction_id') or ''
+local pid = after_at(4) or ''
 if pid ~= '' then
-  index_put(PRED, pid, index_job_value(job_id), ttl)
+  index_put(PRED, pid, ARGV[29], ttl)
   if old_pid == '' then
     -- A task now exists at the provider for this job: that is what gets billed, at the
     -- price of the job's model (written with its submitting move).
     -- (`paid_priced` counts the tasks in `paid_micros`: a record without a price, written
     -- before prices rode on it, is costed at the mean price by its readers.)
-    local price = tonumber(after('price_micros') or '')
     redis.call('HINCRBY', KEYS[4], 'paid', 1)
     if batch_id ~= '' then redis.call('HINCRBY', batch, 'paid', 1) end
     if price then
@@ -231,37 +271,7 @@ elseif ARGV[9] ~= '' then
   redis.call('ZADD', KEYS[3], tonumber(ARGV[9]), job_id)
 end
 
-local terminal_fields
-if ARGV[8] == '1' then
-  local f = redis.call('HMGET', job, 'batch_id', 'prediction_id', 'outputs', 'error', 'reason',
-    'task_code', 'resolved_by', 'created_at', 'submitted_at', 'finished_at', 'attempts',
-    'idempotency_key', 'metadata', 'chain_id', 'step', 'branch', 'priority')
-  terminal_fields = f
-  local event = {'schema', '2', 'type', 'job', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
-    'prediction_id', f[2] or '', 'outputs', f[3] or '[]', 'error', f[4] or '',
-    'reason', f[5] or '', 'task_code', f[6] or '', 'resolved_by', f[7] or '',
-    'created_at', f[8] or '', 'submitted_at', f[9] or '', 'finished_at', f[10] or '',
-    'attempts', f[11] or '0', 'version', tostring(version)}
-  -- The producer's own key and metadata, and its place in a chain, when the job has them
-  -- (docs/events.md).
-  for i, name in ipairs({'idempotency_key', 'metadata', 'chain_id', 'step', 'branch'}) do
-    local value = f[11 + i]
-    if value and value ~= '' then
-      table.insert(event, name)
-      table.insert(event, value)
-    end
-  end
-  local event_id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', unpack(event))
-  redis.call('HSET', job, 'event_id', event_id)
-  -- Bookkeeping a finished job no longer needs: its price was counted when its task was
-  -- recorded (above, or never), its budget reservation is never made again (a finished
-  -- job is not reserved for: reserve_budget.lua), and its last update is its finish
-  -- (readers fall back to finished_at).
-  if f[10] == ARGV[5] then
-    redis.call('HDEL', job, 'price_micros', 'reserved', 'updated_at')
-  else
-    redis.call('HDEL', job, 'price_micros', 'reserved')
-  end
+if terminal then
   redis.call('EXPIRE', job, ttl)
   if ARGV[9] ~= 'rm' then redis.call('ZREM', KEYS[3], job_id) end  -- 'rm': done above
   redis.call('HINCRBY', KEYS[4], 'state:' .. ARGV[1], 1)
@@ -306,9 +316,7 @@ if ARGV[8] == '1' then
   end
 end
 local spawned = {}
-if ARGV[8] == '1' then
-  -- (The terminal branch's writes since its HMGET touched none of these fields.)
-  local f = terminal_fields
+if terminal then
   if ARGV[1] == 'completed' and ARGV[21] == '1' and (f[3] or '[]') ~= '[]' then
     redis.call('ZADD', KEYS[13], 'NX', tonumber(ARGV[5]), job_id)
   end
