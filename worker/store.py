@@ -335,7 +335,9 @@ class JobStore:
         `webhook_id`: the move applies that webhook delivery; it is marked as seen in the
         same step, and a delivery seen before comes back DUPLICATE with nothing done.
         """
-        args: list[FieldValue] = [
+        # The prediction id this move may index, if the caller knows it (see the script).
+        indexed = str((fields or {}).get("prediction_id") or expect_prediction_id)
+        args: list[FieldValue | bytes] = [
             target.value,
             _ALLOWED_ARG[target],
             "" if expect_version is None else expect_version,
@@ -353,7 +355,7 @@ class JobStore:
             webhook_id,
             keys.WEBHOOK_ID_PREFIX,
             *_index_hint(webhook_id),
-            indexed := str((fields or {}).get("prediction_id") or expect_prediction_id),
+            indexed,
             *_index_hint(indexed),
             index_job_value(job_id),
         ]
