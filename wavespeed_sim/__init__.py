@@ -16,9 +16,9 @@ Modules:
     lifecycle the task lifecycle: queue, concurrency cap, ending a task
     engine    Simulator: submits, the scheduler thread, queries, control
     delivery  webhook sender: signed POSTs, retries with backoff, thread pool
-    webhook_http  the sender's HTTP client: http.client over kept-alive connections
+    webhook_http  the sender's HTTP client: HTTP/1.1 on kept-alive sockets
     images    output JPEGs drawn with Pillow
-    app       create_app(sim): the v3 API, uploads and outputs over HTTP
+    app       create_app(sim): the v3 API, uploads and outputs over HTTP (FastSubmit: submits)
     control   the /_sim/* endpoints
     server    SimServer: start()/stop() in a thread, or serve_forever()
     cli       build_parser() and main(argv) (``python -m wavespeed_sim``, ``kq sim``)
