@@ -105,16 +105,21 @@ end
 local PRED, BATCH, BATCH_JOBS, ADM_WAIT = ARGV[12], ARGV[13], ARGV[14], ARGV[15]
 local terminal = ARGV[8] == '1'
 -- The job's fields this move reads, in one look-up: the first 7, and for a terminal move
--- the rest too (its event's). `after_at(i)` is field READS[i]'s value once the move has
--- written its own (a field it removes reads as false, as HGET answers).
-local READS = {'state', 'version', 'id', 'prediction_id', 'batch_id', 'attempts',
-  'price_micros', 'outputs', 'error', 'reason', 'task_code', 'resolved_by', 'created_at',
-  'submitted_at', 'finished_at', 'idempotency_key', 'metadata', 'chain_id', 'step', 'branch',
-  'priority'}
-local HAD = redis.call('HMGET', job, unpack(READS, 1, terminal and #READS or 7))
+-- its event's too. `after(name, i)` is field `name`'s (the i-th read) value once the move
+-- has written its own (a field it removes reads as false, as HGET answers).
+local HAD
+if terminal then
+  HAD = redis.call('HMGET', job, 'state', 'version', 'id', 'prediction_id', 'batch_id',
+    'attempts', 'price_micros', 'outputs', 'error', 'reason', 'task_code', 'resolved_by',
+    'created_at', 'submitted_at', 'finished_at', 'idempotency_key', 'metadata', 'chain_id',
+    'step', 'branch', 'priority')
+else
+  HAD = redis.call('HMGET', job, 'state', 'version', 'id', 'prediction_id', 'batch_id',
+    'attempts', 'price_micros')
+end
 local written = {}
-local function after_at(i)
-  local value = written[READS[i]]
+local function after(name, i)
+  local value = written[name]
   if value == nil then return HAD[i] end
   return value
 end
@@ -155,27 +160,30 @@ local ZERO_IS_DEFAULT = {ambiguous = true, answer_lost_at = true}
 local order = {'state', 'version', 'updated_at'}
 written.state, written.version, written.updated_at = ARGV[1], tostring(version), ARGV[5]
 local function put(name, value)  -- false: remove the field
-  if written[name] == nil then table.insert(order, name) end
+  if written[name] == nil then order[#order + 1] = name end
   written[name] = value
 end
 for i = 30, #ARGV, 2 do
   local name, value = ARGV[i], ARGV[i + 1]
-  put(name, not (value == '' or (value == '0' and ZERO_IS_DEFAULT[name])) and value)
+  if written[name] == nil then order[#order + 1] = name end
+  if value == '' or (value == '0' and ZERO_IS_DEFAULT[name]) then
+    written[name] = false
+  else
+    written[name] = value
+  end
 end
 -- The job's price, as the move leaves it (a terminal move then drops it: below).
-local price = tonumber(after_at(7) or '')
+local price = tonumber(after('price_micros', 7) or '')
 
 -- A terminal move appends the job's result event, from the record as the move leaves it
 -- (`f`; docs/events.md), and writes its id with the move's other fields.
 local f
 if terminal then
-  -- batch_id, prediction_id, outputs, error, reason, task_code, resolved_by, created_at,
-  -- submitted_at, finished_at, attempts, idempotency_key, metadata, chain_id, step,
-  -- branch, priority
-  f = {}
-  for i, at in ipairs({5, 4, 8, 9, 10, 11, 12, 13, 14, 15, 6, 16, 17, 18, 19, 20, 21}) do
-    f[i] = after_at(at)
-  end
+  f = {after('batch_id', 5), after('prediction_id', 4), after('outputs', 8),
+    after('error', 9), after('reason', 10), after('task_code', 11), after('resolved_by', 12),
+    after('created_at', 13), after('submitted_at', 14), after('finished_at', 15),
+    after('attempts', 6), after('idempotency_key', 16), after('metadata', 17),
+    after('chain_id', 18), after('step', 19), after('branch', 20), after('priority', 21)}
   local event = {'schema', '2', 'type', 'job', 'job_id', job_id, 'batch_id', f[1] or '', 'state', ARGV[1],
     'prediction_id', f[2] or '', 'outputs', f[3] or '[]', 'error', f[4] or '',
     'reason', f[5] or '', 'task_code', f[6] or '', 'resolved_by', f[7] or '',
@@ -203,10 +211,10 @@ local sets, removes = {}, {}
 for _, name in ipairs(order) do
   local value = written[name]
   if value then
-    table.insert(sets, name)
-    table.insert(sets, value)
+    sets[#sets + 1] = name
+    sets[#sets + 1] = value
   else
-    table.insert(removes, name)
+    removes[#removes + 1] = name
   end
 end
 if #sets > 0 then redis.call('HSET', job, unpack(sets)) end
@@ -223,12 +231,12 @@ end
 -- Open submit attempts: from the moment a POST may go out until its task is known (the
 -- job records a prediction id) or it is known that no task came of it. Reconciliation
 -- through the list call adopts a task only when no other open attempt could own it.
-local attempt = job_id .. ':' .. (after_at(6) or '0')
+local attempt = job_id .. ':' .. (after('attempts', 6) or '0')
 if ARGV[1] == 'submitting' then redis.call('ZADD', KEYS[10], tonumber(ARGV[5]), attempt) end
 if ARGV[10] == '1' then redis.call('ZREM', KEYS[10], attempt) end
 
 local ttl = tonumber(ARGV[6])
-local pid = after_at(4) or ''
+local pid = after('prediction_id', 4) or ''
 if pid ~= '' then
   index_put(PRED, pid, ARGV[29], ttl)
   if old_pid == '' then
