@@ -10,6 +10,7 @@ from importlib import resources
 
 import redis
 
+from tests.support import make_submitted_job
 from worker import keys
 from worker.domain import EditRequest, JobState, TransitionOutcome
 from worker.store import INDEX_PERIOD_S, INDEX_SHARDS, REMOVE, JobStore, index_keys
@@ -232,15 +233,7 @@ def test_the_script_finds_an_index_entry_where_the_caller_would(
     names none (here: a cancel, whose prediction id comes from the record) has the script
     work them out, into the same bucket and entry the caller reads."""
     hex_job = "ef" * 16
-    assert store.create(hex_job, REQ, now=100.0)
-    assert store.transition(hex_job, JobState.SUBMITTING, now=101.0).applied
-    assert store.transition(
-        hex_job,
-        JobState.SUBMITTED,
-        now=102.0,
-        fields={"prediction_id": PID},
-        expect_prediction_id=PID,
-    ).applied
+    make_submitted_job(store, hex_job, PID)
     buckets = index_keys(keys.PREDICTION_PREFIX, PID, store.result_ttl_s)
     assert store.job_for_prediction(PID) == hex_job
     redis_client.delete(*buckets)  # so only the script's own rewrite below can hold it
