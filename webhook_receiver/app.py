@@ -203,8 +203,10 @@ class Deliveries:
             clock=clock,
             enqueue_submit=self._remember_step,
         )
-        # Each server thread applies deliveries on a Redis connection of its own.
-        self._deps.per_thread = runtime.pinned_per_thread(self._deps)
+        # Each server thread applies deliveries on a Redis connection of its own
+        # (not with Sentinels: see runtime.pinned_client).
+        if not settings.redis_sentinels:
+            self._deps.per_thread = runtime.pinned_per_thread(self._deps)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO") != WEBHOOK_PATH:

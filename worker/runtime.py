@@ -67,7 +67,11 @@ def pinned_client(client: redis.Redis) -> redis.Redis:
     thread that makes many calls: each call then skips the pool's check-out (a lock, and a
     poll of the socket for unread data) and check-in. Same server, options and timeouts
     (they live in the pool); a broken connection is reconnected as usual. Dropped, it
-    gives its connection back to the pool."""
+    gives its connection back to the pool.
+
+    Not with Sentinels: after a failover redis-py moves a pool's idle connections to the
+    new primary, never one held like this, which stays on the demoted server (its reads
+    answered by a replica) until a write fails there."""
     return redis.Redis(connection_pool=client.connection_pool, single_connection_client=True)
 
 
@@ -139,7 +143,8 @@ def make_deps(settings: Settings, enqueue_submit: Callable[[str], None]) -> Deps
         enqueue_submit=enqueue_submit,
         admission=Admission(store.redis, settings),
     )
-    deps.per_thread = pinned_per_thread(deps)
+    if not settings.redis_sentinels:  # see pinned_client
+        deps.per_thread = pinned_per_thread(deps)
     return deps
 
 
