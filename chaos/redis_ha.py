@@ -30,6 +30,18 @@ def redis_binary() -> str | None:
     return shutil.which("redis-server")
 
 
+def wait_until(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+    """The predicate's first truthy value, asked every 100 ms; TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.1)
+
+
 class RedisHA:
     """Two data servers and three Sentinels; `start()`, then `stop()` (always)."""
 
@@ -159,16 +171,47 @@ class RedisHA:
         new = self.wait(promoted, timeout_s, "the Sentinels to promote the replica")
         return old, int(new)
 
-    @staticmethod
-    def wait(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + timeout_s
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
-            time.sleep(0.1)
+    def settled_on(self, port: int) -> bool:
+        """Every Sentinel names `port` the primary and none is still in a failover: only
+        then is a restarted server sure to be told to follow it (a Sentinel mid-failover
+        or not yet updated by its peers may otherwise leave it a primary for a while)."""
+        for sentinel_port in self.sentinel_ports:
+            try:
+                with self._client(sentinel_port) as sentinel:
+                    master = sentinel.sentinel_master(self.master_name)
+            except (redis.RedisError, OSError):
+                return False
+            if int(master.get("port", 0)) != port:
+                return False
+            flags = str(master.get("flags", ""))
+            if "failover_in_progress" in flags or "s_down" in flags or "o_down" in flags:
+                return False
+        return True
+
+    def wait(self, predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+        """`wait_until`, and on a timeout what the servers and Sentinels were doing."""
+        try:
+            return wait_until(predicate, timeout_s, what)
+        except TimeoutError as timeout:
+            raise TimeoutError(f"{timeout}\n{self.explain()}") from None
+
+    def explain(self, events: int = 12) -> str:
+        """What the servers and Sentinels were doing: each data server's role and
+        replicas, and each Sentinel's last events (+tilt, +convert-to-slave, ...) from
+        its log; for the message of a wait that timed out."""
+        lines = []
+        for port in self.data_ports:
+            lines.append(f"redis {port}: {self.role(port)}, {self.replicas_of(port)} replica(s)")
+            lines.extend(f"  {line}" for line in self._log_lines(port)[-events // 2 :])
+        for port in self.sentinel_ports:
+            recent = [line for line in self._log_lines(port) if " +" in line or " -" in line]
+            lines.append(f"sentinel {port}, last events:")
+            lines.extend(f"  {line}" for line in recent[-events:])
+        return "\n".join(lines)
+
+    def _log_lines(self, port: int) -> list[str]:
+        log = self.workdir / f"{port}.log"
+        return log.read_text(errors="replace").splitlines() if log.exists() else []
 
     # -- inside ---------------------------------------------------------------------------
 

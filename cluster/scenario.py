@@ -44,7 +44,7 @@ import redis
 
 from chaos import ha_checks, invariants
 from chaos.invariants import Check
-from chaos.redis_ha import RedisHA
+from chaos.redis_ha import RedisHA, wait_until
 from cluster.net import Host, Network
 from cluster.procs import HostProc, kq
 from worker import runtime
@@ -287,7 +287,7 @@ class Cluster:
 
     @staticmethod
     def _wait(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        return RedisHA.wait(predicate, timeout_s, what)
+        return wait_until(predicate, timeout_s, what)
 
     # -- the jobs -----------------------------------------------------------------------
 
@@ -353,6 +353,7 @@ class Cluster:
             self.log(f"fault 1: kill -9 the primary :{new}")
             ha.wait(lambda: ha.primary() == old, 60, "the Sentinels to promote the replica")
             self.log(f"         the Sentinels promoted :{old}")
+            ha.wait(lambda: ha.settled_on(old), 60, "every Sentinel to end the failover")
             ha.restart(new)
             ha.wait(lambda: ha.replicas_of(old) >= 1, 90, "the killed server to rejoin")
             self.log(f"         :{new} started again, a replica of :{old}")
