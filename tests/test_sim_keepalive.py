@@ -5,6 +5,7 @@ receiver, opening a new one when the receiver has closed the old one."""
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -212,3 +213,38 @@ def test_a_receiver_closing_idle_connections_costs_no_attempt(
         (1, 1)
     ] * 3
     assert len({port for port, _, _ in closing_receiver.calls}) == 3
+
+
+@pytest.mark.parametrize(
+    "length",
+    [b"\xb2", b"-1", b"1e3", b"0x10", b"12\r\nContent-Length: 13"],
+    ids=["superscript-two", "negative", "exponent", "hex", "two-that-disagree"],
+)
+def test_an_unreadable_content_length_is_refused_with_400(length: bytes) -> None:
+    """Python takes "²" for a digit: such a length once ended the request with no answer
+    at all. Now any length that is not plain ASCII digits gets a 400 naming the header,
+    and the connection is closed (where that body ends is unknown); the server serves
+    the next client as before."""
+    head = (
+        f"POST {MODEL_PATH} HTTP/1.1\r\nHost: sim\r\nAuthorization: Bearer k\r\n".encode()
+        + b"Content-Length: " + length + b"\r\n\r\n" + EDIT
+    )  # fmt: skip
+    with SimServer(SimConfig(port=0, seed=1, inference_time_s=0.0)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(head)
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes the connection
+                answer += chunk
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 400 BAD REQUEST", answer
+        headers, _, body = rest.partition(b"\r\n\r\n")
+        assert b"Connection: close" in headers
+        assert json.loads(body) == {
+            "code": 400,
+            "message": "Content-Length: expected one whole number of bytes in ASCII digits",
+            "data": None,
+        }
+        edit = httpx.post(
+            server.url + MODEL_PATH, content=EDIT, headers={"Authorization": "Bearer k"}
+        )
+        assert edit.status_code == 200

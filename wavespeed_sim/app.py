@@ -88,7 +88,7 @@ def _ok_envelope(data: object) -> dict[str, object]:
     return {"code": 200, "message": "success", "data": data}
 
 
-def _error_envelope(status: int, message: str) -> dict[str, object]:
+def error_envelope(status: int, message: str) -> dict[str, object]:
     return {"code": status, "message": message, "data": None}
 
 
@@ -99,7 +99,7 @@ def ok(data: object) -> Response:
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """An error envelope whose ``code`` is the HTTP status."""
-    response = _json_response(_error_envelope(status, message), status)
+    response = _json_response(error_envelope(status, message), status)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
@@ -170,7 +170,7 @@ def answer_submit(
         params = validate_submit(model, {} if body is _BLANK else body)
         hook = validate_webhook(webhook)
     except ParamError as exc:
-        return SubmitAnswer(400, _error_envelope(400, str(exc)), body=logged)
+        return SubmitAnswer(400, error_envelope(400, str(exc)), body=logged)
     outcome = sim.submit(model, params, hook, base_url=base_url)
     task_id, fault = outcome.task_id, outcome.fault
     if outcome.drop_connection:
@@ -178,12 +178,12 @@ def answer_submit(
             return SubmitAnswer(500, {}, dropped=True, task_id=task_id, fault=fault, body=logged)
         # Not under werkzeug's server (e.g. Flask's test client): the closest we can do.
         message = "response lost (simulated ambiguous submit)"
-        return SubmitAnswer(504, _error_envelope(504, message), {}, False, task_id, fault, logged)
+        return SubmitAnswer(504, error_envelope(504, message), {}, False, task_id, fault, logged)
     if outcome.http_status != 200 or task_id is None:
         headers = {}
         if outcome.retry_after_s is not None:
             headers["Retry-After"] = str(max(1, round(outcome.retry_after_s)))
-        envelope = _error_envelope(outcome.http_status, outcome.message)
+        envelope = error_envelope(outcome.http_status, outcome.message)
         return SubmitAnswer(outcome.http_status, envelope, headers, False, task_id, fault, logged)
     data: object
     if params.get("enable_sync_mode") is True:
@@ -490,7 +490,7 @@ class FastSubmit:
             if propagate or (propagate is None and (self._flask.testing or self._flask.debug)):
                 raise
             self._flask.logger.exception("Exception on %s [POST]", req.path)
-            answer = SubmitAnswer(500, _error_envelope(500, InternalServerError.description))
+            answer = SubmitAnswer(500, error_envelope(500, InternalServerError.description))
         log_entry(
             self._sim,
             req,

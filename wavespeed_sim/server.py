@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import socket
 import socketserver
 import threading
@@ -34,7 +35,7 @@ from typing import Any
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 
-from wavespeed_sim.app import FastSubmit, create_app
+from wavespeed_sim.app import FastSubmit, create_app, error_envelope
 from wavespeed_sim.config import SimConfig
 from wavespeed_sim.engine import Simulator
 
@@ -49,6 +50,13 @@ POOL_THREADS = 512
 # Bodies up to this size are read whole before the app runs (kept-alive connection);
 # a larger or chunked one is streamed and its connection closed after the response.
 MAX_BUFFERED_BODY = 64 * 1024 * 1024
+
+
+def _plain_length(values: list[str] | None) -> bool:
+    """No Content-Length, or one (repeats allowed if equal) of ASCII digits only."""
+    return not values or (
+        len(set(values)) == 1 and values[0].isascii() and values[0].strip().isdigit()
+    )
 
 
 class _KeepAliveHandler(WSGIRequestHandler):
@@ -78,7 +86,7 @@ class _KeepAliveHandler(WSGIRequestHandler):
         environ["werkzeug.socket"] = self.request  # the client's socket (see run_wsgi)
         length = environ.get("CONTENT_LENGTH") or "0"
         self._reusable = not self.close_connection and "wsgi.input_terminated" not in environ
-        if self._reusable and length.isdigit() and int(length) <= MAX_BUFFERED_BODY:
+        if self._reusable and int(length) <= MAX_BUFFERED_BODY:  # plain: see run_wsgi
             # The whole body now: whatever the app reads, the next request starts here.
             environ["wsgi.input"] = io.BytesIO(self.rfile.read(int(length)))
             # Nothing of this request is left to read, so werkzeug's drain (see run_wsgi)
@@ -91,6 +99,9 @@ class _KeepAliveHandler(WSGIRequestHandler):
         return environ
 
     def run_wsgi(self) -> None:
+        if not _plain_length(self.headers.get_all("Content-Length")):
+            self._refuse_length()
+            return
         # After each response werkzeug reads and throws away whatever the client has sent
         # meanwhile (on a kept-alive connection: the next request) from `self.rfile`, for as
         # long as `self.connection` is readable. Here `self.connection` is a socket on which
@@ -104,6 +115,22 @@ class _KeepAliveHandler(WSGIRequestHandler):
             self._pending = None
             self.connection = self.request
             self.rfile = rfile
+
+    def _refuse_length(self) -> None:
+        """400 and close, as an HTTP server must for a Content-Length it cannot read (RFC
+        9112 6.3): where the body ends is unknown, so the connection cannot go on. (Python
+        takes "²" for a digit: werkzeug read such a length as 0 bytes, and our own
+        int() of it failed with no answer at all.)"""
+        message = "Content-Length: expected one whole number of bytes in ASCII digits"
+        body = json.dumps(error_envelope(400, message), separators=(",", ":")).encode() + b"\n"
+        self.close_connection = True
+        self._reusable = False
+        self.send_response(400, "BAD REQUEST")  # werkzeug's wording, as its other answers
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
 
     def _run_fast(self) -> bool:
         """Answer a submit through the app's FastSubmit, without werkzeug's runner; False
