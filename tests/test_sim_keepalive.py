@@ -248,3 +248,18 @@ def test_an_unreadable_content_length_is_refused_with_400(length: bytes) -> None
             server.url + MODEL_PATH, content=EDIT, headers={"Authorization": "Bearer k"}
         )
         assert edit.status_code == 200
+
+
+def test_a_lost_answer_leaves_no_traceback(capfd: pytest.CaptureFixture[str]) -> None:
+    """An ambiguous submit (the sim hangs up instead of answering) is a fault the sim
+    means: the answer left unsent in the handler's buffer is dropped quietly, not
+    printed as a BrokenPipeError traceback when the handler closes its stream."""
+    config = SimConfig(port=0, seed=1, inference_time_s=0.0, ambiguous_submit_rate=1.0)
+    with SimServer(config) as server:
+        for _ in range(3):
+            with pytest.raises(httpx.RemoteProtocolError):
+                httpx.post(
+                    server.url + MODEL_PATH, content=EDIT, headers={"Authorization": "Bearer k"}
+                )
+        assert httpx.get(server.url + "/_sim/health").status_code == 200
+    assert "Traceback" not in capfd.readouterr().err

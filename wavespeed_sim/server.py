@@ -161,6 +161,16 @@ class _KeepAliveHandler(WSGIRequestHandler):
             self.connection_dropped(exc, environ)
         return True
 
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except ConnectionError:
+            # The client is gone, or the sim hung up on it (a lost answer, see
+            # app.drop_connection): the unsent answer left in the buffer goes with it,
+            # rather than as a traceback on stderr.
+            with contextlib.suppress(OSError):
+                self.rfile.close()
+
     def send_header(self, keyword: str, value: str) -> None:
         if keyword.lower() == "connection" and value.lower() == "close" and self._reusable:
             value = "keep-alive"  # werkzeug always asks to close; this one may stay open
