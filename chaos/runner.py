@@ -325,7 +325,10 @@ class ChaosRun:
             announce(f"fault  {line}")
         pusher.join()
         if self.push_errors:
-            self.timeline.append(f"{self.elapsed():6.1f}s  pushing met {self.push_errors} errors")
+            self.timeline.append(
+                f"{self.elapsed():6.1f}s  pushing: {self.push_errors} enqueue calls met Redis "
+                "away and were retried (safe: idempotency keys)"
+            )
 
     def _push_steadily(self) -> None:
         total = self.config.jobs
