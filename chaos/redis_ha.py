@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -175,12 +176,10 @@ class RedisHA:
         """Every Sentinel names `port` the primary and none is still in a failover: only
         then is a restarted server sure to be told to follow it (a Sentinel mid-failover
         or not yet updated by its peers may otherwise leave it a primary for a while)."""
-        for sentinel_port in self.sentinel_ports:
-            try:
-                with self._client(sentinel_port) as sentinel:
-                    master = sentinel.sentinel_master(self.master_name)
-            except (redis.RedisError, OSError):
-                return False
+        views = self._sentinel_views()
+        if views is None:
+            return False
+        for master in views:
             if int(master.get("port", 0)) != port:
                 return False
             flags = str(master.get("flags", ""))
@@ -224,13 +223,22 @@ class RedisHA:
             decode_responses=True,
         )
 
-    def _sentinels_agree(self) -> bool:
+    def _sentinel_views(self) -> list[dict[str, Any]] | None:
+        """Each Sentinel's view of the primary (SENTINEL MASTER); None if one is away."""
+        views = []
         for port in self.sentinel_ports:
             try:
                 with self._client(port) as sentinel:
-                    master = sentinel.sentinel_master(self.master_name)
+                    views.append(sentinel.sentinel_master(self.master_name))
             except (redis.RedisError, OSError):
-                return False
+                return None
+        return views
+
+    def _sentinels_agree(self) -> bool:
+        views = self._sentinel_views()
+        if views is None:
+            return False
+        for master in views:
             if int(master.get("num-other-sentinels", 0)) < len(self.sentinel_ports) - 1:
                 return False
             if int(master.get("num-slaves", 0)) < 1:
