@@ -12,12 +12,13 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
+
+from kq.procs import wait_until
 
 # How quickly the Sentinels act: a primary that does not answer for this long is down.
 DOWN_AFTER_MS = 1000
@@ -31,16 +32,20 @@ def redis_binary() -> str | None:
     return shutil.which("redis-server")
 
 
-def wait_until(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    """The predicate's first truthy value, asked every 100 ms; TimeoutError after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+def wait_for(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
+    """The predicate's first truthy value (polled as `kq.procs.wait_until` polls);
+    TimeoutError naming `what` after timeout_s."""
+    found = []
+
+    def hit() -> bool:
         value = predicate()
         if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.1)
+            found.append(value)
+        return bool(value)
+
+    if not wait_until(hit, timeout_s):
+        raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}")
+    return found[0]
 
 
 class RedisHA:
@@ -188,9 +193,9 @@ class RedisHA:
         return True
 
     def wait(self, predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-        """`wait_until`, and on a timeout what the servers and Sentinels were doing."""
+        """`wait_for`, and on a timeout what the servers and Sentinels were doing."""
         try:
-            return wait_until(predicate, timeout_s, what)
+            return wait_for(predicate, timeout_s, what)
         except TimeoutError as timeout:
             raise TimeoutError(f"{timeout}\n{self.explain()}") from None
 

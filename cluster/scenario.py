@@ -44,7 +44,7 @@ import redis
 
 from chaos import ha_checks, invariants
 from chaos.invariants import Check
-from chaos.redis_ha import RedisHA, wait_until
+from chaos.redis_ha import RedisHA, wait_for
 from cluster.net import Host, Network
 from cluster.procs import HostProc, kq
 from worker import runtime
@@ -287,7 +287,7 @@ class Cluster:
 
     @staticmethod
     def _wait(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        return wait_until(predicate, timeout_s, what)
+        return wait_for(predicate, timeout_s, what)
 
     # -- the jobs -----------------------------------------------------------------------
 
