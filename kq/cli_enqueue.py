@@ -247,9 +247,9 @@ def _send_submits(job_ids: list[str]) -> None:
     has one (Redis), not one each: a 100,000-line batch sends 1,000 of them."""
     from kombu.exceptions import KombuError
 
-    from worker.celery_app import SUBMIT_QUEUE, app
+    from worker.celery_app import app
     from worker.errors import QueueUnavailable
-    from worker.tasks import CHUNK_SIZE, enqueue_submits, submit_chunk
+    from worker.tasks import enqueue_submits, publish_chunks
 
     if len(job_ids) < 2:
         enqueue_submits(job_ids)
@@ -259,12 +259,7 @@ def _send_submits(job_ids: list[str]) -> None:
             # Older kombu (before 5.7) has no publish batch: each message is sent alone.
             batch = producer.batch() if hasattr(producer, "batch") else nullcontext()
             with batch:
-                for start in range(0, len(job_ids), CHUNK_SIZE):
-                    submit_chunk.apply_async(
-                        args=[job_ids[start : start + CHUNK_SIZE]],
-                        queue=SUBMIT_QUEUE,
-                        producer=producer,
-                    )
+                publish_chunks(job_ids, producer)
     except KombuError as exc:  # OperationalError, or a batch whose delivery is uncertain
         raise QueueUnavailable(f"broker unreachable ({type(exc).__name__})") from exc
 

@@ -139,8 +139,8 @@ def test_an_invalid_item_stops_its_chunk(producer: Producer, sent: Sent) -> None
 def test_a_batch_stops_at_the_first_bad_chunk_with_every_earlier_one_written(
     producer: Producer, sent: Sent
 ) -> None:
-    """Chunks are written by a writer thread while the next is validated; a bad item in
-    the third chunk still leaves exactly the first two written, sent and reported."""
+    """A chunk is written while the next is validated; a bad item in the third chunk
+    still leaves exactly the first two written, sent and reported."""
     good = [{**REQ, "prompt": f"edit {i}"} for i in range(2 * ENQUEUE_CHUNK)]
     seen: list[int] = []
     with pytest.raises(ValidationError):
@@ -168,8 +168,8 @@ def test_a_write_error_of_a_chunk_stops_the_batch(store: JobStore) -> None:
 def test_a_batch_sends_each_chunk_after_its_records_and_all_before_returning(
     store: JobStore,
 ) -> None:
-    """Messages go out on a sender thread while the next chunk is written: each id is
-    sent once its record is readable, in item order, and every one before the return."""
+    """Each id is sent once its record is readable (the next chunk may be written
+    meanwhile), in item order, and every one before the return."""
     sent: list[str] = []
     unreadable: list[str] = []
 
@@ -177,7 +177,7 @@ def test_a_batch_sends_each_chunk_after_its_records_and_all_before_returning(
         unreadable.extend(
             j for j, job in zip(job_ids, store.get_many(job_ids), strict=True) if job is None
         )
-        time.sleep(0.01)  # a slow broker: later chunks are written meanwhile
+        time.sleep(0.01)  # a slow broker
         sent.extend(job_ids)
 
     producer = Producer(store=store, send=send)
@@ -190,7 +190,7 @@ def test_a_batch_sends_each_chunk_after_its_records_and_all_before_returning(
 def test_a_send_error_stops_the_batch_even_once_its_chunks_are_written(
     store: JobStore,
 ) -> None:
-    """A send that fails on the sender thread is still the caller's error."""
+    """A send that fails once its chunk is written is still the caller's error."""
     calls: list[int] = []
 
     def broken_later(job_ids: list[str]) -> None:

@@ -272,3 +272,46 @@ def test_a_redis_without_the_script_gets_it_loaded(
     assert complete(store, "job1").applied
     assert redis_client.xlen(keys.EVENTS) == 1
     assert complete(store, "job1").outcome is TransitionOutcome.REJECTED
+
+
+def test_a_started_create_is_written_once_its_answers_are_read(store: JobStore) -> None:
+    """create_many_started: the command goes now, the answers come when asked for; a job
+    that already existed answers its state, as with create_many."""
+    store.create("old", REQ, batch_id="b", now=1.0)
+    finish = store.create_many_started(
+        [("old", REQ, "", 0), ("n1", REQ, "k1", 0), ("n2", REQ, "", 5)], batch_id="b", now=2.0
+    )
+    assert finish() == ["queued", "new", "new"]
+    job = store.get("n2")
+    assert job is not None and job.priority == 5 and job.batch_id == "b"
+    assert store.batch_members("b") == ["old", "n1", "n2"]
+
+
+def test_a_started_create_on_a_redis_without_the_script_runs_it_once(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """NOSCRIPT ran nothing: the answers come from the script loaded and run again."""
+    redis_client.script_flush()
+    finish = store.create_many_started([("a", REQ, "", 0), ("b", REQ, "", 0)], now=1.0)
+    assert finish() == ["new", "new"]
+    assert store.stats()["now:queued"] == 2
+
+
+def test_a_started_create_whose_connection_is_lost_is_run_again(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """The connection is cut after the command was sent, before Redis ran it (writes are
+    paused meanwhile): reading the answers runs the call again, and every job is written
+    once, counted once by its batch and the gauges."""
+    ids = [f"j{i}" for i in range(50)]
+    redis_client.client_pause(10_000, all=False)
+    try:
+        finish = store.create_many_started([(i, REQ, "", 0) for i in ids], batch_id="cut", now=1.0)
+        assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        redis_client.client_unpause()
+    assert finish() == ["new"] * len(ids)
+    assert store.batch_members("cut") == ids
+    assert int(redis_client.hget(keys.batch("cut"), "total") or 0) == len(ids)
+    assert store.stats()["now:queued"] == len(ids)
+    assert all(job is not None and job.state is JobState.QUEUED for job in store.get_many(ids))

@@ -9,13 +9,14 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
 
 import redis
 from redis.client import NEVER_DECODE
+from redis.exceptions import NoScriptError
 
 from worker import keys
 from worker.domain import ALLOWED_FROM, EditRequest, Job, JobState, TransitionOutcome
@@ -75,6 +76,21 @@ NewJob = (
 # per-call set-up: a batch writes 100,000 of them).
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 _COMPACT_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def _create_call(
+    jobs: Sequence[NewJob], batch_id: str, now: float
+) -> tuple[list[str], list[FieldValue]]:
+    """The keys and arguments of create_jobs.lua for these jobs."""
+    args: list[FieldValue] = [batch_id, _stamp(now), now + QUEUED_CHECK_S]
+    for job in jobs:
+        job_id, request, key, priority = job[:4]
+        metadata = job[4] if len(job) > 4 else None
+        meta = "" if metadata is None else _COMPACT_UTF8.encode(metadata)
+        args += (job_id, encode_request(request.to_payload()), key, priority, meta)
+    script_keys = [keys.STATS, keys.batch(batch_id), keys.batch_jobs(batch_id), keys.POLL]
+    script_keys.extend(keys.job(job[0]) for job in jobs)
+    return script_keys, args
 
 
 def encode_request(payload: Mapping[str, Any]) -> str:
@@ -241,14 +257,58 @@ class JobStore:
         """
         if not jobs:
             return []
-        args: list[FieldValue] = [batch_id, _stamp(now), now + QUEUED_CHECK_S]
-        for job in jobs:
-            job_id, request, key, priority = job[:4]
-            metadata = job[4] if len(job) > 4 else None
-            meta = "" if metadata is None else _COMPACT_UTF8.encode(metadata)
-            args += (job_id, encode_request(request.to_payload()), key, priority, meta)
-        script_keys = [keys.STATS, keys.batch(batch_id), keys.batch_jobs(batch_id), keys.POLL]
-        script_keys.extend(keys.job(job[0]) for job in jobs)
+        script_keys, args = _create_call(jobs, batch_id, now)
+        return self._created(script_keys, args)
+
+    def create_many_started(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        batch_id: str = "",
+        now: float,
+    ) -> Callable[[], list[str]]:
+        """`create_many` in two steps, so the caller works while Redis does: the command
+        is sent now, on a connection of its own, and calling what this returns reads its
+        answers (call it once, before sending anything that needs the jobs written).
+
+        A lost connection, or a script Redis does not hold yet, makes the read run the
+        call again the usual way (with the client's retries): it is idempotent, so a job
+        the lost call did write answers its state ('queued') instead of NEW.
+        """
+        if not jobs:
+            return list
+        script_keys, args = _create_call(jobs, batch_id, now)
+        pool = self.redis.connection_pool
+        conn: Any = pool.get_connection()  # redis-py types its connections loosely
+        try:
+            conn.send_command(
+                "EVALSHA", self._create_jobs.sha, len(script_keys), *script_keys, *args
+            )
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            pool.release(conn)
+            return lambda: self._created(script_keys, args)
+
+        def answers() -> list[str]:
+            try:
+                reply: Any = conn.read_response()
+            except NoScriptError:
+                pool.release(conn)  # the error was read whole: the connection is clean
+                return self._created(script_keys, args)
+            except (redis.ConnectionError, redis.TimeoutError):
+                conn.disconnect()
+                pool.release(conn)
+                return self._created(script_keys, args)
+            except BaseException:
+                conn.disconnect()  # a reply may be left unread on it
+                pool.release(conn)
+                raise
+            pool.release(conn)
+            return [str(a) for a in reply]
+
+        return answers
+
+    def _created(self, script_keys: list[str], args: list[FieldValue]) -> list[str]:
         answers = self._create_jobs(keys=script_keys, args=args)
         return [str(a) for a in answers]
 

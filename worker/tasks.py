@@ -189,11 +189,23 @@ def enqueue_submits(job_ids: list[str]) -> None:
         return
     try:
         with app.producer_or_acquire() as producer:
-            for start in range(0, len(job_ids), CHUNK_SIZE):
-                submit_chunk.apply_async(
-                    args=[job_ids[start : start + CHUNK_SIZE]],
-                    queue=SUBMIT_QUEUE,
-                    producer=producer,
-                )
+            publish_chunks(job_ids, producer)
     except OperationalError as exc:
         raise QueueUnavailable(f"broker unreachable ({type(exc).__name__})") from exc
+
+
+def publish_chunks(job_ids: list[str], producer: Any) -> None:
+    """Publish `kq.submit_chunk` messages of CHUNK_SIZE ids each with `producer`.
+
+    Each message's `argsrepr` (the arguments as monitoring tools show them) is given a
+    short summary, not left to Celery's `saferepr` of up to 100 ids: that repr alone was
+    a tenth of a `kq batch`'s CPU.
+    """
+    for start in range(0, len(job_ids), CHUNK_SIZE):
+        ids = job_ids[start : start + CHUNK_SIZE]
+        submit_chunk.apply_async(
+            args=[ids],
+            queue=SUBMIT_QUEUE,
+            producer=producer,
+            argsrepr=f"[<{len(ids)} job ids: {ids[0]} .. {ids[-1]}>]",
+        )
