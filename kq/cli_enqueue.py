@@ -4,9 +4,11 @@ api (the same over HTTP, for producers elsewhere)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +183,9 @@ def cmd_batch(args: argparse.Namespace) -> int:
     console = console_for(args.json)
     settings = Settings.from_env()
     producer = _enqueueing_producer(settings)
-    with BatchFile(args.file, args.format) as batch_file:
+    with BatchFile(args.file, args.format) as batch_file, _gc_frozen():
         scan = batch_file.scan()
+        gc.freeze()  # the scan's checked lines too
         if scan.invalid and not args.skip_invalid:
             console.print(
                 f"[red]{args.file}: {scan.invalid} of {scan.lines} lines are invalid; "
@@ -228,6 +231,19 @@ def cmd_batch(args: argparse.Namespace) -> int:
     else:
         print_batch_result(console, producer, receipt.batch_id, progress)
     return batch_exit_code(progress)
+
+
+@contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """What the process holds when this starts (the modules), and what is frozen within,
+    is left out of the cyclic GC's collections until it ends: a batch's long-lived data
+    (a scan's checked lines) has no reference cycles, and the full collections walked it
+    again and again (0.2 s of a 100,000-line batch)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _enqueueing_producer(settings: Settings) -> Producer:

@@ -6,10 +6,12 @@ import json
 import threading
 
 import redis
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from worker import keys
 from worker.domain import EditRequest, JobState, TransitionOutcome
-from worker.store import REMOVE, JobStore
+from worker.store import REMOVE, JobStore, create_call, decode_request, encode_request
 
 REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
 PID = "0123456789abcdef0123456789abcdef"
@@ -278,9 +280,10 @@ def test_a_started_create_is_written_once_its_answers_are_read(store: JobStore) 
     """create_many_started: the command goes now, the answers come when asked for; a job
     that already existed answers its state, as with create_many."""
     store.create("old", REQ, batch_id="b", now=1.0)
-    finish = store.create_many_started(
+    call = create_call(
         [("old", REQ, "", 0), ("n1", REQ, "k1", 0), ("n2", REQ, "", 5)], batch_id="b", now=2.0
     )
+    finish = store.create_many_started(call)
     assert finish() == ["queued", "new", "new"]
     job = store.get("n2")
     assert job is not None and job.priority == 5 and job.batch_id == "b"
@@ -292,7 +295,7 @@ def test_a_started_create_on_a_redis_without_the_script_runs_it_once(
 ) -> None:
     """NOSCRIPT ran nothing: the answers come from the script loaded and run again."""
     redis_client.script_flush()
-    finish = store.create_many_started([("a", REQ, "", 0), ("b", REQ, "", 0)], now=1.0)
+    finish = store.create_many_started(create_call([("a", REQ, "", 0), ("b", REQ, "", 0)], now=1.0))
     assert finish() == ["new", "new"]
     assert store.stats()["now:queued"] == 2
 
@@ -306,7 +309,9 @@ def test_a_started_create_whose_connection_is_lost_is_run_again(
     ids = [f"j{i}" for i in range(50)]
     redis_client.client_pause(10_000, all=False)
     try:
-        finish = store.create_many_started([(i, REQ, "", 0) for i in ids], batch_id="cut", now=1.0)
+        finish = store.create_many_started(
+            create_call([(i, REQ, "", 0) for i in ids], batch_id="cut", now=1.0)
+        )
         assert redis_client.client_kill_filter(_type="normal", skipme=True) >= 1
     finally:
         redis_client.client_unpause()
@@ -315,3 +320,13 @@ def test_a_started_create_whose_connection_is_lost_is_run_again(
     assert int(redis_client.hget(keys.batch("cut"), "total") or 0) == len(ids)
     assert store.stats()["now:queued"] == len(ids)
     assert all(job is not None and job.state is JobState.QUEUED for job in store.get_many(ids))
+
+
+@given(prompt=st.text(), image=st.text())
+@example(prompt='quo"te\\ \t\n\x7f ü 😀', image='https://e.com/a.jpg?q="x"')
+def test_a_plain_request_is_stored_as_the_json_encoder_writes_it(prompt: str, image: str) -> None:
+    """The usual edit's stored form is built without the encoder: the same text."""
+    request = EditRequest.plain(prompt, image)
+    call = create_call([("j", request, "", 0)], now=1.0)
+    assert call.args[4] == encode_request(request.to_payload())
+    assert decode_request(str(call.args[4])) == {"prompt": prompt, "image": image}

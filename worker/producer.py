@@ -56,7 +56,7 @@ from worker.items import (
 )
 from worker.models import average_price_micros
 from worker.service import Deps, cancel_job
-from worker.store import NEW, JobStore, NewJob
+from worker.store import NEW, JobStore, NewJob, create_call
 
 log = structlog.get_logger("kq.producer")
 
@@ -182,10 +182,11 @@ class Producer(ChainMethods):
                     job_ids.extend(
                         i.job_id if isinstance(i, Item) else i.first_jobs()[0][0] for i in coerced
                     )
+                start = self._prepare_items(coerced, batch_id)
                 if pending is not None:
                     finish, pending = pending, None
                     settle(finish())
-                pending = self._start_items(coerced, batch_id)
+                pending = start()
         finally:
             if pending is not None:
                 settle(pending())
@@ -193,28 +194,33 @@ class Producer(ChainMethods):
         ids = None if job_ids is None else tuple(job_ids)
         return BatchReceipt(batch_id, created, existing, resent, ids)
 
-    def _start_items(
+    def _prepare_items(
         self, coerced: Sequence[Item | ChainItem], batch_id: str
-    ) -> Callable[[], tuple[int, int, int]]:
-        """Start writing one validated chunk; what this returns finishes it (sends its
-        plain jobs, writes and sends its chains) and answers (created, existing, resent)."""
+    ) -> Callable[[], Callable[[], tuple[int, int, int]]]:
+        """Build the write of one validated chunk (its Redis call: no I/O yet). Calling
+        what this returns starts the write; calling what that returns finishes it (sends
+        its plain jobs, writes and sends its chains) and answers (created, existing,
+        resent)."""
         plain = [(i.job_id, i) for i in coerced if isinstance(i, Item)]
-        answers = self.store.create_many_started(
-            _new_jobs(plain), batch_id=batch_id, now=self.clock()
-        )
+        call = create_call(_new_jobs(plain), batch_id=batch_id, now=self.clock())
 
-        def finish() -> tuple[int, int, int]:
-            c, e, r = self._settle_chunk(plain, answers(), batch_id)
-            # A chain counts as one item: created, or existing (its queued steps resent).
-            for chain in (i for i in coerced if isinstance(i, ChainItem)):
-                write = self._write_chain(chain, batch_id)
-                if write.created:
-                    c += 1
-                else:
-                    e, r = e + 1, r + len(write.to_send)
-            return c, e, r
+        def start() -> Callable[[], tuple[int, int, int]]:
+            answers = self.store.create_many_started(call)
 
-        return finish
+            def finish() -> tuple[int, int, int]:
+                c, e, r = self._settle_chunk(plain, answers(), batch_id)
+                # A chain counts as one item: created, or existing (its queued steps resent).
+                for chain in (i for i in coerced if isinstance(i, ChainItem)):
+                    write = self._write_chain(chain, batch_id)
+                    if write.created:
+                        c += 1
+                    else:
+                        e, r = e + 1, r + len(write.to_send)
+                return c, e, r
+
+            return finish
+
+        return start
 
     def _send_deferrable(self, job_ids: list[str]) -> None:
         if not job_ids:

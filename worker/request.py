@@ -107,6 +107,18 @@ class EditRequest:
         return request
 
     @property
+    def is_plain(self) -> bool:
+        """The usual edit: a prompt and one image for the default model, no options."""
+        return (
+            self.model == MODEL
+            and self.image is not None
+            and self.seed is None
+            and self.guidance_scale is None
+            and self.aspect_ratio is None
+            and self.images is None
+        )
+
+    @property
     def spec(self) -> Model:
         """The model's registry entry (always found: validation refused unknown models)."""
         return MODELS[self.model]

@@ -76,21 +76,32 @@ NewJob = (
 # per-call set-up: a batch writes 100,000 of them).
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 _COMPACT_UTF8 = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# A string as _COMPACT writes it (ASCII-only JSON), without an encoder call around it.
+_json_string: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
-def _create_call(
-    jobs: Sequence[NewJob], batch_id: str, now: float
-) -> tuple[list[str], list[FieldValue]]:
-    """The keys and arguments of create_jobs.lua for these jobs."""
+@dataclass(frozen=True)
+class CreateCall:
+    """create_jobs.lua's keys and arguments for some new jobs (`create_call`), built
+    before they are sent (`JobStore.create_many_started`)."""
+
+    keys: list[str]
+    args: list[FieldValue]
+    jobs: int
+
+
+def create_call(jobs: Sequence[NewJob], *, batch_id: str = "", now: float) -> CreateCall:
+    """The call that writes these (job id, request, idempotency key, priority[, metadata])
+    tuples, as `JobStore.create_many` does."""
     args: list[FieldValue] = [batch_id, _stamp(now), now + QUEUED_CHECK_S]
     for job in jobs:
         job_id, request, key, priority = job[:4]
         metadata = job[4] if len(job) > 4 else None
         meta = "" if metadata is None else _COMPACT_UTF8.encode(metadata)
-        args += (job_id, encode_request(request.to_payload()), key, priority, meta)
+        args += (job_id, _stored_request(request), key, priority, meta)
     script_keys = [keys.STATS, keys.batch(batch_id), keys.batch_jobs(batch_id), keys.POLL]
     script_keys.extend(keys.job(job[0]) for job in jobs)
-    return script_keys, args
+    return CreateCall(script_keys, args, len(jobs))
 
 
 def encode_request(payload: Mapping[str, Any]) -> str:
@@ -100,6 +111,15 @@ def encode_request(payload: Mapping[str, Any]) -> str:
     if len(payload) == 2 and "prompt" in payload and "image" in payload:
         return _COMPACT.encode([payload["prompt"], payload["image"]])
     return _COMPACT.encode(payload)
+
+
+def _stored_request(request: EditRequest) -> str:
+    """encode_request(request.to_payload()), made directly for the usual edit: 0.3 µs
+    instead of 2 µs through a JSON encoder, for each of a bulk file's 100,000 lines."""
+    if request.is_plain:
+        assert request.image is not None
+        return f"[{_json_string(request.prompt)},{_json_string(request.image)}]"
+    return encode_request(request.to_payload())
 
 
 def decode_request(text: str) -> dict[str, Any]:
@@ -257,48 +277,40 @@ class JobStore:
         """
         if not jobs:
             return []
-        script_keys, args = _create_call(jobs, batch_id, now)
-        return self._created(script_keys, args)
+        return self._created(create_call(jobs, batch_id=batch_id, now=now))
 
-    def create_many_started(
-        self,
-        jobs: Sequence[NewJob],
-        *,
-        batch_id: str = "",
-        now: float,
-    ) -> Callable[[], list[str]]:
-        """`create_many` in two steps, so the caller works while Redis does: the command
-        is sent now, on a connection of its own, and calling what this returns reads its
+    def create_many_started(self, call: CreateCall) -> Callable[[], list[str]]:
+        """`create_many` in two steps, so the caller works while Redis does: the call is
+        sent now, on a connection of its own, and calling what this returns reads its
         answers (call it once, before sending anything that needs the jobs written).
 
         A lost connection, or a script Redis does not hold yet, makes the read run the
         call again the usual way (with the client's retries): it is idempotent, so a job
         the lost call did write answers its state ('queued') instead of NEW.
         """
-        if not jobs:
+        if not call.jobs:
             return list
-        script_keys, args = _create_call(jobs, batch_id, now)
         pool = self.redis.connection_pool
         conn: Any = pool.get_connection()  # redis-py types its connections loosely
         try:
             conn.send_command(
-                "EVALSHA", self._create_jobs.sha, len(script_keys), *script_keys, *args
+                "EVALSHA", self._create_jobs.sha, len(call.keys), *call.keys, *call.args
             )
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
             pool.release(conn)
-            return lambda: self._created(script_keys, args)
+            return lambda: self._created(call)
 
         def answers() -> list[str]:
             try:
                 reply: Any = conn.read_response()
             except NoScriptError:
                 pool.release(conn)  # the error was read whole: the connection is clean
-                return self._created(script_keys, args)
+                return self._created(call)
             except (redis.ConnectionError, redis.TimeoutError):
                 conn.disconnect()
                 pool.release(conn)
-                return self._created(script_keys, args)
+                return self._created(call)
             except BaseException:
                 conn.disconnect()  # a reply may be left unread on it
                 pool.release(conn)
@@ -308,8 +320,8 @@ class JobStore:
 
         return answers
 
-    def _created(self, script_keys: list[str], args: list[FieldValue]) -> list[str]:
-        answers = self._create_jobs(keys=script_keys, args=args)
+    def _created(self, call: CreateCall) -> list[str]:
+        answers = self._create_jobs(keys=call.keys, args=call.args)
         return [str(a) for a in answers]
 
     def batch_members(self, batch_id: str, start: int = 0, end: int = -1) -> list[str]:
