@@ -20,6 +20,7 @@ from typing import Any, Final
 import redis
 
 from worker import keys
+from worker.scripts import LuaScript
 from worker.settings import Settings
 
 # A 429 pauses every worker's submits this long before the reduced rate applies.
@@ -71,8 +72,8 @@ class Admission:
         self.max_in_flight = settings.max_in_flight
         self.max_per_minute = settings.max_submits_per_minute
         self.lease_s = settings.job_deadline_s + settings.http_timeout_s + LEASE_MARGIN_S
-        self._script = client.register_script(
-            resources.files("worker").joinpath("lua", "admission.lua").read_text()
+        self._script = LuaScript(
+            client, resources.files("worker").joinpath("lua", "admission.lua").read_text()
         )
 
     def on_client(self, client: redis.Redis) -> Admission:

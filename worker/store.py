@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError
 
 from worker import keys
 from worker.domain import ALLOWED_FROM, EditRequest, Job, JobState, TransitionOutcome
+from worker.scripts import LuaScript
 
 NEW: Final = "new"
 # A WaveSpeed delivery is retried for minutes, not days; a day of memory is plenty.
@@ -227,13 +228,11 @@ class JobStore:
         self.events_maxlen = events_maxlen
         # Completed jobs are queued for copy-out (kq:outputs:due, worker/outputs/).
         self.keep_outputs = keep_outputs
-        self._transition = client.register_script(
-            _script("chain_step.lua") + _script("transition.lua")
-        )
-        self._claim_due = client.register_script(_script("claim_due.lua"))
-        self._create_jobs = client.register_script(_script("create_jobs.lua"))
-        self._reserve_budget = client.register_script(_script("reserve_budget.lua"))
-        self._flag = client.register_script(_script("flag.lua"))
+        self._transition = LuaScript(client, _script("chain_step.lua") + _script("transition.lua"))
+        self._claim_due = LuaScript(client, _script("claim_due.lua"))
+        self._create_jobs = LuaScript(client, _script("create_jobs.lua"))
+        self._reserve_budget = LuaScript(client, _script("reserve_budget.lua"))
+        self._flag = LuaScript(client, _script("flag.lua"))
 
     def on_client(self, client: redis.Redis) -> JobStore:
         """This store (same settings, same scripts) on another client of the same Redis."""
