@@ -81,3 +81,13 @@ def test_a_script_error_is_raised_and_the_connection_stays_usable(pinned: redis.
 def test_a_pooled_client_takes_redis_pys_path(redis_client: redis.Redis) -> None:
     assert redis_client.connection is None
     assert LuaScript(redis_client, COUNTING)(keys=["runs"], args=["d", 0]) == ["d", 0]
+
+
+def test_an_argument_redis_cannot_take_is_refused_as_redis_py_refuses_it(
+    pinned: redis.Redis, redis_client: redis.Redis
+) -> None:
+    script = LuaScript(pinned, COUNTING)
+    with pytest.raises(redis.DataError):
+        script(keys=["runs"], args=[None, 1])  # type: ignore[list-item]
+    assert redis_client.get("runs") is None
+    assert script(keys=["runs"], args=[b"raw", 2]) == ["raw", 4]
