@@ -162,11 +162,12 @@ class Producer(ChainMethods):
             if on_chunk is not None:
                 on_chunk(BatchReceipt(batch_id, totals[0], totals[1], totals[2]))
 
-        # Chunk n's records are sent to Redis, then chunk n + 1 is validated here while
-        # Redis writes them; then chunk n's answers are read and its messages sent (while
-        # Redis is idle, so their round trip is short), and chunk n + 1 is sent. All in one
-        # thread: a writer and a sender thread did this overlap before, but each waited
-        # for the GIL whenever an answer came back, which cost what the overlap gained.
+        # Chunk n's records are sent to Redis, then chunk n + 1 is validated and its call
+        # built here while Redis writes them; then chunk n's answers are read and its
+        # messages sent (while Redis is idle, so their round trip is short), and chunk
+        # n + 1 is sent. All in one thread: a writer and a sender thread did this overlap
+        # before, but each waited for the GIL whenever an answer came back, which cost
+        # what the overlap gained.
         # Chunks are written one at a time, in order, each only once it is valid, and each
         # one's messages are sent after its records are written (a worker never gets an
         # id it cannot read). A failure stops the batch as it would in sequence: an
