@@ -111,10 +111,11 @@ def blast(
         raw = json.loads(out)
         raw["statuses"] = {int(k): v for k, v in raw["statuses"].items()}
         results.append(LoadResult(**raw))
-    return _merge(results)
+    return merge(results)
 
 
-def _merge(results: Sequence[LoadResult]) -> LoadResult:
+def merge(results: Sequence[LoadResult]) -> LoadResult:
+    """Several runs' answers as one (times: the first send, the last answer)."""
     statuses: dict[int, int] = {}
     latencies: list[float] = []
     for result in results:

@@ -12,8 +12,11 @@ served by `worker.wsgi_server.serve` with the receiver's gunicorn settings (work
 threads, timeout, keep-alive), in its own process.
 
 Load: `bench.loadgen` (child processes, keep-alive connections, loopback only, each
-request sent once, a deadline). Both servers get the same requests; each run is
-preceded by an uncounted warm-up, and only one server runs at a time.
+request sent once, a deadline). Both servers get the same requests, after an uncounted
+warm-up each, in rounds of half the requests taken in turn — bare, ours, ours, bare —
+so that a drift in this shared machine's speed (±30 % within minutes here) weighs on
+both sides alike; each side's rate is its requests over its rounds' own time, its
+latencies and CPU those of its rounds together. The idle server waits in `accept`.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import partial
 from urllib.parse import urlencode
 
@@ -35,12 +39,11 @@ from bench.common import (
     REPO_ROOT,
     Row,
     bench_stack,
-    cpu_per_job_ms,
     cpu_snapshot,
     process_tree,
     stack_settings,
 )
-from bench.loadgen import LoadResult, Request, blast
+from bench.loadgen import LoadResult, Request, blast, merge
 from kq.procs import Proc, free_port
 from kq.stack import Stack
 from webhook_receiver.server import DEFAULT_THREADS, DEFAULT_TIMEOUT_S, DEFAULT_WORKERS
@@ -63,28 +66,18 @@ def run(*, quick: bool) -> list[Row]:
     deadline_s = 20.0 if quick else 60.0
     with receiver_and_bare(warm + n) as (stack, store, bare_url, sign):
         assert stack.receiver_url is not None
-        deliveries = sign()
-        _load(bare_url, deliveries[:warm], deadline_s)  # warm-up, not counted
-        bare_groups = {"server": process_tree(stack.procs["bare-flask"].pid)}
-        before = cpu_snapshot(bare_groups)
-        base = _load(bare_url, deliveries[warm:], deadline_s)
-        base_cpu = cpu_per_job_ms(before, cpu_snapshot(bare_groups), n)
-        stack.procs["bare-flask"].stop()  # its CPU goes back to the receiver
-        # Signed again: the timestamps must be fresh (±300 s) when ours checks them.
-        deliveries = sign()
-        _load(stack.receiver_url, deliveries[:warm], deadline_s)  # warm-up, not counted
-        groups = {
-            "server": process_tree(stack.procs["receiver"].pid),
-            "redis": [stack.procs["redis"].pid],
-        }
-        before = cpu_snapshot(groups)
-        ours = _load(stack.receiver_url, deliveries[warm:], deadline_s)
-        ours_cpu = cpu_per_job_ms(before, cpu_snapshot(groups), n)
+        deliveries = sign()  # the rounds take seconds: well inside the ±300 s window
+        load = partial(_load, deadline_s=deadline_s)
+        load(bare_url, deliveries[:warm])  # warm-ups, not counted
+        load(stack.receiver_url, deliveries[:warm])
+        sides = in_rounds(stack, bare_url, deliveries[warm:], load)
+        base, ours = sides["bare"], sides["ours"]
         applied = int(store.redis.xlen(keys.EVENTS)) - warm
-    refused = {s: c for s, c in ours.statuses.items() if not 200 <= s < 300}
-    note = f"{applied:,} of {len(ours.latencies):,} deliveries applied (an event each)"
+    refused = {s: c for s, c in ours.answers.statuses.items() if not 200 <= s < 300}
+    note = f"{applied:,} of {len(ours.answers.latencies):,} deliveries applied (an event each)"
     if refused:
         note += f"; refused: {refused}"
+    ours_cpu, base_cpu = ours.cpu_ms_per_request(), base.cpu_ms_per_request()
     return [
         Row.higher_is_better(
             "receiver",
@@ -98,8 +91,8 @@ def run(*, quick: bool) -> list[Row]:
         Row.lower_is_better(
             "receiver",
             "p99 latency vs bare Flask 204 p99",
-            ours.percentile_ms(0.99),
-            base.percentile_ms(0.99),
+            ours.answers.percentile_ms(0.99),
+            base.answers.percentile_ms(0.99),
             "ms",
             P99_GOAL,
             note=f"{LOAD_PROCESSES * THREADS_PER_PROCESS} connections, keep-alive",
@@ -113,6 +106,64 @@ def run(*, quick: bool) -> list[Row]:
             note=f"receiver {ours_cpu['server']:.3f} ms, Redis {ours_cpu['redis']:.3f} ms",
         ),
     ]
+
+
+# The order of the rounds: a steady drift in the machine's speed costs both sides alike.
+ROUNDS = ("bare", "ours", "ours", "bare")
+
+
+@dataclass
+class Side:
+    """One server's rounds together."""
+
+    runs: list[LoadResult] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def answers(self) -> LoadResult:
+        return merge(self.runs)
+
+    @property
+    def rate(self) -> float:
+        """Accepted requests per second of the rounds' own time (not the gaps between)."""
+        seconds = sum(run.finished - run.started for run in self.runs)
+        return sum(run.accepted for run in self.runs) / max(seconds, 1e-9)
+
+    def cpu_ms_per_request(self) -> dict[str, float]:
+        requests = sum(len(run.latencies) for run in self.runs)
+        return {group: s * 1000 / max(requests, 1) for group, s in self.cpu_s.items()}
+
+
+def in_rounds(
+    stack: Stack,
+    bare_url: str,
+    deliveries: list[Request],
+    load: Callable[[str, list[Request]], LoadResult],
+) -> dict[str, Side]:
+    """Send `deliveries` to each server in ROUNDS (each side's rounds share them out: a
+    delivery reaches our receiver once); each side's answers, and CPU per process group
+    ("server", and for ours "redis")."""
+    assert stack.receiver_url is not None
+    urls = {"bare": bare_url, "ours": stack.receiver_url}
+    groups = {
+        "bare": {"server": process_tree(stack.procs["bare-flask"].pid)},
+        "ours": {
+            "server": process_tree(stack.procs["receiver"].pid),
+            "redis": [stack.procs["redis"].pid],
+        },
+    }
+    sides = {name: Side() for name in urls}
+    per_side = {name: ROUNDS.count(name) for name in urls}
+    for name in ROUNDS:
+        side = sides[name]
+        k, count = len(side.runs), per_side[name]
+        share = deliveries[k * len(deliveries) // count : (k + 1) * len(deliveries) // count]
+        before = cpu_snapshot(groups[name])
+        side.runs.append(load(urls[name], share))
+        after = cpu_snapshot(groups[name])
+        for group in groups[name]:
+            side.cpu_s[group] = side.cpu_s.get(group, 0.0) + after[group] - before[group]
+    return sides
 
 
 @contextmanager
@@ -244,7 +295,7 @@ def _start_bare(stack: Stack) -> str:
     return url
 
 
-def _load(base_url: str, deliveries: list[Request], deadline_s: float) -> LoadResult:
+def _load(base_url: str, deliveries: list[Request], *, deadline_s: float) -> LoadResult:
     return blast(
         base_url,
         deliveries,
