@@ -47,6 +47,34 @@ def test_cap_waiting_line_and_release(admission: Admission, store: JobStore) -> 
     assert (snap.slots_used, snap.waiting, snap.submits_last_minute) == (2, 0, 3)
 
 
+def test_line_up_does_what_a_refused_acquire_does_for_each_job(
+    admission: Admission, redis_client: redis.Redis
+) -> None:
+    """While a slot is free and nobody waits, `line_up` does nothing (ask job by job);
+    with the cap full it puts every job in line in turn, leaving out one that holds a
+    slot; with others waiting it lines newcomers up even when a slot frees (they go
+    first), exactly as `acquire` one by one would."""
+    before = admission.snapshot(100.0)
+    assert admission.line_up([("a", "", 0), ("b", "", 0)], 100.0) is None
+    assert admission.snapshot(100.0) == before
+    assert admission.acquire("a", "", 0, 100.0).granted
+    assert admission.acquire("b", "", 0, 100.0).granted
+
+    lined = admission.line_up([("c", "x", 0), ("a", "", 0), ("d", "x", 0), ("e", "y", 7)], 100.0)
+
+    assert lined is not None and lined.held == {"a"} and lined.retry_after_s > 0
+    assert redis_client.zscore(keys.admission_wait(""), "a") is None
+    assert admission.snapshot(100.0).waiting == 3
+    redis_client.zrem(keys.ADM_SLOTS, "a")  # as a's move out of flight does
+    late = admission.line_up([("f", "x", 0), ("g", "x", 0)], 100.0)  # a slot is free now
+    assert late is not None and late.held == frozenset()
+    order = []
+    for _ in range(5):
+        order += admission.claim(1, 200.0 + 100 * len(order))[0]  # a rate window each
+        redis_client.zrem(keys.ADM_SLOTS, *order)
+    assert order == ["c", "e", "d", "f", "g"]  # batches in turn, arrival order within
+
+
 def test_rate_window(admission: Admission, redis_client: redis.Redis) -> None:
     """Three submits a minute: the fourth waits until the first leaves the 61 s window."""
     for i, job in enumerate("abc"):

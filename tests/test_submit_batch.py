@@ -129,6 +129,40 @@ def test_under_a_cap_part_of_a_chunk_goes_and_the_rest_waits_in_line(
         capped.provider.close()
 
 
+def test_a_chunk_behind_a_full_cap_waits_in_line_without_a_thread(
+    sim: SimServer, control: httpx.Client, store: JobStore, settings: Settings
+) -> None:
+    """With every slot taken, a chunk's jobs all join the waiting line at once: none is
+    handed to the pool, nothing is POSTed, and claims then send them in their order."""
+    capped = make_deps(sim, store, settings, cap=1)
+    try:
+        first = queued(store, 1, "first")
+        assert outcomes(submit_jobs(capped, first, Inline())) == [SubmitOutcome.SUBMITTED]
+        ids = queued(store, 4)
+
+        def no_thread(job_id: str) -> None:
+            raise AssertionError(f"{job_id} was handed to the pool")
+
+        results = outcomes(submit_jobs(capped, ids, Inline(before=no_thread)))
+
+        assert results == [SubmitOutcome.WAITING] * 4
+        assert len(submits(control)) == 1
+        assert capped.admission is not None
+        assert capped.admission.snapshot(time.time()).waiting == 4
+        sent = []
+        for previous in [first[0], *ids[:-1]]:
+            store.transition(previous, JobState.CANCELLED, now=time.time())  # frees the slot
+            claimed, _ = capped.admission.claim(10, time.time())
+            sent += claimed
+            assert outcomes(submit_jobs(capped, claimed, Inline(), slot_held=True)) == [
+                SubmitOutcome.SUBMITTED
+            ]
+        assert sent == ids
+        assert len(submits(control)) == 5
+    finally:
+        capped.provider.close()
+
+
 def test_a_record_that_moved_after_the_chunk_read_it_is_read_again(
     deps: Deps, control: httpx.Client, store: JobStore
 ) -> None:

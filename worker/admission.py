@@ -13,6 +13,7 @@ climbs back by a tenth every 10 s.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Final
@@ -36,6 +37,15 @@ class Decision:
     granted: bool
     held_already: bool = False
     retry_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinedUp:
+    """Jobs put in the waiting line together (`Admission.line_up`)."""
+
+    retry_after_s: float
+    # Left out: each holds a slot already (another attempt of it has its turn).
+    held: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,10 @@ class Admission:
         """The same limits on another client of the same Redis."""
         return Admission(client, self._settings)
 
-    def _call(self, op: str, now: float, *extra: Any) -> Any:
+    def _call(self, op: str, now: float, *extra: Any, tail: Sequence[Any] = ()) -> Any:
         padded = [*extra, "", "", ""][:3]
         args = [op, now, self.max_in_flight, self.max_per_minute, self.lease_s, *padded]
-        args += [keys.ADM_WAIT_PREFIX, keys.JOB_PREFIX]
+        args += [keys.ADM_WAIT_PREFIX, keys.JOB_PREFIX, *tail]
         return self._script(keys=_SCRIPT_KEYS, args=args)
 
     def acquire(self, job_id: str, batch_id: str, priority: int, now: float) -> Decision:
@@ -92,6 +102,18 @@ class Admission:
         if answer == "wait":
             return Decision(False, retry_after_s=float(retry))
         return Decision(True, held_already=answer == "held")
+
+    def line_up(self, jobs: Sequence[tuple[str, str, int]], now: float) -> LinedUp | None:
+        """`acquire` for many (job id, batch id, priority) in one call, when none of them
+        could be granted a slot now: each is put in the waiting line, in turn, as a
+        refused `acquire` puts it there. None when a slot may be free: nothing was done,
+        ask job by job. (A big batch behind a full cap then costs a call per chunk, not
+        a refused `acquire` per job.)"""
+        tail = [field for job in jobs for field in job]
+        answer = [str(x) for x in self._call("line_up", now, tail=tail)]
+        if answer[0] == "free":
+            return None
+        return LinedUp(retry_after_s=float(answer[1]), held=frozenset(answer[2:]))
 
     def wait(self, job_id: str, batch_id: str, priority: int, now: float) -> None:
         """Give back this job's slot (if any) and line it up again (e.g. after a 429)."""

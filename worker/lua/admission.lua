@@ -6,9 +6,10 @@
 -- KEYS[1] slots  KEYS[2] submits  KEYS[3] control  KEYS[4] round-robin  KEYS[5] waiter count
 -- KEYS[6] id sequence  KEYS[7] claims   (one WaveSpeed account per Redis; see worker/keys.py)
 -- The per-batch waiting lines and job hashes are named from prefixes: ARGV[9], ARGV[10].
--- ARGV[1] op: 'acquire' | 'claim' | 'wait' | 'penalize' | 'snapshot'
+-- ARGV[1] op: 'acquire' | 'line_up' | 'claim' | 'wait' | 'penalize' | 'snapshot'
 -- ARGV[2] now   ARGV[3] max_in_flight   ARGV[4] max_per_minute   ARGV[5] lease seconds
 -- acquire:  ARGV[6] job id  ARGV[7] batch id  ARGV[8] priority
+-- line_up:  ARGV[11..] job id, batch id, priority of each job, in turn
 -- claim:    ARGV[6] how many at most
 -- wait:     ARGV[6] job id  ARGV[7] batch id  ARGV[8] priority
 -- penalize: ARGV[6] back-off seconds
@@ -82,6 +83,24 @@ if op == 'acquire' then
   end
   take(job_id)
   return {'granted', '0'}
+elseif op == 'line_up' then
+  -- Many jobs (a chunk's) at once, when no slot may be granted now (the cap or the rate
+  -- is reached, or others wait: they go first): each joins the line as a refused
+  -- 'acquire' would put it there, in turn; one already holding a slot (another attempt
+  -- of it) is left alone and named, as 'acquire' answers 'held'. Else nothing changes
+  -- ('free'): the caller asks job by job.
+  local wait = blocked()
+  if wait == 0 and tonumber(redis.call('GET', NWAIT) or '0') > 0 then wait = 0.05 end
+  if wait == 0 then return {'free', '0'} end
+  local answer = {'wait', tostring(wait)}
+  for i = 11, #ARGV, 3 do
+    if redis.call('ZSCORE', SLOTS, ARGV[i]) then
+      table.insert(answer, ARGV[i])
+    else
+      enqueue_wait(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))
+    end
+  end
+  return answer
 elseif op == 'wait' then
   redis.call('ZREM', SLOTS, ARGV[6])
   enqueue_wait(ARGV[6], ARGV[7], tonumber(ARGV[8]))

@@ -10,6 +10,7 @@ from enum import StrEnum
 import structlog
 
 from worker import replication, telemetry
+from worker.admission import LinedUp
 from worker.domain import (
     EditRequest,
     Job,
@@ -94,6 +95,10 @@ def submit_jobs(
     read, WAIT for replicas, POST, record. A job whose record moved on between the read
     and its turn fails the claim's version check and is read again (see `_send`): a stale
     read costs a round trip, never a second POST.
+
+    When no slot may be granted to any of them now (the cap or the rate is reached),
+    they all join the waiting line in one call (`Admission.line_up`) instead of one
+    refused `acquire` each on the pool: WAITING without a thread.
     """
     futures: list[Future[SubmitResult]] = [Future() for _ in job_ids]
     ready: list[tuple[int, Job, EditRequest, structlog.BoundLogger]] = []
@@ -107,10 +112,21 @@ def submit_jobs(
     budgets = deps.store.reserve_budgets(
         [(job.id, job.batch_id, request.price_micros, job.chain_id) for _, job, request, _ in ready]
     )
+    sendable = []
     for (i, job, request, bound), ok in zip(ready, budgets, strict=True):
-        if not ok:
+        if ok:
+            sendable.append((i, job, request, bound))
+        else:
             futures[i].set_result(_over_budget(deps, job.id, bound))
-            continue
+    if not slot_held and deps.admission is not None and len(sendable) > 1:
+        lined_up = deps.admission.line_up(
+            [(job.id, job.batch_id, job.priority) for _, job, _, _ in sendable], deps.clock()
+        )
+        if lined_up is not None:
+            for i, job, _, bound in sendable:
+                futures[i].set_result(_lined_up(job.id, lined_up, bound))
+            return futures
+    for i, job, request, bound in sendable:
         # The slot is taken on the pool thread, just before the claim (as `submit_job`
         # does): a slot taken here for a job still waiting for a thread would be held by
         # a worker killed meanwhile until its claim lease ran out (a minute), the job's
@@ -119,6 +135,15 @@ def submit_jobs(
             _send, deps, job, request, bound, final_attempt=False, slot_held=slot_held, fresh=False
         )
     return futures
+
+
+def _lined_up(job_id: str, lined_up: LinedUp, bound: structlog.BoundLogger) -> SubmitResult:
+    """A job's result when its chunk was put in the waiting line at once (as `_send`
+    answers a refused or a held slot)."""
+    if job_id in lined_up.held:
+        bound.info("submit.slot_held_elsewhere")
+        return SubmitResult(SubmitOutcome.SKIPPED, "another attempt holds the slot")
+    return SubmitResult(SubmitOutcome.WAITING, f"{lined_up.retry_after_s:.2f}")
 
 
 def _bound(job_id: str, job: Job | None) -> structlog.BoundLogger:
