@@ -86,6 +86,26 @@ def test_rate_window(admission: Admission, redis_client: redis.Redis) -> None:
     assert admission.claim(10, 161.5)[0] == ["d"]
 
 
+def test_a_submit_counts_in_the_window_from_its_answer(
+    redis_client: redis.Redis, settings: Settings, store: JobStore
+) -> None:
+    """A submit sent late after its slot was taken (a busy worker) counts from when its
+    answer was recorded: the provider counted it on arrival, not at our take."""
+    adm = Admission(redis_client, replace(settings, max_in_flight=10, max_submits_per_minute=1))
+    for job in ("a", "b"):
+        store.create(job, REQ, now=99.0)
+    assert adm.acquire("a", "", 0, 100.0).granted
+    store.transition("a", JobState.SUBMITTING, now=100.0, fields={"attempts": 1})
+    # Its POST went out 1.5 s after the take; the answer came back at once.
+    store.transition("a", JobState.SUBMITTED, now=101.5, fields={"prediction_id": "p-a"})
+    # (Entries are named by attempt: a job's next attempt is an entry of its own.)
+    assert redis_client.zrange(keys.ADM_SUBMITS, 0, -1, withscores=True) == [("a:1", 101.5)]
+    assert not adm.acquire("b", "", 0, 161.2).granted  # 61 s after the take: too early
+    assert adm.claim(10, 162.4)[0] == []
+    assert adm.claim(10, 162.6)[0] == ["b"]
+    assert redis_client.zrange(keys.ADM_SUBMITS, 0, -1) == ["b:1"]
+
+
 def test_round_robin_between_batches_and_priority_within(
     redis_client: redis.Redis, settings: Settings
 ) -> None:

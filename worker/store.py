@@ -438,6 +438,7 @@ class JobStore:
             keys.webhook_id(webhook_id),
             keys.LATENCY,
             keys.OUTPUTS_DUE,
+            keys.ADM_SUBMITS,
         ]
         return _result(self._transition(keys=script_keys, args=args))
 

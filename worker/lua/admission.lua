@@ -1,6 +1,8 @@
 -- Admission control shared by every worker process through Redis: at most
 -- max_in_flight jobs at the provider and max_per_minute submits in any 61 s window
--- (60 s plus a second for clock skew and latency), scaled down after a 429.
+-- (60 s plus a second for clock skew), scaled down after a 429. A submit counts from
+-- when its slot was taken until its answer is recorded, then from that answer: never
+-- before the provider received it.
 -- Waiting jobs sit in per-batch sorted sets (priority, then arrival) served round-robin.
 --
 -- KEYS[1] slots  KEYS[2] submits  KEYS[3] control  KEYS[4] round-robin  KEYS[5] waiter count
@@ -55,7 +57,12 @@ end
 
 local function take(job_id)
   redis.call('ZADD', SLOTS, now + lease, job_id)
-  redis.call('ZADD', SUBMITS, now, job_id .. ':' .. now)
+  -- The submit counts in the window from now; it is named by the attempt it is for
+  -- ('<job id>:<attempts + 1>', as the open-attempt entries): the move that leaves
+  -- `submitting` moves it on to that time (transition.lua). The provider counts a submit
+  -- when its POST arrives, which a busy worker may send a while after this.
+  local attempt = tonumber(redis.call('HGET', JOB_PREFIX .. job_id, 'attempts') or '0') + 1
+  redis.call('ZADD', SUBMITS, now, job_id .. ':' .. attempt)
   -- Until the job moves to submitting, the slot is only claimed: if the taker dies,
   -- the claim lease returns job and slot to the line (see 'claim').
   redis.call('ZADD', CLAIMED, now + CLAIM_LEASE, job_id)

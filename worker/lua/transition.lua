@@ -6,6 +6,7 @@
 --          wrote it (read only; used when ARGV[11] is not '')
 -- KEYS[12] latency histogram counters (hash; see the end of the terminal branch)
 -- KEYS[13] outputs to copy out (zset; see worker/outputs/)
+-- KEYS[14] admission's submits in the rate window (zset; see admission.lua)
 -- ARGV[1] target state          ARGV[2] comma list of states it may come from
 -- ARGV[3] expected version or '' ARGV[4] prediction id the job must have (or none) or ''
 -- ARGV[5] now                    ARGV[6] record TTL once terminal (s)
@@ -234,6 +235,11 @@ end
 local attempt = job_id .. ':' .. (after('attempts', 6) or '0')
 if ARGV[1] == 'submitting' then redis.call('ZADD', KEYS[10], tonumber(ARGV[5]), attempt) end
 if ARGV[10] == '1' then redis.call('ZREM', KEYS[10], attempt) end
+if state == 'submitting' then
+  -- The attempt's answer is in (or given up on): its submit counts in admission's rate
+  -- window from now, when the provider has surely received it (admission.lua's take).
+  redis.call('ZADD', KEYS[14], 'XX', 'GT', tonumber(ARGV[5]), attempt)
+end
 
 local ttl = tonumber(ARGV[6])
 local pid = after('prediction_id', 4) or ''
