@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from bench import (
     bulk_enqueue,
     latency,
     limit_bound,
+    machine,
     memory,
     pipeline_overhead,
     rate_bound,
@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args(argv)
     console = make_console()
+    versions = machine.versions()
+    console.print("measured with " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    speed = {"start_ms": machine.speed_ms()}
+    console.print(f"machine speed: reference work {speed['start_ms']:.1f} ms (lower is faster)")
     rows: list[Row] = []
     for name in args.only or SCENARIOS:
         console.print(f"[bold]running {name}[/bold]{' (quick)' if args.quick else ''} ...")
@@ -64,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             scenario = partial(ultra_scale.run, full=args.full_scale)
         rows.extend(scenario(quick=args.quick))
         console.print(f"  done in {time.monotonic() - started:.1f} s")
+    speed["end_ms"] = machine.speed_ms()
     console.print(report(rows))
+    console.print(
+        f"machine speed: reference work {speed['start_ms']:.1f} ms at the start, "
+        f"{speed['end_ms']:.1f} ms at the end (lower is faster; see bench/machine.py)"
+    )
     for row in rows:
         if not row.met:
             console.print(
@@ -77,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "quick": args.quick,
                 "full_scale": args.full_scale,
-                "machine": {"python": sys.version.split()[0], "platform": platform.platform()},
+                "machine": {**versions, "speed_reference_work_ms": speed},
                 "rows": [asdict(r) for r in rows],
             },
             indent=2,
