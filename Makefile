@@ -4,15 +4,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck check bench chaos chaos-cluster clean
+.PHONY: install lock run test lint typecheck check bench chaos chaos-cluster clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Newest releases within pyproject.toml's ranges, in a scratch venv, written to
+# constraints.txt (its header kept); run `make test` on them before committing.
+lock:
+	rm -rf var/lock-venv && $(PYTHON) -m venv var/lock-venv
+	var/lock-venv/bin/python -m pip install --quiet --upgrade pip
+	var/lock-venv/bin/python -m pip install --quiet -e '.[dev]'
+	{ grep '^#' constraints.txt; var/lock-venv/bin/python -m pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf var/lock-venv
 
 run: install
 	$(BIN)/kq run examples/edits.jsonl
