@@ -104,6 +104,11 @@ def test_a_submit_counts_in_the_window_from_its_answer(
     assert adm.claim(10, 162.4)[0] == []
     assert adm.claim(10, 162.6)[0] == ["b"]
     assert redis_client.zrange(keys.ADM_SUBMITS, 0, -1) == ["b:1"]
+    # A move long after its take (an ambiguous submit settled late) does not bring an
+    # entry that has left the window back into it.
+    store.transition("b", JobState.SUBMITTING, now=162.6, fields={"attempts": 1})
+    store.transition("b", JobState.SUBMITTED, now=230.0, fields={"prediction_id": "p-b"})
+    assert redis_client.zscore(keys.ADM_SUBMITS, "b:1") == 162.6
 
 
 def test_round_robin_between_batches_and_priority_within(

@@ -22,7 +22,7 @@ local WAIT_PREFIX, JOB_PREFIX = ARGV[9], ARGV[10]
 -- Jobs handed to a dispatcher but not yet submitting: if their process dies, they
 -- go back in line when this short lease runs out (the transition to submitting ends it).
 local CLAIMED, CLAIM_LEASE = KEYS[7], 60
-local WINDOW = 61
+local WINDOW = 61  -- transition.lua repeats it
 local op = ARGV[1]
 local now = tonumber(ARGV[2])
 local max_in_flight = tonumber(ARGV[3])

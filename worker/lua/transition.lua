@@ -238,7 +238,12 @@ if ARGV[10] == '1' then redis.call('ZREM', KEYS[10], attempt) end
 if state == 'submitting' then
   -- The attempt's answer is in (or given up on): its submit counts in admission's rate
   -- window from now, when the provider has surely received it (admission.lua's take).
-  redis.call('ZADD', KEYS[14], 'XX', 'GT', tonumber(ARGV[5]), attempt)
+  -- Not an entry past the window (61 s, admission.lua's WINDOW): a move that long after
+  -- the take (an ambiguous submit settled later) must not count it again.
+  local now, taken = tonumber(ARGV[5]), tonumber(redis.call('ZSCORE', KEYS[14], attempt) or '')
+  if taken and taken < now and taken > now - 61 then
+    redis.call('ZADD', KEYS[14], now, attempt)
+  end
 end
 
 local ttl = tonumber(ARGV[6])
