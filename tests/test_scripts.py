@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 
 from worker.runtime import make_redis, pinned_client
-from worker.scripts import LuaScript
+from worker.scripts import LuaScript, packed_evalsha
 from worker.settings import Settings
 
 # Counts its runs, so a test sees that a call ran exactly once.
@@ -91,3 +92,19 @@ def test_an_argument_redis_cannot_take_is_refused_as_redis_py_refuses_it(
         script(keys=["runs"], args=[None, 1])  # type: ignore[list-item]
     assert redis_client.get("runs") is None
     assert script(keys=["runs"], args=[b"raw", 2]) == ["raw", 4]
+
+
+def test_a_packed_call_is_the_bytes_redis_py_would_send(redis_client: redis.Redis) -> None:
+    """packed_evalsha (hiredis in one C call) sends what redis-py's encoder would: UTF-8
+    text, repr of numbers, bytes as they are; a type redis-py refuses is refused alike."""
+    conn: Any = redis_client.connection_pool.get_connection()
+    try:
+        keys = ["kq:job:é", "kq:stats"]
+        args: list[Any] = ["", 1733329384.123, 1733329444.5, "id", '["p é", "u"]', "", 0, b"\x00m"]
+        ours = b"".join(packed_evalsha(conn, "a" * 40, keys, args))
+        theirs = b"".join(conn.pack_command("EVALSHA", "a" * 40, len(keys), *keys, *args))
+        assert ours == theirs
+        with pytest.raises(redis.DataError):
+            packed_evalsha(conn, "a" * 40, keys, [object()])
+    finally:
+        redis_client.connection_pool.release(conn)

@@ -20,7 +20,7 @@ from redis.exceptions import NoScriptError
 
 from worker import keys
 from worker.domain import ALLOWED_FROM, EditRequest, Job, JobState, TransitionOutcome
-from worker.scripts import LuaScript
+from worker.scripts import LuaScript, packed_evalsha
 
 NEW: Final = "new"
 # A WaveSpeed delivery is retried for minutes, not days; a day of memory is plenty.
@@ -292,8 +292,8 @@ class JobStore:
         pool = self.redis.connection_pool
         conn: Any = pool.get_connection()  # redis-py types its connections loosely
         try:
-            conn.send_command(
-                "EVALSHA", self._create_jobs.sha, len(call.keys), *call.keys, *call.args
+            conn.send_packed_command(
+                packed_evalsha(conn, self._create_jobs.sha, call.keys, call.args)
             )
         except (redis.ConnectionError, redis.TimeoutError):
             conn.disconnect()
