@@ -19,6 +19,7 @@ from tests.conftest import wait_for
 from worker import keys
 from worker.admission import Admission
 from worker.domain import EditRequest, JobState
+from worker.producer import Producer
 from worker.runtime import make_producer, make_store
 from worker.settings import Settings
 from worker.store import JobStore
@@ -183,6 +184,14 @@ def settings_of(stack: Stack) -> Settings:
     return Settings.from_env({**os.environ, **stack.env})
 
 
+@pytest.fixture
+def producer(stack: Stack) -> Iterator[Producer]:
+    """A producer on the stack, closed after the test (with the provider connection a
+    cancel opens)."""
+    with make_producer(settings_of(stack)) as made:
+        yield made
+
+
 def sim_tasks(stack: Stack) -> list[dict[str, Any]]:
     return list(httpx.get(f"{stack.sim_url}/_sim/tasks").json()["tasks"])
 
@@ -200,9 +209,8 @@ def max_overlap(tasks: list[dict[str, Any]]) -> int:
     return peak
 
 
-def test_slots_never_exceed_the_cap_across_three_workers(stack: Stack) -> None:
+def test_slots_never_exceed_the_cap_across_three_workers(stack: Stack, producer: Producer) -> None:
     """Three worker processes, 40 jobs: the provider never holds more than the cap."""
-    producer = make_producer(settings_of(stack))
     receipt = producer.enqueue_batch([REQ] * 40, batch_id="cap")
     progress = producer.wait_batch("cap", timeout_s=120)
     assert progress is not None and progress.done and progress.completed == 40
@@ -215,11 +223,10 @@ def test_slots_never_exceed_the_cap_across_three_workers(stack: Stack) -> None:
     assert snap.slots_used == 0 and snap.waiting == 0
 
 
-def test_a_429_storm_slows_submits_and_loses_no_job(stack: Stack) -> None:
+def test_a_429_storm_slows_submits_and_loses_no_job(stack: Stack, producer: Producer) -> None:
     """Every submit refused for a while: jobs wait and all finish; the back-off is shared."""
     assert stack.sim_url is not None
     httpx.post(f"{stack.sim_url}/_sim/config", json={"burst_429_s": 2.0}).raise_for_status()
-    producer = make_producer(settings_of(stack))
     producer.enqueue_batch([REQ] * 12, batch_id="storm")
     progress = producer.wait_batch("storm", timeout_s=120)
     assert progress is not None and progress.done and progress.completed == 12
@@ -227,9 +234,8 @@ def test_a_429_storm_slows_submits_and_loses_no_job(stack: Stack) -> None:
     assert snap.rate_limited_total > 0 and snap.slots_used == 0
 
 
-def test_small_batch_behind_a_big_one_is_served_soon(stack: Stack) -> None:
+def test_small_batch_behind_a_big_one_is_served_soon(stack: Stack, producer: Producer) -> None:
     """A 3-job batch enqueued behind a 400-job batch is served within a few big-batch jobs."""
-    producer = make_producer(settings_of(stack))
     store = producer.store
     producer.enqueue_batch([REQ] * 400, batch_id="big")
     wait_for(lambda: _submitted(store, "big") >= 2 * CAP, timeout_s=60)
@@ -247,10 +253,9 @@ def _submitted(store: JobStore, batch_id: str) -> int:
     return sum(1 for j in jobs if j is not None and j.prediction_id)
 
 
-def test_a_killed_worker_gives_its_slots_back(stack: Stack) -> None:
+def test_a_killed_worker_gives_its_slots_back(stack: Stack, producer: Producer) -> None:
     """kill -9 a worker mid-batch: every job still ends, and no slot stays taken."""
     settings = settings_of(stack)
-    producer = make_producer(settings)
     producer.enqueue_batch([REQ] * 30, batch_id="kill")
     wait_for(lambda: _submitted(producer.store, "kill") >= CAP, timeout_s=60)
     stack.kill("worker", signal.SIGKILL)

@@ -109,7 +109,7 @@ class Harness:
     def close(self) -> None:
         # The simulator keeps connections alive: close them here, not in the GC.
         self.sim.close()
-        self.producer.store.redis.close()
+        self.producer.close()
 
     def tasks_by_job(self) -> dict[str, list[dict[str, Any]]]:
         out: dict[str, list[dict[str, Any]]] = {}

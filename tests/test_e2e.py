@@ -82,7 +82,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         # Closed here, not by the garbage collector in some later test (ResourceWarning).
         harness.sim.close()
         harness.store.redis.close()
-        harness.producer.store.redis.close()
+        harness.producer.close()
 
 
 @pytest.fixture

@@ -402,6 +402,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         yield harness
         # The simulator keeps connections alive: close them here, not in the GC.
         harness.sim.close()
+        harness.producer.close()
 
 
 @pytest.mark.integration

@@ -90,6 +90,7 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         h = Harness(stack, outputs)
         yield h
         h.sim.close()
+        h.producer.close()
 
 
 def test_outputs_are_copied_to_the_directory_and_shown_by_kq_job(harness: Harness) -> None:

@@ -496,3 +496,23 @@ def test_an_enqueue_while_the_broker_is_away_is_sent_by_the_poller_later(
     now[0] += QUEUED_CHECK_S + 1
     sweep(deps)
     assert sorted(resent) == sorted(j.id for j in ids)
+
+
+def test_a_made_producer_closes_the_clients_it_owns_and_no_other(
+    store: JobStore, settings: Settings
+) -> None:
+    """`make_producer`'s producer owns its Redis and provider clients: `with` (or close)
+    closes both; a producer built on shared adapters closes nothing of theirs."""
+    from worker.runtime import make_producer
+
+    with make_producer(settings) as made:
+        assert made.deps is not None
+        assert made.owned == (made.deps.provider.close, made.store.redis.close)
+        made.enqueue(REQ)  # a Redis connection in use, then back in the pool
+        pool = made.store.redis.connection_pool
+        assert any(c.is_connected for c in pool._available_connections)  # type: ignore[attr-defined]
+    assert not any(c.is_connected for c in pool._available_connections)  # type: ignore[attr-defined]
+    shared = Producer(store=store, send=lambda ids: None)
+    store.redis.ping()
+    shared.close()
+    assert any(c.is_connected for c in store.redis.connection_pool._available_connections)  # type: ignore[attr-defined]

@@ -292,6 +292,7 @@ def harness(rabbitmq: Rabbit, tmp_path_factory: pytest.TempPathFactory) -> Itera
             yield h
             h.sim.close()
             h.store.redis.close()
+            h.producer.close()
     finally:
         proxy.stop()
         # Our pooled connections to the vhost end with it; point the app back at no broker

@@ -127,7 +127,7 @@ class Client:
     def close(self) -> None:
         self.http.close()
         self.store.redis.close()
-        self.producer.store.redis.close()
+        self.producer.close()
 
     def enqueue_batch(self, n: int) -> tuple[str, list[str]]:
         items = [{"prompt": f"restart {i}", "image": IMAGE, "seed": i} for i in range(n)]

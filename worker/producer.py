@@ -85,10 +85,25 @@ class Producer(ChainMethods):
     clock: Callable[[], float] = field(default=time.time)
     # For cancel: the provider client used to delete submitted tasks (best effort).
     deps: Deps | None = None
+    # What `close` closes: the clients this producer was built with and owns
+    # (`runtime.make_producer` hands its own); adapters shared with others are not here.
+    owned: tuple[Callable[[], None], ...] = field(default=(), repr=False)
     chains: ChainStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.chains = ChainStore(self.store.redis)
+
+    def close(self) -> None:
+        """Close the connections of the clients this producer owns (see `owned`): a
+        producer dropped without it leaves them to the garbage collector."""
+        for close in self.owned:
+            close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # --- enqueue -------------------------------------------------------------------
 

@@ -150,11 +150,14 @@ def make_deps(settings: Settings, enqueue_submit: Callable[[str], None]) -> Deps
 
 def make_producer(settings: Settings) -> Producer:
     """A Producer on these settings' Redis and Celery queue, with provider access for
-    cancel's best-effort deletes."""
+    cancel's best-effort deletes; `close()` it (or use it in a `with`) when done."""
     configure(settings)
     store = make_store(settings)
-    deps = Deps(store=store, provider=make_provider(settings), settings=settings)
-    return Producer(store=store, send=enqueue_submits, deps=deps)
+    provider = make_provider(settings)
+    deps = Deps(store=store, provider=provider, settings=settings)
+    return Producer(
+        store=store, send=enqueue_submits, deps=deps, owned=(provider.close, store.redis.close)
+    )
 
 
 def heartbeat_key(kind: str, pid: int) -> str:
