@@ -1,7 +1,8 @@
 """The receiver when Redis stalls: a prompt 503 (so WaveSpeed retries), and the retry applied.
 
 A Redis of its own per test, frozen with SIGSTOP as a hung primary or a network partition
-would leave it; the receiver builds its own fail-fast client, as `kq receiver` does.
+would leave it; the receiver runs on a fail-fast client made as `kq receiver` makes its
+own (`receiver`), whose connections the test closes.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
+from flask import Flask
 
 from tests.conftest import private_redis_server
 from tests.support import make_submitted_job, prediction_body, serve_in_thread
 from tests.test_receiver import deliver
 from webhook_receiver.app import create_app
+from worker import runtime
 from worker.domain import JobState
 from worker.settings import Settings
 from worker.signing import job_token, sign_v3
@@ -38,6 +42,17 @@ def frozen_redis(tmp_path: Path, settings: Settings) -> Iterator[tuple[Settings,
         client.close()
 
 
+@contextmanager
+def receiver(settings: Settings) -> Iterator[Flask]:
+    """The receiver on a fail-fast client made as `create_app` makes its own for `kq
+    receiver`; every connection of it (each server thread's own included) is closed after."""
+    store = runtime.make_store(settings, runtime.make_redis(settings, fail_fast=True))
+    try:
+        yield create_app(settings, store=store, heartbeat=False)
+    finally:
+        store.redis.connection_pool.disconnect()
+
+
 def test_a_stalled_redis_gets_a_prompt_503_and_the_retry_is_applied(
     frozen_redis: tuple[Settings, JobStore, int],
 ) -> None:
@@ -46,8 +61,7 @@ def test_a_stalled_redis_gets_a_prompt_503_and_the_retry_is_applied(
     never answered "duplicate" without its result applied)."""
     settings, store, redis_pid = frozen_redis
     make_submitted_job(store)
-    app = create_app(settings, heartbeat=False)
-    with serve_in_thread(app) as url:
+    with receiver(settings) as app, serve_in_thread(app) as url:
         assert deliver(url, settings, b"{}", webhook_id="warm").status_code == 400  # connected
         os.kill(redis_pid, signal.SIGSTOP)
         try:
@@ -79,25 +93,26 @@ def test_a_connection_redis_dropped_is_replaced_without_a_503(
     for job_id, pid in pids.items():
         make_submitted_job(store, job_id, pid)
     # Called from this one thread (no server): both deliveries use the same thread's
-    # connection, made by the app's own fail-fast client as `kq receiver` makes it.
-    client = create_app(settings, heartbeat=False).test_client()
+    # connection, of a fail-fast client made as `kq receiver` makes its own.
+    with receiver(settings) as app:
+        client = app.test_client()
 
-    def post(job_id: str) -> tuple[int, str]:
-        body = prediction_body(pids[job_id])
-        webhook_id, ts = f"w-{job_id}", str(int(time.time()))
-        response = client.post(
-            f"/webhooks/wavespeed?job={job_id}&t={job_token(settings.secret_key, job_id)}",
-            data=body,
-            headers={
-                "webhook-id": webhook_id,
-                "webhook-timestamp": ts,
-                "webhook-signature": sign_v3(settings.webhook_secret, webhook_id, ts, body),
-            },
-        )
-        return response.status_code, response.get_json()["result"]
+        def post(job_id: str) -> tuple[int, str]:
+            body = prediction_body(pids[job_id])
+            webhook_id, ts = f"w-{job_id}", str(int(time.time()))
+            response = client.post(
+                f"/webhooks/wavespeed?job={job_id}&t={job_token(settings.secret_key, job_id)}",
+                data=body,
+                headers={
+                    "webhook-id": webhook_id,
+                    "webhook-timestamp": ts,
+                    "webhook-signature": sign_v3(settings.webhook_secret, webhook_id, ts, body),
+                },
+            )
+            return response.status_code, response.get_json()["result"]
 
-    assert post("job1") == (200, "applied")
-    killed = store.redis.client_kill_filter(_type="normal", skipme=True)
-    assert killed >= 1  # the receiver's connection among them
-    assert post("job2") == (200, "applied")
-    assert [store.get(j).state for j in pids] == [JobState.COMPLETED] * 2  # type: ignore[union-attr]
+        assert post("job1") == (200, "applied")
+        killed = store.redis.client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 1  # the receiver's connection among them
+        assert post("job2") == (200, "applied")
+        assert [store.get(j).state for j in pids] == [JobState.COMPLETED] * 2  # type: ignore[union-attr]
