@@ -507,11 +507,13 @@ def test_a_made_producer_closes_the_clients_it_owns_and_no_other(
 
     with make_producer(settings) as made:
         assert made.deps is not None
-        assert made.owned == (made.deps.provider.close, made.store.redis.close)
+        http = made.deps.provider._http  # the provider client's httpx client
         made.enqueue(REQ)  # a Redis connection in use, then back in the pool
         pool = made.store.redis.connection_pool
         assert any(c.is_connected for c in pool._available_connections)  # type: ignore[attr-defined]
+        assert not http.is_closed
     assert not any(c.is_connected for c in pool._available_connections)  # type: ignore[attr-defined]
+    assert http.is_closed
     shared = Producer(store=store, send=lambda ids: None)
     store.redis.ping()
     shared.close()

@@ -48,7 +48,8 @@ def test_a_dropped_connection_is_reconnected_by_the_clients_retry(
 ) -> None:
     """The receiver's client (one retry, for a connection found broken): its pinned
     connection is killed between calls, and the next call reconnects and runs once."""
-    client = pinned_client(make_redis(settings, fail_fast=True))
+    base = make_redis(settings, fail_fast=True)
+    client = pinned_client(base)
     try:
         script = LuaScript(client, COUNTING)
         script(keys=["runs"], args=["a", 1])
@@ -56,7 +57,8 @@ def test_a_dropped_connection_is_reconnected_by_the_clients_retry(
         assert script(keys=["runs"], args=["b", 1]) == ["b", 2]
         assert redis_client.get("runs") == "2"
     finally:
-        client.close()
+        client.close()  # gives the connection back to the pool, which closes it
+        base.connection_pool.disconnect()
 
 
 def test_without_a_retry_a_dropped_connection_is_the_callers_error_once(

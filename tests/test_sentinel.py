@@ -293,8 +293,8 @@ def test_every_process_follows_sentinel_failovers(tmp_path: Path) -> None:
             assert all(check.ok for check in checks), report
             assert unreplicated() > 0
             assert during.count(503) >= 1 and during[-1] == 200, report
-            store.redis.close()
-            producer.store.redis.close()
+            runtime.close_redis(store.redis)
+            producer.close()
 
 
 # --- kombu's closed-connection bug, through the Sentinel transport ---------------------------

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import redis
@@ -156,8 +157,19 @@ def make_producer(settings: Settings) -> Producer:
     provider = make_provider(settings)
     deps = Deps(store=store, provider=provider, settings=settings)
     return Producer(
-        store=store, send=enqueue_submits, deps=deps, owned=(provider.close, store.redis.close)
+        store=store,
+        send=enqueue_submits,
+        deps=deps,
+        owned=(provider.close, partial(close_redis, store.redis)),
     )
+
+
+def close_redis(client: redis.Redis) -> None:
+    """Close a client of `make_redis` and every connection of its pool: `close()` alone
+    leaves the pool open for a Sentinel-managed client (`master_for` lends it a pool it
+    does not own)."""
+    client.close()
+    client.connection_pool.disconnect()
 
 
 def heartbeat_key(kind: str, pid: int) -> str:
