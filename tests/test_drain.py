@@ -101,7 +101,7 @@ def test_worker_drain_is_bounded_when_the_provider_hangs(tmp_path: Path) -> None
         paid = Counter(t["params"]["prompt"] for t in tasks)
         assert [p for p, n in paid.items() if n > 1] == []
         store.redis.close()
-        producer.store.redis.close()
+        producer.close()
 
 
 def test_receiver_answers_the_request_in_flight_on_sigterm(tmp_path: Path) -> None:

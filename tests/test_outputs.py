@@ -543,3 +543,4 @@ def test_whole_stack_copies_to_s3(s3: Any, s3_endpoint: str, tmp_path: Path) -> 
         body = s3.get_object(Bucket=BUCKET, Key=f"stack/{job_id}/0.jpeg")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == copy.sha256 and body[:3] == b"\xff\xd8\xff"
         assert body == httpx.get(copy.source_url).content
+        producer.close()

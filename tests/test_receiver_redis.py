@@ -50,7 +50,7 @@ def receiver(settings: Settings) -> Iterator[Flask]:
     try:
         yield create_app(settings, store=store, heartbeat=False)
     finally:
-        store.redis.connection_pool.disconnect()
+        runtime.close_redis(store.redis)
 
 
 def test_a_stalled_redis_gets_a_prompt_503_and_the_retry_is_applied(

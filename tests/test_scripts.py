@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import redis
 
-from worker.runtime import make_redis, pinned_client
+from worker.runtime import close_redis, make_redis, pinned_client
 from worker.scripts import LuaScript, packed_evalsha
 from worker.settings import Settings
 
@@ -57,8 +57,8 @@ def test_a_dropped_connection_is_reconnected_by_the_clients_retry(
         assert script(keys=["runs"], args=["b", 1]) == ["b", 2]
         assert redis_client.get("runs") == "2"
     finally:
-        client.close()  # gives the connection back to the pool, which closes it
-        base.connection_pool.disconnect()
+        client.close()  # gives the pinned connection back to the pool
+        close_redis(base)
 
 
 def test_without_a_retry_a_dropped_connection_is_the_callers_error_once(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Any, TypeVar
@@ -85,19 +86,21 @@ class Producer(ChainMethods):
     clock: Callable[[], float] = field(default=time.time)
     # For cancel: the provider client used to delete submitted tasks (best effort).
     deps: Deps | None = None
-    # What `close` closes: the clients this producer was built with and owns
-    # (`runtime.make_producer` hands its own); adapters shared with others are not here.
-    owned: tuple[Callable[[], None], ...] = field(default=(), repr=False)
+    # What `close` calls: the closing of each client this producer was built with and
+    # owns (`runtime.make_producer` hands its own); adapters shared with others are not here.
+    closers: tuple[Callable[[], None], ...] = field(default=(), repr=False)
     chains: ChainStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.chains = ChainStore(self.store.redis)
 
     def close(self) -> None:
-        """Close the connections of the clients this producer owns (see `owned`): a
-        producer dropped without it leaves them to the garbage collector."""
-        for close in self.owned:
-            close()
+        """Close the clients this producer owns (`closers`, each one even if another
+        fails), once every thread using it is done: a producer dropped without it leaves
+        their connections to the garbage collector. Closing twice is harmless."""
+        with ExitStack() as closing:
+            for close in self.closers:
+                closing.callback(close)
 
     def __enter__(self) -> Producer:
         return self

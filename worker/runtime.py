@@ -160,16 +160,18 @@ def make_producer(settings: Settings) -> Producer:
         store=store,
         send=enqueue_submits,
         deps=deps,
-        owned=(provider.close, partial(close_redis, store.redis)),
+        closers=(provider.close, partial(close_redis, store.redis)),
     )
 
 
 def close_redis(client: redis.Redis) -> None:
-    """Close a client of `make_redis` and every connection of its pool: `close()` alone
-    leaves the pool open for a Sentinel-managed client (`master_for` lends it a pool it
-    does not own)."""
+    """Close a client of `make_redis`: its pool's connections, and for a Sentinel-managed
+    one its connections to the Sentinels too (the Sentinel manager `_sentinel_master`
+    made lives on in the pool, which `close()` does not close)."""
     client.close()
-    client.connection_pool.disconnect()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    if manager is not None and hasattr(manager, "close"):  # not in every redis-py allowed
+        manager.close()
 
 
 def heartbeat_key(kind: str, pid: int) -> str:
