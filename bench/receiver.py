@@ -11,11 +11,18 @@ Baseline: a Flask app defined here whose view answers 204 and does nothing else,
 served by `worker.wsgi_server.serve` with the receiver's gunicorn settings (workers,
 threads, timeout, keep-alive), in its own process.
 
+Floor (a reported row, no goal): the same bare view making one Redis PING before its
+204, on a connection of its thread's own made as the receiver makes its own (fail-fast
+timeouts, pinned per server thread). A receiver that applies a delivery durably makes
+at least that one round trip, so this is the most any such receiver on this server
+could reach; the row shows how far ours is from it, and the note how far the floor
+itself is from the bare 204.
+
 Load: `bench.loadgen` (child processes, keep-alive connections, loopback only, each
-request sent once, a deadline). Both servers get the same requests, after an uncounted
-warm-up each, in rounds of half the requests taken in turn — bare, ours, ours, bare —
-so that a drift in this shared machine's speed (±30 % within minutes here) weighs on
-both sides alike; each side's rate is its requests over its rounds' own time, its
+request sent once, a deadline). Every server gets the same requests, after an uncounted
+warm-up each, in rounds of half the requests taken in turn — bare, floor, ours, ours,
+floor, bare — so that a drift in this shared machine's speed (±30 % within minutes
+here) weighs on every side alike; each side's rate is its requests over its rounds' own time, its
 latencies and CPU those of its rounds together. The idle server waits in `accept`.
 """
 
@@ -25,6 +32,7 @@ import base64
 import json
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +41,7 @@ from functools import partial
 from urllib.parse import urlencode
 
 import httpx
+import redis
 from flask import Flask, Response
 
 from bench.common import (
@@ -50,7 +59,8 @@ from webhook_receiver.server import DEFAULT_THREADS, DEFAULT_TIMEOUT_S, DEFAULT_
 from worker import keys
 from worker.domain import MODEL, EditRequest, JobState
 from worker.producer import Item, Producer
-from worker.runtime import make_store
+from worker.runtime import make_redis, make_store, pinned_client
+from worker.settings import Settings
 from worker.signing import WEBHOOK_PATH, job_token, sign_v3
 from worker.store import JobStore
 
@@ -64,20 +74,21 @@ def run(*, quick: bool) -> list[Row]:
     n = 400 if quick else 12_000
     warm = 40 if quick else 200
     deadline_s = 20.0 if quick else 60.0
-    with receiver_and_bare(warm + n) as (stack, store, bare_url, sign):
+    with receiver_and_bare(warm + n, floor=True) as (stack, store, urls, sign):
         assert stack.receiver_url is not None
         deliveries = sign()  # the rounds take seconds: well inside the ±300 s window
         load = partial(_load, deadline_s=deadline_s)
-        load(bare_url, deliveries[:warm])  # warm-ups, not counted
-        load(stack.receiver_url, deliveries[:warm])
-        sides = in_rounds(stack, bare_url, deliveries[warm:], load)
-        base, ours = sides["bare"], sides["ours"]
+        for url in (*urls.values(), stack.receiver_url):
+            load(url, deliveries[:warm])  # warm-ups, not counted
+        sides = in_rounds(stack, urls, deliveries[warm:], load, RECEIVER_ROUNDS)
+        base, floor, ours = sides["bare"], sides["floor"], sides["ours"]
         applied = int(store.redis.xlen(keys.EVENTS)) - warm
     refused = {s: c for s, c in ours.answers.statuses.items() if not 200 <= s < 300}
     note = f"{applied:,} of {len(ours.answers.latencies):,} deliveries applied (an event each)"
     if refused:
         note += f"; refused: {refused}"
     ours_cpu, base_cpu = ours.cpu_ms_per_request(), base.cpu_ms_per_request()
+    floor_cpu = floor.cpu_ms_per_request()
     return [
         Row.higher_is_better(
             "receiver",
@@ -87,6 +98,15 @@ def run(*, quick: bool) -> list[Row]:
             "req/s",
             GOAL_RATIO,
             note=note,
+        ),
+        Row.reported(
+            "receiver",
+            "signed deliveries/s vs bare Flask 204 + one Redis PING (the floor)",
+            ours.rate,
+            floor.rate,
+            "req/s",
+            note=f"the floor itself: {floor.rate:,.0f} req/s, "
+            f"{floor.rate / max(base.rate, 1e-9):.2f}x of the bare 204's",
         ),
         Row.lower_is_better(
             "receiver",
@@ -103,13 +123,15 @@ def run(*, quick: bool) -> list[Row]:
             ours_cpu["server"] + ours_cpu["redis"],
             base_cpu["server"],
             "ms",
-            note=f"receiver {ours_cpu['server']:.3f} ms, Redis {ours_cpu['redis']:.3f} ms",
+            note=f"receiver {ours_cpu['server']:.3f} ms, Redis {ours_cpu['redis']:.3f} ms; "
+            f"the floor {floor_cpu['server']:.3f} ms, Redis {floor_cpu['redis']:.3f} ms",
         ),
     ]
 
 
-# The order of the rounds: a steady drift in the machine's speed costs both sides alike.
+# The order of the rounds: a steady drift in the machine's speed costs every side alike.
 ROUNDS = ("bare", "ours", "ours", "bare")
+RECEIVER_ROUNDS = ("bare", "floor", "ours", "ours", "floor", "bare")
 
 
 @dataclass
@@ -136,25 +158,25 @@ class Side:
 
 def in_rounds(
     stack: Stack,
-    bare_url: str,
+    urls: dict[str, str],
     deliveries: list[Request],
     load: Callable[[str, list[Request]], LoadResult],
+    rounds: tuple[str, ...] = ROUNDS,
 ) -> dict[str, Side]:
-    """Send `deliveries` to each server in ROUNDS (each side's rounds share them out: a
+    """Send `deliveries` to each server in `rounds` (each side's rounds share them out: a
     delivery reaches our receiver once); each side's answers, and CPU per process group
-    ("server", and for ours "redis")."""
+    ("server", and "redis" for the sides that call it)."""
     assert stack.receiver_url is not None
-    urls = {"bare": bare_url, "ours": stack.receiver_url}
+    urls = {**urls, "ours": stack.receiver_url}
+    redis_pid = [stack.procs["redis"].pid]
     groups = {
-        "bare": {"server": process_tree(stack.procs["bare-flask"].pid)},
-        "ours": {
-            "server": process_tree(stack.procs["receiver"].pid),
-            "redis": [stack.procs["redis"].pid],
-        },
+        name: {"server": process_tree(stack.procs[_PROCS[name]].pid)}
+        | ({"redis": redis_pid} if name != "bare" else {})
+        for name in urls
     }
     sides = {name: Side() for name in urls}
-    per_side = {name: ROUNDS.count(name) for name in urls}
-    for name in ROUNDS:
+    per_side = {name: rounds.count(name) for name in urls}
+    for name in rounds:
         side = sides[name]
         k, count = len(side.runs), per_side[name]
         share = deliveries[k * len(deliveries) // count : (k + 1) * len(deliveries) // count]
@@ -166,13 +188,18 @@ def in_rounds(
     return sides
 
 
+# The stack's process serving each side.
+_PROCS = {"bare": "bare-flask", "floor": "bare-flask-redis", "ours": "receiver"}
+
+
 @contextmanager
 def receiver_and_bare(
-    n: int,
-) -> Iterator[tuple[Stack, JobStore, str, Callable[[], list[Request]]]]:
+    n: int, *, floor: bool = False
+) -> Iterator[tuple[Stack, JobStore, dict[str, str], Callable[[], list[Request]]]]:
     """A stack with the receiver (no worker), `n` jobs waiting for their result, the bare
-    Flask server beside it: (stack, store, bare server's URL, a function that signs one
-    fresh delivery per job — sign again before each side, timestamps must be fresh)."""
+    Flask server beside it (and with `floor`, the bare one making a Redis PING): (stack,
+    store, the baselines' URLs by side name, a function that signs one fresh delivery per
+    job — sign again before each side, timestamps must be fresh)."""
     secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
     with bench_stack(
         extra_env={"KQ_WEBHOOK_SECRET": secret}, start_worker=False, start_beat=False
@@ -181,8 +208,10 @@ def receiver_and_bare(
         store = make_store(settings)
         try:
             jobs = _prepare(store, n)
-            bare_url = _start_bare(stack)
-            yield stack, store, bare_url, partial(_sign, jobs, settings.secret_key, secret)
+            urls = {"bare": _start_bare(stack)}
+            if floor:
+                urls["floor"] = _start_bare(stack, ping_redis=True)
+            yield stack, store, urls, partial(_sign, jobs, settings.secret_key, secret)
         finally:
             store.redis.close()
 
@@ -248,12 +277,16 @@ def _delivery(job_id: str, prediction_id: str, secret_key: str, webhook_secret: 
 # --- the baseline server -------------------------------------------------------------
 
 
-def bare_app() -> Flask:
-    """The least a Flask view can do for a webhook: answer 204."""
+def bare_app(ping_redis: bool = False) -> Flask:
+    """The least a Flask view can do for a webhook: answer 204 (after one Redis PING, on
+    a connection of the server thread's own, with `ping_redis`)."""
     app = Flask("bench_bare")
+    connection = _redis_per_thread() if ping_redis else None
 
     @app.post(WEBHOOK_PATH)
     def webhook() -> Response:
+        if connection is not None:
+            connection().ping()
         return Response(status=204)
 
     @app.get("/healthz")
@@ -263,12 +296,27 @@ def bare_app() -> Flask:
     return app
 
 
-def serve_bare(port: int) -> None:
+def _redis_per_thread() -> Callable[[], redis.Redis]:
+    """The stack's Redis (from this process's environment), a client per calling thread
+    holding one connection, made as the receiver makes its own."""
+    shared = make_redis(Settings.from_env(), fail_fast=True)
+    local = threading.local()
+
+    def this_thread() -> redis.Redis:
+        client: redis.Redis | None = getattr(local, "client", None)
+        if client is None:
+            client = local.client = pinned_client(shared)
+        return client
+
+    return this_thread
+
+
+def serve_bare(port: int, ping_redis: bool = False) -> None:
     """Serve `bare_app` on 127.0.0.1 with the receiver's gunicorn settings (blocks)."""
     from worker.wsgi_server import serve
 
     serve(
-        bare_app,
+        partial(bare_app, ping_redis),
         host="127.0.0.1",
         port=port,
         workers=DEFAULT_WORKERS,
@@ -277,11 +325,11 @@ def serve_bare(port: int) -> None:
     )
 
 
-def _start_bare(stack: Stack) -> str:
+def _start_bare(stack: Stack, *, ping_redis: bool = False) -> str:
     port = free_port("127.0.0.1")
     code = (
         f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
-        f"from bench.receiver import serve_bare; serve_bare({port})"
+        f"from bench.receiver import serve_bare; serve_bare({port}, {ping_redis!r})"
     )
     url = f"http://127.0.0.1:{port}"
 
@@ -291,7 +339,7 @@ def _start_bare(stack: Stack) -> str:
         except httpx.HTTPError:
             return False
 
-    stack._spawn("bare-flask", [sys.executable, "-c", code], ready)
+    stack._spawn(_PROCS["floor" if ping_redis else "bare"], [sys.executable, "-c", code], ready)
     return url
 
 

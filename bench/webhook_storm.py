@@ -28,8 +28,8 @@ def run(*, quick: bool) -> list[Row]:
     n = 300 if quick else 5_000
     deadline_s = 30.0 if quick else 60.0
     rounds = ROUNDS.count("ours")
-    with receiver_and_bare(rounds * n) as (stack, store, bare_url, sign):
-        sides = in_rounds(stack, bare_url, sign(), partial(_storm, deadline_s=deadline_s))
+    with receiver_and_bare(rounds * n) as (stack, store, urls, sign):
+        sides = in_rounds(stack, urls, sign(), partial(_storm, deadline_s=deadline_s))
         base, ours = sides["bare"], sides["ours"]
         applied = int(store.redis.xlen(keys.EVENTS))
     sent = len(ours.answers.latencies)
