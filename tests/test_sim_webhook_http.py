@@ -1,15 +1,20 @@
 """The webhook sender's HTTP client against a scripted receiver on a real socket: what it
-sends, how it frames each kind of answer, and when it reuses a connection."""
+sends, how it frames each kind of answer, and when it reuses a connection; over TLS too,
+with a certificate from a test CA (trustme) that the client trusts through SSL_CERT_FILE,
+as a user with a private CA would."""
 
 from __future__ import annotations
 
 import base64
 import http.client
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import trustme
 
 from wavespeed_sim.webhook_http import WebhookClient
 
@@ -20,7 +25,8 @@ class Scripted:
     """A receiver that answers each request with the next canned bytes (None: hang up
     without answering), recording every request and how many connections it accepted."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.answers: list[bytes | None] = []
@@ -39,6 +45,12 @@ class Scripted:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (ssl.SSLError, OSError):  # the client refused the certificate
+                conn.close()
+                return
         with conn:
             buf = b""
             while True:
@@ -65,8 +77,8 @@ class Scripted:
                 if closing and b"keep-alive" not in answer.lower():
                     return
 
-    def url(self, path: str = "/hook?job=1&t=x") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+    def url(self, path: str = "/hook?job=1&t=x", host: str = "127.0.0.1") -> str:
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
 
     def close(self) -> None:
         self.listener.close()
@@ -186,3 +198,68 @@ def test_urls_it_cannot_send_to(client: WebhookClient) -> None:
         client.post("http://127.0.0.1:9/a b", b"", HEADERS, 1.0)
     with pytest.raises(ConnectionRefusedError):
         client.post("http://127.0.0.1:9/", b"", HEADERS, 1.0)  # the discard port: closed
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_receiver(ca: trustme.CA) -> Iterator[Scripted]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    server = Scripted(tls=context)
+    yield server
+    server.close()
+
+
+def _trust(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `ca` the only one the client trusts (read when it makes its TLS context)."""
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+
+
+def test_https_posts_verify_the_certificate_and_keep_the_connection(
+    tls_receiver: Scripted,
+    client: WebhookClient,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _trust(ca, tmp_path, monkeypatch)
+    tls_receiver.answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ]
+    url = tls_receiver.url(host="localhost")
+    statuses = [client.post(url, b'{"a":1}', HEADERS, 5.0) for _ in range(3)]
+    assert statuses == [200, 200, 204]
+    # One TLS connection for all three (an idle TLS socket is checked like a plain one).
+    assert tls_receiver.connections == 1
+    assert all(
+        request.startswith(b"POST /hook?job=1&t=x HTTP/1.1\r\n")
+        and f"\r\nHost: localhost:{tls_receiver.port}\r\n".encode() in request
+        and request.endswith(b'\r\n\r\n{"a":1}')
+        for request in tls_receiver.requests
+    )
+
+
+@pytest.mark.parametrize("case", ["untrusted CA", "name not on the certificate"])
+def test_https_to_a_certificate_it_cannot_verify_fails_the_attempt(
+    tls_receiver: Scripted,
+    client: WebhookClient,
+    ca: trustme.CA,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+) -> None:
+    _trust(trustme.CA() if case == "untrusted CA" else ca, tmp_path, monkeypatch)
+    host = "localhost" if case == "untrusted CA" else "127.0.0.1"  # issued for localhost
+    tls_receiver.answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"]
+    with pytest.raises(ssl.SSLCertVerificationError):  # an OSError: a failed attempt
+        client.post(tls_receiver.url(host=host), b"{}", HEADERS, 5.0)
+    assert tls_receiver.requests == []  # nothing was sent to it

@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="A local simulator of WaveSpeed AI's v3 API for FLUX.1 Kontext [max]: "
         "tasks, signed webhooks with retries, uploads, balance, limits and seeded faults. "
         "Test/control endpoints live under /_sim/.",
+        epilog="Webhooks go to the URL each task names, http or https; an https receiver's "
+        "certificate is verified against the system's CA certificates (SSL_CERT_FILE or "
+        "SSL_CERT_DIR name others, e.g. a private CA's).",
     )
     for knob in knob_fields():
         flag, kind, help_text = (str(knob.metadata[k]) for k in ("flag", "kind", "help"))
