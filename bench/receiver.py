@@ -22,8 +22,8 @@ Load: `bench.loadgen` (child processes, keep-alive connections, loopback only, e
 request sent once, a deadline). Every server gets the same requests, after an uncounted
 warm-up each, in rounds of half the requests taken in turn — bare, floor, ours, ours,
 floor, bare — so that a drift in this shared machine's speed (±30 % within minutes
-here) weighs on every side alike; each side's rate is its requests over its rounds' own time, its
-latencies and CPU those of its rounds together. The idle server waits in `accept`.
+here) weighs on every side alike; each side's rate is its requests over its rounds' own
+time, its latencies and CPU those of its rounds together. Idle servers wait in `accept`.
 """
 
 from __future__ import annotations
