@@ -77,10 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("receiver", help="serve the webhook receiver under gunicorn")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    # webhook_receiver.server's DEFAULT_WORKERS and DEFAULT_THREADS (not imported here:
-    # it would load Flask for every kq command).
-    p.add_argument("--workers", type=int, default=4, help="gunicorn processes (default: 4)")
-    p.add_argument("--threads", type=int, default=4, help="threads each (default: 4)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=8)
     p.set_defaults(func=cmd_receiver)
 
     sub.add_parser("sim", help="run the local WaveSpeed simulator (see `kq sim --help`)")

@@ -38,7 +38,7 @@ REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
 # Keys that change on every request by design (ops counters, liveness), not job state.
 VOLATILE = ("kq:tm:", "kq:heartbeat")
 BODY_TIMEOUT_S = 2.0
-SLOW_CLIENTS = 20  # with the trickler, more than the receiver's 4 workers x 4 threads
+SLOW_CLIENTS = 20  # with the trickler, more than the receiver's 2 workers x 8 threads
 
 
 def stored(r: redis.Redis) -> dict[str, object]:
@@ -263,7 +263,7 @@ def test_unknown_status_is_acknowledged_without_a_change(
 def gunicorn_receiver(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Settings]]:
-    """`kq receiver` (gunicorn, 4 workers x 4 threads) on the session's Redis."""
+    """`kq receiver` (gunicorn, 2 workers x 8 threads) on the session's Redis."""
     settings = Settings(
         redis_url=redis_url,
         webhook_secret="whsec_aG9zdGlsZS10ZXN0LXNlY3JldC0wMTIzNDU2Nzg5",

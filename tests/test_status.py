@@ -170,7 +170,7 @@ def test_status_sees_each_process_and_the_forged_webhooks(scenario: Scenario) ->
     procs = scenario.stack.procs
     assert [b["pid"] for b in beats["worker"]] == [procs["worker"].pid]
     assert [b["pid"] for b in beats["beat"]] == [procs["beat"].pid]
-    assert len(beats["receiver"]) == 4  # gunicorn's four workers, each with its own beat
+    assert len(beats["receiver"]) == 2  # gunicorn's two workers, each with its own beat
     names = {a["name"] for a in snap["alarms"]}
     assert names == {"webhook_rejections"}  # 2 of 7 by poll: below the 10-result minimum
 
