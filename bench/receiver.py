@@ -8,8 +8,9 @@ dedupe, the atomic transition and the event append. Counting the events afterwar
 checks that every accepted delivery was really applied.
 
 Baseline: a Flask app defined here whose view answers 204 and does nothing else,
-served by `worker.wsgi_server.serve` with the receiver's gunicorn settings (workers,
-threads, timeout, keep-alive), in its own process.
+served by `worker.wsgi_server.serve` with the receiver's gunicorn settings (worker
+class, workers, threads or connections, timeout, keep-alive), in its own process,
+patched by gevent first as `kq receiver`'s is.
 
 Floor (a reported row, no goal): the same bare view making one Redis PING before its
 204, on a connection of its thread's own made as the receiver makes its own (fail-fast
@@ -55,7 +56,13 @@ from bench.common import (
 from bench.loadgen import LoadResult, Request, blast, merge
 from kq.procs import Proc, free_port
 from kq.stack import Stack
-from webhook_receiver.server import DEFAULT_THREADS, DEFAULT_TIMEOUT_S, DEFAULT_WORKERS
+from webhook_receiver.server import (
+    DEFAULT_CONNECTIONS,
+    DEFAULT_THREADS,
+    DEFAULT_TIMEOUT_S,
+    DEFAULT_WORKER_CLASS,
+    DEFAULT_WORKERS,
+)
 from worker import keys
 from worker.domain import MODEL, EditRequest, JobState
 from worker.producer import Item, Producer
@@ -322,13 +329,18 @@ def serve_bare(port: int, ping_redis: bool = False) -> None:
         workers=DEFAULT_WORKERS,
         threads=DEFAULT_THREADS,
         timeout_s=DEFAULT_TIMEOUT_S,
+        worker_class=DEFAULT_WORKER_CLASS,
+        connections=DEFAULT_CONNECTIONS,
     )
 
 
 def _start_bare(stack: Stack, *, ping_redis: bool = False) -> str:
     port = free_port("127.0.0.1")
+    # As `kq receiver` does (kq.gevent_main): gevent patches before anything else runs.
+    patch = "from gevent import monkey; monkey.patch_all(); "
     code = (
-        f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
+        (patch if DEFAULT_WORKER_CLASS == "gevent" else "")
+        + f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
         f"from bench.receiver import serve_bare; serve_bare({port}, {ping_redis!r})"
     )
     url = f"http://127.0.0.1:{port}"

@@ -77,8 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("receiver", help="serve the webhook receiver under gunicorn")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    p.add_argument(
+        "--worker-class",
+        choices=("gevent", "gthread"),
+        default="gevent",
+        help="gunicorn worker: gevent (default; a greenlet per connection) or gthread",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=1000,
+        help="gevent: connections a process serves at once (default 1000)",
+    )
+    p.add_argument("--threads", type=int, default=8, help="gthread: threads a process (default 8)")
     p.set_defaults(func=cmd_receiver)
 
     sub.add_parser("sim", help="run the local WaveSpeed simulator (see `kq sim --help`)")
@@ -229,11 +241,31 @@ def cmd_beat(args: argparse.Namespace) -> int:
 
 
 def cmd_receiver(args: argparse.Namespace) -> int:
+    if args.worker_class == "gevent":
+        from gevent import monkey
+
+        if not monkey.is_module_patched("socket"):
+            # gevent must patch the standard library before anything imports `ssl`, and
+            # this process has (structlog): start again in one that patches first.
+            argv = ["receiver", "--host", args.host, "--port", str(args.port)]
+            argv += ["--workers", str(args.workers), "--worker-class", "gevent"]
+            argv += ["--connections", str(args.connections)]
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, [sys.executable, "-m", "kq.gevent_main", *argv])  # noqa: S606
     from webhook_receiver.server import serve
 
     settings = _process_settings()
     settings.require_secret_key()  # it checks the per-job token of every webhook
-    serve(settings, host=args.host, port=args.port, workers=args.workers, threads=args.threads)
+    serve(
+        settings,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        threads=args.threads,
+        worker_class=args.worker_class,
+        connections=args.connections,
+    )
     return 0
 
 

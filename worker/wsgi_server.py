@@ -1,4 +1,9 @@
-"""Run a WSGI app factory under gunicorn in the foreground (gthread workers).
+"""Run a WSGI app factory under gunicorn in the foreground (gthread or gevent workers).
+
+gevent workers serve each connection in a greenlet: waiting on a socket (the client's,
+Redis's) costs a switch inside the process instead of an OS thread's wake-up and a turn
+at the GIL. The process must have been patched by gevent before anything imported
+`socket` or `ssl` (`kq.gevent_main`).
 
 With `json_errors`, the errors gunicorn answers itself, before the app sees the request
 (a request line over `limit_request_line` bytes: 414; too many or too large header
@@ -21,6 +26,8 @@ from gunicorn.workers.gthread import ThreadWorker
 LIMIT_REQUEST_LINE = 4094
 LIMIT_REQUEST_FIELDS = 100
 LIMIT_REQUEST_FIELD_SIZE = 8190
+
+WORKER_CLASSES = ("gthread", "gevent")
 
 
 def json_error_response(status: int, reason: str, message: str) -> bytes:
@@ -73,15 +80,25 @@ def serve(
     threads: int = 8,
     timeout_s: int = 60,
     json_errors: bool = False,
+    worker_class: str = "gthread",
+    connections: int = 1000,
 ) -> None:
-    """Serve `factory()` until SIGTERM / Ctrl-C; each worker process builds its own app."""
+    """Serve `factory()` until SIGTERM / Ctrl-C; each worker process builds its own app.
+
+    `threads` are a gthread worker's; `connections` the most a worker holds open at once
+    (a gevent worker serves each in a greenlet)."""
+    if worker_class not in WORKER_CLASSES:
+        raise ValueError(f"worker_class: expected one of {WORKER_CLASSES}, got {worker_class!r}")
+    if json_errors and worker_class != "gthread":
+        raise ValueError("json_errors: only with gthread workers")
     _Gunicorn(
         factory,
         {
             "bind": f"{host}:{port}",
             "workers": workers,
             "threads": threads,
-            "worker_class": JsonErrorThreadWorker if json_errors else "gthread",
+            "worker_class": JsonErrorThreadWorker if json_errors else worker_class,
+            "worker_connections": connections,
             "timeout": timeout_s,
             "graceful_timeout": 10,
             # No access log: URLs carry tokens (webhook `t=`, dashboard `/login?token=`).
