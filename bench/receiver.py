@@ -13,11 +13,11 @@ class, workers, threads or connections, timeout, keep-alive), in its own process
 patched by gevent first as `kq receiver`'s is.
 
 Floor (a reported row, no goal): the same bare view making one Redis PING before its
-204, on a connection of its thread's own made as the receiver makes its own (fail-fast
-timeouts, pinned per server thread). A receiver that applies a delivery durably makes
-at least that one round trip, so this is the most any such receiver on this server
-could reach; the row shows how far ours is from it, and the note how far the floor
-itself is from the bare 204.
+204, on a connection made and lent as the receiver makes and lends its own (fail-fast
+timeouts, held by a client, at most `REDIS_CONNECTIONS` a process). A receiver that
+applies a delivery durably makes at least that one round trip, so this is the most any
+such receiver on this server could reach; the row shows how far ours is from it, and
+the note how far the floor itself is from the bare 204.
 
 Load: `bench.loadgen` (child processes, keep-alive connections, loopback only, each
 request sent once, a deadline). Every server gets the same requests, after an uncounted
@@ -33,7 +33,6 @@ import base64
 import json
 import secrets
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,6 +55,7 @@ from bench.common import (
 from bench.loadgen import LoadResult, Request, blast, merge
 from kq.procs import Proc, free_port
 from kq.stack import Stack
+from webhook_receiver.app import REDIS_CONNECTIONS
 from webhook_receiver.server import (
     DEFAULT_CONNECTIONS,
     DEFAULT_THREADS,
@@ -65,6 +65,7 @@ from webhook_receiver.server import (
 )
 from worker import keys
 from worker.domain import MODEL, EditRequest, JobState
+from worker.lender import Lender
 from worker.producer import Item, Producer
 from worker.runtime import make_redis, make_store, pinned_client
 from worker.settings import Settings
@@ -285,15 +286,16 @@ def _delivery(job_id: str, prediction_id: str, secret_key: str, webhook_secret: 
 
 
 def bare_app(ping_redis: bool = False) -> Flask:
-    """The least a Flask view can do for a webhook: answer 204 (after one Redis PING, on
-    a connection of the server thread's own, with `ping_redis`)."""
+    """The least a Flask view can do for a webhook: answer 204 (after one Redis PING, with
+    `ping_redis`, on a connection lent as the receiver lends its own)."""
     app = Flask("bench_bare")
-    connection = _redis_per_thread() if ping_redis else None
+    connections = _redis_connections() if ping_redis else None
 
     @app.post(WEBHOOK_PATH)
     def webhook() -> Response:
-        if connection is not None:
-            connection().ping()
+        if connections is not None:
+            with connections.lend() as client:
+                client.ping()
         return Response(status=204)
 
     @app.get("/healthz")
@@ -303,19 +305,11 @@ def bare_app(ping_redis: bool = False) -> Flask:
     return app
 
 
-def _redis_per_thread() -> Callable[[], redis.Redis]:
-    """The stack's Redis (from this process's environment), a client per calling thread
-    holding one connection, made as the receiver makes its own."""
+def _redis_connections() -> Lender[redis.Redis]:
+    """The stack's Redis (from this process's environment): clients holding one
+    connection each, made and lent as the receiver makes and lends its own."""
     shared = make_redis(Settings.from_env(), fail_fast=True)
-    local = threading.local()
-
-    def this_thread() -> redis.Redis:
-        client: redis.Redis | None = getattr(local, "client", None)
-        if client is None:
-            client = local.client = pinned_client(shared)
-        return client
-
-    return this_thread
+    return Lender(partial(pinned_client, shared), REDIS_CONNECTIONS)
 
 
 def serve_bare(port: int, ping_redis: bool = False) -> None:

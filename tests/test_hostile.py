@@ -3,12 +3,14 @@
 Wrong signature version tags, replayed webhook-ids (also raced), 2 MB bodies (sized
 and chunked), JSON of the wrong shape (down to nesting deep enough to break a
 recursive parser), and, against the real gunicorn receiver that `kq receiver` starts,
-a 413 followed by a delivery on the same kept-alive connection, and slow-loris clients.
-Each gets its stated answer and changes nothing stored.
+a 413 followed by a delivery on the same kept-alive connection, slow-loris clients, and
+many clients at once (applied on a few Redis connections). Each gets its stated answer
+and changes nothing stored.
 """
 
 from __future__ import annotations
 
+import secrets
 import socket
 import threading
 import time
@@ -26,7 +28,7 @@ from tests.conftest import wait_for
 from tests.support import make_submitted_job as make_job
 from tests.support import prediction_body as body_for
 from tests.support import serve_in_thread
-from webhook_receiver.app import create_app
+from webhook_receiver.app import REDIS_CONNECTIONS, create_app
 from worker.domain import EditRequest, JobState
 from worker.settings import DEFAULT_WEBHOOK_MAX_BYTES, Settings
 from worker.signing import job_token, sign_v3
@@ -38,7 +40,9 @@ REQ = EditRequest(prompt="make it blue", image="https://example.com/a.jpg")
 # Keys that change on every request by design (ops counters, liveness), not job state.
 VOLATILE = ("kq:tm:", "kq:heartbeat")
 BODY_TIMEOUT_S = 2.0
-SLOW_CLIENTS = 20  # with the trickler, more than the receiver's 2 workers x 8 threads
+# With the trickler, more than 2 workers x 8 threads (`kq receiver --worker-class gthread`);
+# under gevent (the default) each holds a greenlet.
+SLOW_CLIENTS = 20
 
 
 def stored(r: redis.Redis) -> dict[str, object]:
@@ -263,7 +267,7 @@ def test_unknown_status_is_acknowledged_without_a_change(
 def gunicorn_receiver(
     redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Settings]]:
-    """`kq receiver` (gunicorn, 2 workers x 8 threads) on the session's Redis."""
+    """`kq receiver` (gunicorn, 2 gevent workers) on the session's Redis."""
     settings = Settings(
         redis_url=redis_url,
         webhook_secret="whsec_aG9zdGlsZS10ZXN0LXNlY3JldC0wMTIzNDU2Nzg5",
@@ -422,3 +426,43 @@ def test_many_slow_clients_cannot_take_the_receiver_down(
         thread.join(5)
     assert set(statuses) == {408}
     assert stored(redis_client) == before
+
+
+def test_many_clients_at_once_share_a_few_redis_connections(
+    gunicorn_receiver: tuple[str, Settings], redis_client: redis.Redis
+) -> None:
+    """80 clients connected at once, each delivering a result: every one is applied, on
+    at most REDIS_CONNECTIONS Redis connections a receiver process (a gevent worker
+    serves every client in a greenlet; a connection each would grow with the clients)."""
+    base, settings = gunicorn_receiver
+    store = JobStore(redis_client, result_ttl_s=3600, events_maxlen=1000)
+    jobs = {f"many-{i}": secrets.token_hex(16) for i in range(80)}
+    for job_id, pid in jobs.items():
+        make_job(store, job_id, pid)
+    clients = [httpx.Client(timeout=30) for _ in jobs]
+    barrier = threading.Barrier(len(jobs))
+
+    def deliver(client: httpx.Client, job_id: str) -> str:
+        body = body_for(jobs[job_id])
+        barrier.wait()  # all connected and sending at once
+        answer = client.post(
+            hook_url(base, settings, job_id),
+            content=body,
+            headers=signed_headers(settings, body, secrets.token_hex(16)),
+        )
+        return str(answer.json()["result"])
+
+    try:
+        for client in clients:  # every client holds a connection to the receiver
+            assert client.get(f"{base}/healthz").status_code == 200
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(deliver, clients, jobs))
+        # Counted while all 80 are still connected: the receiver's two processes (their
+        # lent connections, plus the shared pool's few: heartbeat, counters, /healthz)
+        # and this test's own.
+        connected = len(redis_client.client_list())
+    finally:
+        for client in clients:
+            client.close()
+    assert results == ["applied"] * len(jobs)
+    assert connected <= 2 * REDIS_CONNECTIONS + 12, connected

@@ -24,6 +24,8 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -45,6 +47,7 @@ from worker import replication, runtime, telemetry
 from worker.domain import Prediction, TransitionOutcome
 from worker.errors import ProviderError, ValidationError
 from worker.histograms import WEBHOOK_RECEIVE_TO_APPLIED, observe_into
+from worker.lender import Lender
 from worker.metrics import receiver_metrics
 from worker.service import Deps, Verifying, apply_webhook
 from worker.settings import Settings
@@ -54,6 +57,10 @@ from worker.wavespeed import WaveSpeedClient
 
 log = structlog.get_logger("kq.receiver")
 
+
+# The most Redis connections a receiver process applies deliveries on at once: a gevent
+# worker serves up to 1,000 clients, and Redis's own thread is the limit long before 16.
+REDIS_CONNECTIONS = 16
 
 # The receiver's Redis calls time out after 0.75 s (runtime.FAIL_FAST_TIMEOUT_S): its
 # replica wait must end before that.
@@ -203,10 +210,13 @@ class Deliveries:
             clock=clock,
             enqueue_submit=self._remember_step,
         )
-        # Each server thread applies deliveries on a Redis connection of its own
+        # A delivery is applied on a Redis connection of its own, lent for the delivery:
+        # at most REDIS_CONNECTIONS a process, however many clients it serves at once
         # (not with Sentinels: see runtime.pinned_client).
+        self._connections: Lender[Deps] | None = None
         if not settings.redis_sentinels:
-            self._deps.per_thread = runtime.pinned_per_thread(self._deps)
+            pinned = partial(runtime.pinned_copy, self._deps)
+            self._connections = Lender(pinned, REDIS_CONNECTIONS)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
         if environ.get("PATH_INFO") != WEBHOOK_PATH:
@@ -232,6 +242,9 @@ class Deliveries:
             send = self._send_submits
             return ClosingIterator([body], lambda: _send_quietly(send, spawned))
         return [body]
+
+    def _lend(self) -> AbstractContextManager[Deps]:
+        return nullcontext(self._deps) if self._connections is None else self._connections.lend()
 
     def _remember_step(self, job_id: str) -> None:
         spawned: list[str] | None = getattr(self._steps, "spawned", None)
@@ -321,11 +334,11 @@ class Deliveries:
         assert webhook_id is not None  # verify_v3 refused a delivery without one
         # Dedupe and apply are one atomic step: a delivery counts as seen only once its
         # result is applied (or found stale), so a retry after any failure is applied.
-        deps = self._deps.on_this_thread()
-        result = apply_webhook(deps, job_id, prediction, webhook_id)
-        if result is None:
-            return self._counted(200, "not_final")
-        unreplicated = _unless_replicated(deps.store.redis, settings)
+        with self._lend() as deps:
+            result = apply_webhook(deps, job_id, prediction, webhook_id)
+            if result is None:
+                return self._counted(200, "not_final")
+            unreplicated = _unless_replicated(deps.store.redis, settings)
         if unreplicated is not None:
             _log(
                 log.warning, "receiver.unreplicated", job_id, webhook_id, prediction,

@@ -85,14 +85,19 @@ def pinned_per_thread(deps: Deps) -> Callable[[], Deps]:
     def this_thread() -> Deps:
         own: Deps | None = getattr(local, "deps", None)
         if own is None:
-            client = pinned_client(deps.store.redis)
-            admission = deps.admission and deps.admission.on_client(client)
-            store = deps.store.on_client(client)
-            own = replace(deps, store=store, admission=admission, per_thread=None)
-            local.deps = own
+            own = local.deps = pinned_copy(deps)
         return own
 
     return this_thread
+
+
+def pinned_copy(deps: Deps) -> Deps:
+    """A copy of `deps` whose store and admission run on a connection of its own
+    (pinned_client), for one caller at a time."""
+    client = pinned_client(deps.store.redis)
+    admission = deps.admission and deps.admission.on_client(client)
+    store = deps.store.on_client(client)
+    return replace(deps, store=store, admission=admission, per_thread=None)
 
 
 def _sentinel_master(settings: Settings, options: dict[str, Any]) -> redis.Redis:
