@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("receiver", help="serve the webhook receiver under gunicorn")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    p.add_argument("--workers", type=_at_least_one, default=2, help="processes (default 2)")
     p.add_argument(
         "--worker-class",
         choices=("gevent", "gthread"),
@@ -86,11 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--connections",
-        type=int,
+        type=_at_least_one,
         default=1000,
         help="gevent: connections a process serves at once (default 1000)",
     )
-    p.add_argument("--threads", type=int, default=8, help="gthread: threads a process (default 8)")
+    p.add_argument(
+        "--threads", type=_at_least_one, default=8, help="gthread: threads a process (default 8)"
+    )
     p.set_defaults(func=cmd_receiver)
 
     sub.add_parser("sim", help="run the local WaveSpeed simulator (see `kq sim --help`)")
@@ -110,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- long-running processes ----------------------------------------------------
+
+
+def _at_least_one(text: str) -> int:
+    """argparse type: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
 
 
 def _process_settings() -> Settings:
