@@ -6,7 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install lock run test lint typecheck check bench chaos chaos-cluster clean
 
+# Our packages' bytecode is written here, once: an editable install leaves it to the
+# first import, and a machine with PYTHONDONTWRITEBYTECODE set (as containers and CI often
+# are) would compile every module again in every `kq` process (~0.05 s a start).
+PACKAGES := kq worker webhook_receiver producer_api ops_dashboard wavespeed_sim bench chaos cluster
+
 install: $(STAMP)
+	$(BIN)/python -m compileall -q $(PACKAGES)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import wait_for
 
@@ -415,3 +417,71 @@ def test_the_quick_check_of_the_usual_line_agrees_with_the_full_one(
     else:
         assert scan.invalid == 1 and not items
         assert field in {e.field for e in scan.errors[0].errors}
+
+
+_JSON_LEAVES = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=False)
+    | st.text()
+)
+_JSON_VALUES = st.recursive(
+    _JSON_LEAVES,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES)
+def test_a_line_reads_as_json_reads_it(value: object) -> None:
+    """The fast reader of batch lines gives json's value, to the digit and the type."""
+    from worker.batchfile import _parse_line
+
+    text = json.dumps(value)
+    assert _same(_parse_line(text), json.loads(text))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"prompt": "a", "image": "https://e.com/a.jpg"}',
+        '{"prompt": "a", "seed": 123456789012345678901234567890}',  # past 64 bits
+        '{"prompt": "\\ud800", "image": "x"}',  # a lone surrogate, which orjson refuses
+        '{"prompt": "a", "prompt": "b"}',  # the last of a repeated name
+        '{"metadata": {"x": NaN}}',
+        "[1.5, -0.0, 1e400]",
+    ],
+)
+def test_lines_orjson_reads_otherwise_read_as_json_reads_them(text: str) -> None:
+    from worker.batchfile import _parse_line
+
+    assert _same(_parse_line(text), json.loads(text))
+
+
+@pytest.mark.parametrize("text", ["{", '{"a": 1,}', "[1, 2", "nul", '"\\x"'])
+def test_a_line_json_refuses_is_refused_with_json_s_message(text: str) -> None:
+    from worker.batchfile import _parse_line
+
+    with pytest.raises(json.JSONDecodeError) as ours:
+        _parse_line(text)
+    with pytest.raises(json.JSONDecodeError) as theirs:
+        json.loads(text)
+    assert ours.value.msg == theirs.value.msg
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal with the same types throughout (1 == 1.0 is not enough), NaN equal to NaN."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        assert isinstance(b, float)
+        return a == b or (a != a and b != b)
+    if isinstance(a, dict):
+        assert isinstance(b, dict)
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        assert isinstance(b, list)
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

