@@ -450,6 +450,7 @@ def test_a_line_reads_as_json_reads_it(value: object) -> None:
         '{"prompt": "a", "seed": 123456789012345678901234567890}',  # past 64 bits
         '{"prompt": "\\ud800", "image": "x"}',  # a lone surrogate, which orjson refuses
         '{"prompt": "a", "prompt": "b"}',  # the last of a repeated name
+        '{"a": "1", "b": "2", "a": "3"}',  # ... in the first one's place
         '{"metadata": {"x": NaN}}',
         "[1.5, -0.0, 1e400]",
     ],
@@ -460,7 +461,7 @@ def test_lines_orjson_reads_otherwise_read_as_json_reads_them(text: str) -> None
     assert _same(_parse_line(text), json.loads(text))
 
 
-@pytest.mark.parametrize("text", ["{", '{"a": 1,}', "[1, 2", "nul", '"\\x"'])
+@pytest.mark.parametrize("text", ["{", '{"a": 1,}', "[1, 2", "nul", '"\\x"', '{"a": "\tb"}'])
 def test_a_line_json_refuses_is_refused_with_json_s_message(text: str) -> None:
     from worker.batchfile import _parse_line
 
