@@ -1,4 +1,5 @@
-"""`python -m chaos [--jobs N] [--seed S] [--soak]`: one chaos run; exit 1 if an invariant fails."""
+"""`python -m chaos [--jobs N] [--seed S] [--soak] [--receiver-worker-class gthread]`: one
+chaos run; exit 1 if an invariant fails."""
 
 from __future__ import annotations
 
@@ -29,6 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--var-dir", type=Path, help="where logs and Redis data go (default: a temp dir)"
     )
+    parser.add_argument(
+        "--receiver-worker-class",
+        choices=("gevent", "gthread"),
+        default=ChaosConfig.receiver_worker_class,
+        help="`kq receiver --worker-class` (default: gevent, as `kq receiver` runs)",
+    )
     args = parser.parse_args(argv)
     jobs = args.jobs or (SOAK_JOBS if args.soak else ChaosConfig.jobs)
     if jobs < 1:
@@ -40,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         push_s=args.push_s or max(5.0, default_push),
         soak=args.soak,
         var_dir=args.var_dir,
+        receiver_worker_class=args.receiver_worker_class,
         settle_timeout_s=1800.0 if args.soak else ChaosConfig.settle_timeout_s,
     )
     result = run(config)

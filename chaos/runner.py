@@ -88,6 +88,8 @@ class ChaosConfig:
     job_deadline_s: float = 120.0
     # Polls back off up to this (the default 60 s would dwarf the settle time above).
     poll_max_interval_s: float = 10.0
+    # `kq receiver --worker-class`: gunicorn's gevent workers (its default) or gthread.
+    receiver_worker_class: str = "gevent"
 
     @classmethod
     def small(cls, **changes: Any) -> ChaosConfig:
@@ -516,6 +518,7 @@ def run(config: ChaosConfig, announce: Announce = print) -> ChaosResult:
     stack_config = StackConfig(
         var_dir=var_dir,
         sim_args=config.sim_args(),
+        receiver_args=("--worker-class", config.receiver_worker_class),
         worker_concurrency=config.worker_concurrency,
         extra_env=config.stack_env(proxy.url, hooks.url),
     )

@@ -195,7 +195,14 @@ class Stack(Supervisor):
         if cfg.start_receiver:
             url = self._start_listener(
                 "receiver",
-                lambda port: [*_kq("receiver"), "--host", cfg.host, "--port", str(port)],
+                lambda port: [
+                    *_kq("receiver"),
+                    "--host",
+                    cfg.host,
+                    "--port",
+                    str(port),
+                    *cfg.receiver_args,
+                ],
                 "/healthz",
                 port=cfg.receiver_port,
             )

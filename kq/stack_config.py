@@ -36,6 +36,7 @@ class StackConfig:
     wavespeed_api_key: str | None = None  # None: start the simulator, and say so
     wavespeed_base_url: str | None = None  # with an api key; None: the default or the env's
     sim_args: tuple[str, ...] = ()  # extra CLI args for `kq sim`
+    receiver_args: tuple[str, ...] = ()  # extra CLI args for `kq receiver`
     webhooks: bool = True  # False: no KQ_WEBHOOK_PUBLIC_URL, jobs resolve by polling
     worker_concurrency: int = 8
     start_worker: bool = True

@@ -191,6 +191,7 @@ def test_full_stack_starts_in_order_wires_env_and_stops_in_reverse(
     cfg = StackConfig(
         var_dir=tmp_path / "var",
         sim_args=("--failure-rate", "0.1"),
+        receiver_args=("--worker-class", "gthread"),
         worker_concurrency=3,
         extra_env={"KQ_TEST_STOP_LOG": str(stop_log)},
         ready_timeout_s=DEADLINE_S,
@@ -207,6 +208,7 @@ def test_full_stack_starts_in_order_wires_env_and_stops_in_reverse(
     assert env["KQ_WAVESPEED_BASE_URL"] == sim_url
     assert env["KQ_WEBHOOK_PUBLIC_URL"] == receiver_url
     assert seen["sim"]["args"][-2:] == ["--failure-rate", "0.1"]
+    assert seen["receiver"]["args"][-2:] == ["--worker-class", "gthread"]
     assert seen["worker"]["args"] == ["--concurrency", "3"]
     for name in ("worker", "beat"):
         assert {key: seen[name]["env"].get(key) for key in env} == env
