@@ -125,10 +125,14 @@ def _at_least_one(text: str) -> int:
     return value
 
 
-def _process_settings() -> Settings:
-    from worker import logs
+def _process_settings(*, nonblocking_stderr: bool = False) -> Settings:
+    """This process's settings, its logging configured on them; with `nonblocking_stderr`
+    its standard error first made a queue that never blocks it (worker/log_sink.py)."""
+    from worker import log_sink, logs
 
     settings = Settings.from_env()
+    if nonblocking_stderr:
+        log_sink.install(json_lines=settings.log_format == "json")
     logs.configure_logging(settings.log_format, settings.log_level, secrets=settings.secret_values)
     return settings
 
@@ -268,7 +272,9 @@ def cmd_receiver(args: argparse.Namespace) -> int:
             os.execv(sys.executable, [sys.executable, "-m", "kq.gevent_main", *argv])  # noqa: S606
     from webhook_receiver.server import serve
 
-    settings = _process_settings()
+    # A stalled reader of its standard error must not stop the receiver (under gevent,
+    # a blocked write would stop every delivery of the process): see worker/log_sink.py.
+    settings = _process_settings(nonblocking_stderr=True)
     settings.require_secret_key()  # it checks the per-job token of every webhook
     serve(
         settings,

@@ -28,8 +28,11 @@ PID = "5" * 32
 
 
 @contextmanager
-def receiver(redis_url: str, settings: Settings, args: list[str]) -> Iterator[tuple[str, int]]:
-    """`kq receiver ARGS` on a free port: (base URL, its pid)."""
+def receiver(
+    redis_url: str, settings: Settings, args: list[str], stderr: list[bytes] | None = None
+) -> Iterator[tuple[str, int]]:
+    """`kq receiver ARGS` on a free port: (base URL, its pid). Its standard error is read
+    only once it has stopped (into `stderr` if given)."""
     port = free_port()
     env = {
         **os.environ,
@@ -54,6 +57,8 @@ def receiver(redis_url: str, settings: Settings, args: list[str]) -> Iterator[tu
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=30)
+    if stderr is not None:
+        stderr.append(err)
     assert b"MonkeyPatchWarning" not in err  # gevent patched before ssl was imported
 
 
@@ -89,6 +94,48 @@ def test_each_worker_class_applies_a_delivery(
     assert answer.status_code == 200 and answer.json()["result"] == "applied"
     job = store.get("served")
     assert job is not None and job.state is JobState.COMPLETED
+
+
+@pytest.mark.parametrize(
+    "args",
+    [[], ["--worker-class", "gthread", "--workers", "1", "--threads", "2"]],
+    ids=["gevent", "gthread"],
+)
+def test_a_stalled_reader_of_its_standard_error_does_not_stop_the_receiver(
+    args: list[str], redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Nobody reads the receiver's standard error while it logs ~200 KB (a pipe holds
+    64 KiB): every request is still answered, a delivery applied, and once the reader
+    comes back every line is there (worker/log_sink.py)."""
+    settings = Settings(
+        redis_url=redis_url,
+        webhook_secret="whsec_cmVjZWl2ZXItc2VydmVyLXRlc3Qtc2VjcmV0",
+        secret_key="receiver-server-test-secret-key-0123",
+    )
+    store = JobStore(redis_client, result_ttl_s=3600, events_maxlen=1000)
+    make_job(store, "stalled-log", PID)
+    refusals = 1000
+    err: list[bytes] = []
+    with (
+        receiver(redis_url, settings, args, stderr=err) as (base, _),
+        httpx.Client(timeout=10) as client,
+    ):
+        body = body_for(PID)
+        forged = {**signed_headers(settings, body), "webhook-signature": "v3,Zm9yZ2Vk"}
+        for _ in range(refusals):  # each one logs receiver.bad_signature
+            answer = client.post(
+                hook_url(base, settings, "stalled-log"), content=body, headers=forged
+            )
+            assert answer.status_code == 401
+        assert client.get(f"{base}/healthz").status_code == 200
+        answer = client.post(
+            hook_url(base, settings, "stalled-log"),
+            content=body,
+            headers=signed_headers(settings, body),
+        )
+        assert answer.status_code == 200 and answer.json()["result"] == "applied"
+    assert err[0].count(b"receiver.bad_signature") == refusals
+    assert b"log.dropped" not in err[0]
 
 
 @pytest.mark.parametrize(
