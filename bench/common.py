@@ -211,6 +211,7 @@ def timed_batch(stack: Stack, n: int, tag: str, timeout_s: float) -> Iterator[tu
     finally:
         sim.close()
         client.close()
+        producer.close()
 
 
 def max_overlap(intervals: Sequence[tuple[float, float]]) -> int:

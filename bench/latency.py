@@ -110,3 +110,4 @@ def _steady(stack: Stack, duration_s: float) -> list[float]:
     finally:
         sim.close()
         client.close()
+        producer.close()

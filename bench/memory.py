@@ -68,6 +68,7 @@ def run(*, quick: bool) -> list[Row]:
             breakdown = _breakdown(client, "bench-memory-2")
         finally:
             client.close()
+            producer.close()
     per_job = (after - before) / total
     mib = 1024 * 1024
     return [

@@ -148,14 +148,14 @@ def run(*, quick: bool) -> list[Row]:
 def _pipeline(stack: Stack, client: redis.Redis, n: int, warm: int, timeout_s: float) -> Measured:
     """Our jobs/s and CPU per job, after a warm-up batch."""
     settings = stack_settings(stack)
-    producer = make_producer(settings)
-    producer.enqueue_batch(edits(warm, "warm-up"), batch_id="bench-warm-up")
-    if wait_events(client, warm, timeout_s) is None:
-        raise RuntimeError(f"warm-up: {warm} jobs did not finish within {timeout_s:g} s")
-    groups = {name: process_tree(p.pid) for name, p in stack.procs.items() if p.alive}
-    cpu_before = cpu_snapshot(groups)
-    started = time.time()
-    producer.enqueue_batch(edits(n, "pipeline"), batch_id="bench-pipeline")
+    with make_producer(settings) as producer:
+        producer.enqueue_batch(edits(warm, "warm-up"), batch_id="bench-warm-up")
+        if wait_events(client, warm, timeout_s) is None:
+            raise RuntimeError(f"warm-up: {warm} jobs did not finish within {timeout_s:g} s")
+        groups = {name: process_tree(p.pid) for name, p in stack.procs.items() if p.alive}
+        cpu_before = cpu_snapshot(groups)
+        started = time.time()
+        producer.enqueue_batch(edits(n, "pipeline"), batch_id="bench-pipeline")
     finished = wait_events(client, warm + n, timeout_s)
     if finished is None:
         done = int(client.xlen(keys.EVENTS)) - warm

@@ -511,9 +511,10 @@ class Cluster:
                 proc.signal(signal.SIGKILL)
         if self.ha is not None:
             self.ha.stop()
-        for client in (getattr(self, "store", None), getattr(self, "producer", None)):
-            if client is not None:
-                store = getattr(client, "store", client)
-                store.redis.close()
+        store, producer = getattr(self, "store", None), getattr(self, "producer", None)
+        if store is not None:
+            store.redis.close()
+        if producer is not None:
+            producer.close()  # its Redis client and its provider client
         self.http.close()
         self.net.down()
