@@ -1,14 +1,22 @@
 """worker.log_sink over a real pipe: a write never waits for a stalled reader; what is
 queued comes out whole and in order once the reader is back; past the bound, lines are
-dropped and counted, and the count is written."""
+dropped whole and counted, and the count is written; a write from inside a write (a
+signal handler) goes through; a process leaving writes what it queued; a forked child
+writes its own lines."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import select
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +32,15 @@ def pipe() -> Iterator[tuple[int, int]]:
     yield read_end, write_end
     os.close(read_end)
     os.close(write_end)
+
+
+@pytest.fixture
+def sinks() -> Iterator[list[NonBlockingStderr]]:
+    """Sinks a test makes, closed after it (their writer threads end)."""
+    made: list[NonBlockingStderr] = []
+    yield made
+    for sink in made:
+        sink.close()
 
 
 def write_lines(sink: NonBlockingStderr, count: int) -> None:
@@ -51,10 +68,11 @@ def read_until(read_end: int, ending: bytes) -> bytes:
 
 
 def test_lines_queued_for_a_stalled_reader_come_out_whole_and_in_order(
-    pipe: tuple[int, int],
+    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
 ) -> None:
     read_end, write_end = pipe
     sink = NonBlockingStderr(write_end)
+    sinks.append(sink)
     write_lines(sink, 3000)  # ~300 KB: nobody reads yet
     got = read_until(read_end, LINE.format(2999).encode())
     assert got.decode().splitlines(keepends=True) == [LINE.format(i) for i in range(3000)]
@@ -89,9 +107,24 @@ def json_notice(line: str) -> int | None:
     return int(notice["lines"])
 
 
-def test_past_the_bound_lines_are_dropped_and_the_count_written(pipe: tuple[int, int]) -> None:
+NOTICE_PREFIX = "[warning  ] log.dropped"
+
+
+def console_notice(line: str) -> int | None:
+    if not line.startswith(NOTICE_PREFIX):
+        return None
+    assert line.endswith(
+        " detail='lines dropped while standard error was not being read fast enough'"
+    )
+    return int(line.removeprefix(NOTICE_PREFIX).split()[0].removeprefix("lines="))
+
+
+def test_past_the_bound_lines_are_dropped_and_the_count_written(
+    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
+) -> None:
     read_end, write_end = pipe
     sink = NonBlockingStderr(write_end, json_lines=True, max_pending_bytes=20_000)
+    sinks.append(sink)
     write_lines(sink, 3000)
     kept, notices = read_accounted(read_end, 3000, json_notice)
     # What was kept is whole and in order; with what the notices name, every line.
@@ -107,17 +140,163 @@ def test_past_the_bound_lines_are_dropped_and_the_count_written(pipe: tuple[int,
     assert sink.drain(timeout_s=10)
 
 
-def test_the_console_notice_names_the_count(pipe: tuple[int, int]) -> None:
+def test_the_console_notice_names_the_count(
+    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
+) -> None:
     read_end, write_end = pipe
     sink = NonBlockingStderr(write_end, max_pending_bytes=1000)
+    sinks.append(sink)
     write_lines(sink, 2000)
-    prefix = "[warning  ] log.dropped"
-
-    def console_notice(line: str) -> int | None:
-        if not line.startswith(prefix):
-            return None
-        assert line.endswith(" detail='lines dropped while standard error was not being read'")
-        return int(line.removeprefix(prefix).split()[0].removeprefix("lines="))
-
     kept, notices = read_accounted(read_end, 2000, console_notice)
     assert notices and len(kept) + sum(notices) == 2000
+
+
+def test_a_line_written_in_pieces_is_dropped_whole(
+    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
+) -> None:
+    """print() writes a line and its newline apart: the two are kept or dropped together."""
+    read_end, write_end = pipe
+    sink = NonBlockingStderr(write_end, max_pending_bytes=5_000)
+    sinks.append(sink)
+    with contextlib.redirect_stderr(sink):
+        for i in range(3000):
+            print(LINE.format(i).rstrip("\n"), file=sys.stderr)
+    kept, notices = read_accounted(read_end, 3000, console_notice)
+    numbers = [int(line.rsplit(" ", 1)[1]) for line in kept]
+    assert kept == [LINE.format(n).rstrip("\n") for n in numbers]
+    assert notices and len(kept) + sum(notices) == 3000
+
+
+def fill(write_end: int) -> None:
+    """Fill the pipe, so that the sink's writer blocks on its first write."""
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"." * 4096)
+    os.set_blocking(write_end, True)
+
+
+def test_a_line_is_never_cut_at_the_bound(
+    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
+) -> None:
+    """The newline of a line whose text fit is kept even past the bound (by its few
+    bytes): a line is dropped at its start or not at all."""
+    read_end, write_end = pipe
+    fill(write_end)
+    sink = NonBlockingStderr(write_end, max_pending_bytes=250)
+    sinks.append(sink)
+    for piece in ("x" * 100 + "\n", "y" * 149, "\n", "z" * 10 + "\n", "w\n"):
+        sink.write(piece)  # 101 + 149 = 250: the newline goes past; z and w are dropped
+    got = read_until(read_end, b"being read fast enough'\n").decode()
+    assert got.lstrip(".").splitlines() == [
+        "x" * 100,
+        "y" * 149,
+        NOTICE_PREFIX + "                    lines=2 detail='lines dropped while standard error "
+        "was not being read fast enough'",
+    ]
+
+
+def test_many_threads_each_get_every_line_out_in_order(
+    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
+) -> None:
+    read_end, write_end = pipe
+    sink = NonBlockingStderr(write_end)
+    sinks.append(sink)
+    threads = [
+        threading.Thread(target=lambda t=t: [sink.write(f"t{t} {i}\n") for i in range(2000)])
+        for t in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    got = b""
+    while got.count(b"\n") < 8 * 2000:
+        got += read_some(read_end)
+    for thread in threads:
+        thread.join()
+    by_thread: dict[str, list[int]] = {}
+    for line in got.decode().splitlines():
+        name, number = line.split()
+        by_thread.setdefault(name, []).append(int(number))
+    assert by_thread == {f"t{t}": list(range(2000)) for t in range(8)}
+
+
+def run_child(code: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """`code` in a new interpreter, its standard error made a NonBlockingStderr first."""
+    setup = "from worker import log_sink\nlog_sink.install(json_lines=False)\nimport sys\n"
+    return subprocess.run(
+        [sys.executable, "-c", setup + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def test_a_write_from_a_signal_handler_inside_a_write_goes_through() -> None:
+    """A signal handler runs between two bytecodes of the interrupted write, which may
+    hold the sink's lock: it must not wait for itself (a lock that is not re-entrant
+    hung here within a second)."""
+    done = run_child(
+        """
+        import signal, time
+        handled = 0
+        def handler(*_):
+            global handled
+            handled += 1
+            sys.stderr.write("from the handler\\n")
+        signal.signal(signal.SIGALRM, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+        for i in range(100_000):
+            sys.stderr.write(f"main {i}\\n")
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        print(handled)
+        """
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    handled = int(done.stdout)
+    assert handled > 0
+    # Every write is accounted for: written whole, or counted by a notice.
+    dropped = sum(int(n) for n in re.findall(r"log\.dropped +lines=(\d+)", done.stderr))
+    written = done.stderr.count("\nmain ") + done.stderr.startswith("main ")
+    written += done.stderr.count("from the handler\n")
+    assert written + dropped == 100_000 + handled
+
+
+def test_a_process_leaving_writes_what_it_queued() -> None:
+    done = run_child(
+        """
+        for i in range(5000):
+            sys.stderr.write(f"line {i}\\n")
+        """
+    )
+    assert done.returncode == 0
+    assert done.stderr.splitlines() == [f"line {i}" for i in range(5000)]
+
+
+def test_a_forked_child_writes_its_own_lines_once(
+    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
+) -> None:
+    read_end, write_end = pipe
+    sink = NonBlockingStderr(write_end)
+    sinks.append(sink)
+    writer = threading.Thread(target=lambda: [sink.write(f"parent {i}\n") for i in range(3000)])
+    writer.start()
+    pid = os.fork()  # while the parent's threads write (and may hold the lock)
+    if pid == 0:
+        for i in range(1000):
+            sink.write(f"child {i}\n")
+        os._exit(0 if sink.drain(timeout_s=10) else 1)
+    writer.join()
+    got = b""
+    while got.count(b"\n") < 4000 or not got.endswith(b"\n"):
+        got += read_some(read_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    lines = got.decode().splitlines()
+    assert [line for line in lines if line.startswith("child")] == [
+        f"child {i}" for i in range(1000)
+    ]
+    assert [line for line in lines if line.startswith("parent")] == [
+        f"parent {i}" for i in range(3000)
+    ]
