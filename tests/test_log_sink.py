@@ -18,6 +18,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,21 +28,26 @@ from worker.log_sink import NonBlockingStderr
 LINE = "x" * 95 + " {:04d}\n"  # 101 bytes
 
 
-@pytest.fixture
-def pipe() -> Iterator[tuple[int, int]]:
-    read_end, write_end = os.pipe()
-    yield read_end, write_end
-    os.close(read_end)
-    os.close(write_end)
+# new_sink(**options) -> (the pipe's read end, a sink on its write end)
+NewSink = Callable[..., tuple[int, NonBlockingStderr]]
 
 
 @pytest.fixture
-def sinks() -> Iterator[list[NonBlockingStderr]]:
-    """Sinks a test makes, closed after it (their writer threads end)."""
-    made: list[NonBlockingStderr] = []
-    yield made
-    for sink in made:
+def new_sink() -> Iterator[NewSink]:
+    """Sinks on pipes of their own, closed after the test (their writer threads end)."""
+    made: list[tuple[int, int, NonBlockingStderr]] = []
+
+    def make(**options: Any) -> tuple[int, NonBlockingStderr]:
+        read_end, write_end = os.pipe()
+        sink = NonBlockingStderr(write_end, **options)
+        made.append((read_end, write_end, sink))
+        return read_end, sink
+
+    yield make
+    for read_end, write_end, sink in made:
         sink.close()
+        os.close(read_end)
+        os.close(write_end)
 
 
 def write_lines(sink: NonBlockingStderr, count: int) -> None:
@@ -68,12 +74,8 @@ def read_until(read_end: int, ending: bytes) -> bytes:
     return got
 
 
-def test_lines_queued_for_a_stalled_reader_come_out_whole_and_in_order(
-    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
-) -> None:
-    read_end, write_end = pipe
-    sink = NonBlockingStderr(write_end)
-    sinks.append(sink)
+def test_lines_queued_for_a_stalled_reader_come_out_whole_and_in_order(new_sink: NewSink) -> None:
+    read_end, sink = new_sink()
     write_lines(sink, 3000)  # ~300 KB: nobody reads yet
     got = read_until(read_end, LINE.format(2999).encode())
     assert got.decode().splitlines(keepends=True) == [LINE.format(i) for i in range(3000)]
@@ -120,12 +122,8 @@ def console_notice(line: str) -> int | None:
     return int(line.removeprefix(NOTICE_PREFIX).split()[0].removeprefix("lines="))
 
 
-def test_past_the_bound_lines_are_dropped_and_the_count_written(
-    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
-) -> None:
-    read_end, write_end = pipe
-    sink = NonBlockingStderr(write_end, json_lines=True, max_pending_bytes=20_000)
-    sinks.append(sink)
+def test_past_the_bound_lines_are_dropped_and_the_count_written(new_sink: NewSink) -> None:
+    read_end, sink = new_sink(json_lines=True, max_pending_bytes=20_000)
     write_lines(sink, 3000)
     kept, notices = read_accounted(read_end, 3000, json_notice)
     # What was kept is whole and in order; with what the notices name, every line.
@@ -141,24 +139,16 @@ def test_past_the_bound_lines_are_dropped_and_the_count_written(
     assert sink.drain(timeout_s=10)
 
 
-def test_the_console_notice_names_the_count(
-    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
-) -> None:
-    read_end, write_end = pipe
-    sink = NonBlockingStderr(write_end, max_pending_bytes=1000)
-    sinks.append(sink)
+def test_the_console_notice_names_the_count(new_sink: NewSink) -> None:
+    read_end, sink = new_sink(max_pending_bytes=1000)
     write_lines(sink, 2000)
     kept, notices = read_accounted(read_end, 2000, console_notice)
     assert notices and len(kept) + sum(notices) == 2000
 
 
-def test_a_line_written_in_pieces_is_dropped_whole(
-    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
-) -> None:
+def test_a_line_written_in_pieces_is_dropped_whole(new_sink: NewSink) -> None:
     """print() writes a line and its newline apart: the two are kept or dropped together."""
-    read_end, write_end = pipe
-    sink = NonBlockingStderr(write_end, max_pending_bytes=5_000)
-    sinks.append(sink)
+    read_end, sink = new_sink(max_pending_bytes=5_000)
     with contextlib.redirect_stderr(sink):
         for i in range(3000):
             print(LINE.format(i).rstrip("\n"), file=sys.stderr)
@@ -177,15 +167,11 @@ def fill(write_end: int) -> None:
     os.set_blocking(write_end, True)
 
 
-def test_a_line_is_never_cut_at_the_bound(
-    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
-) -> None:
+def test_a_line_is_never_cut_at_the_bound(new_sink: NewSink) -> None:
     """The newline of a line whose text fit is kept even past the bound (by its few
     bytes): a line is dropped at its start or not at all."""
-    read_end, write_end = pipe
-    fill(write_end)
-    sink = NonBlockingStderr(write_end, max_pending_bytes=250)
-    sinks.append(sink)
+    read_end, sink = new_sink(max_pending_bytes=250)
+    fill(sink.fileno())
     for piece in ("x" * 100 + "\n", "y" * 149, "\n", "z" * 10 + "\n", "w\n"):
         sink.write(piece)  # 101 + 149 = 250: the newline goes past; z and w are dropped
     got = read_until(read_end, b"being read fast enough'\n").decode()
@@ -197,12 +183,8 @@ def test_a_line_is_never_cut_at_the_bound(
     ]
 
 
-def test_many_threads_each_get_every_line_out_in_order(
-    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
-) -> None:
-    read_end, write_end = pipe
-    sink = NonBlockingStderr(write_end)
-    sinks.append(sink)
+def test_many_threads_each_get_every_line_out_in_order(new_sink: NewSink) -> None:
+    read_end, sink = new_sink()
     threads = [
         threading.Thread(target=lambda t=t: [sink.write(f"t{t} {i}\n") for i in range(2000)])
         for t in range(8)
@@ -275,12 +257,8 @@ def test_a_process_leaving_writes_what_it_queued() -> None:
     assert done.stderr.splitlines() == [f"line {i}" for i in range(5000)]
 
 
-def test_a_forked_child_writes_its_own_lines_once(
-    pipe: tuple[int, int], sinks: list[NonBlockingStderr]
-) -> None:
-    read_end, write_end = pipe
-    sink = NonBlockingStderr(write_end)
-    sinks.append(sink)
+def test_a_forked_child_writes_its_own_lines_once(new_sink: NewSink) -> None:
+    read_end, sink = new_sink()
     writer = threading.Thread(target=lambda: [sink.write(f"parent {i}\n") for i in range(3000)])
     writer.start()
     with warnings.catch_warnings():

@@ -62,6 +62,15 @@ def receiver(
     assert b"MonkeyPatchWarning" not in err  # gevent patched before ssl was imported
 
 
+def settings_and_store(redis_url: str, redis_client: redis.Redis) -> tuple[Settings, JobStore]:
+    settings = Settings(
+        redis_url=redis_url,
+        webhook_secret="whsec_cmVjZWl2ZXItc2VydmVyLXRlc3Qtc2VjcmV0",
+        secret_key="receiver-server-test-secret-key-0123",
+    )
+    return settings, JobStore(redis_client, result_ttl_s=3600, events_maxlen=1000)
+
+
 @pytest.mark.parametrize(
     ("args", "entry"),
     [
@@ -73,12 +82,7 @@ def receiver(
 def test_each_worker_class_applies_a_delivery(
     args: list[str], entry: str, redis_url: str, redis_client: redis.Redis
 ) -> None:
-    settings = Settings(
-        redis_url=redis_url,
-        webhook_secret="whsec_cmVjZWl2ZXItc2VydmVyLXRlc3Qtc2VjcmV0",
-        secret_key="receiver-server-test-secret-key-0123",
-    )
-    store = JobStore(redis_client, result_ttl_s=3600, events_maxlen=1000)
+    settings, store = settings_and_store(redis_url, redis_client)
     make_job(store, "served", PID)
     with receiver(redis_url, settings, args) as (base, pid):
         # gevent: the command started itself again through the module that patches first.
@@ -107,12 +111,7 @@ def test_a_stalled_reader_of_its_standard_error_does_not_stop_the_receiver(
     """Nobody reads the receiver's standard error while it logs ~200 KB (a pipe holds
     64 KiB): every request is still answered, a delivery applied, and once the reader
     comes back every line is there (worker/log_sink.py)."""
-    settings = Settings(
-        redis_url=redis_url,
-        webhook_secret="whsec_cmVjZWl2ZXItc2VydmVyLXRlc3Qtc2VjcmV0",
-        secret_key="receiver-server-test-secret-key-0123",
-    )
-    store = JobStore(redis_client, result_ttl_s=3600, events_maxlen=1000)
+    settings, store = settings_and_store(redis_url, redis_client)
     make_job(store, "stalled-log", PID)
     refusals = 1000
     err: list[bytes] = []
